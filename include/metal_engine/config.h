@@ -1,0 +1,61 @@
+// Engine knobs (one struct, every default in one place) and the model's config.json.
+#pragma once
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "metal_engine/dtype.h"
+
+namespace metal_engine {
+
+struct EngineConfig {
+  std::string backend = "cpu";       // "cpu" (Metal backends arrive with their own issue)
+  std::string dtype = "auto";        // weights + KV cache: auto (the checkpoint's) | float32 | float16 | bfloat16
+  int block_size = 16;               // tokens per KV-cache block
+  size_t kv_cache_memory_mb = 256;   // budget for K and V of all layers; sets the number of blocks
+  int num_kv_blocks = 0;             // > 0 overrides kv_cache_memory_mb
+  size_t scratch_pool_mb = 512;      // per-step arena; env VLLM_METAL_SCRATCH_POOL_MB overrides
+  int num_threads = 0;               // cpu backend worker threads; 0 = all cores
+
+  // Applies the environment variables that map onto knobs (VLLM_METAL_SCRATCH_POOL_MB).
+  // A malformed value throws std::invalid_argument naming the variable.
+  void apply_env();
+};
+
+enum class RopeScalingKind { None, Linear, Llama3 };
+
+struct RopeScaling {
+  RopeScalingKind kind = RopeScalingKind::None;
+  float factor = 1.0f;
+  float low_freq_factor = 1.0f;
+  float high_freq_factor = 4.0f;
+  int original_max_position_embeddings = 8192;
+};
+
+// What the forward pass needs from a Hugging Face config.json.
+struct ModelConfig {
+  std::string architecture;  // LlamaForCausalLM | MistralForCausalLM | Qwen2ForCausalLM
+  int vocab_size = 0;
+  int hidden_size = 0;
+  int intermediate_size = 0;
+  int num_layers = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int max_position_embeddings = 0;
+  float rms_norm_eps = 1e-6f;
+  float rope_theta = 10000.0f;
+  RopeScaling rope_scaling;
+  bool tie_word_embeddings = false;
+  bool qkv_bias = false;   // Qwen2 always; Llama with attention_bias
+  bool o_bias = false;     // Llama with attention_bias
+  bool mlp_bias = false;   // Llama with mlp_bias
+  int sliding_window = 0;  // 0 = full attention
+  std::vector<bool> layer_uses_sliding_window;  // [num_layers]
+  DType checkpoint_dtype = DType::F32;
+
+  // Parses and validates config.json text; `source` names the file in errors.
+  static ModelConfig from_json(const std::string& text, const std::string& source);
+};
+
+}  // namespace metal_engine

@@ -1,0 +1,67 @@
+// The backend-neutral device interface. A backend owns buffers and kernels (looked up by name once,
+// at load time) and runs one encode / submit / wait cycle per engine step:
+//
+//   dev.begin_step();  dev.dispatch(k1, args, {...});  dev.dispatch(k2, ...);  dev.submit();  dev.wait();
+//
+// Nothing may read a buffer written by the step between begin_step() and wait().
+#pragma once
+#include <cstddef>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace metal_engine {
+
+struct EngineConfig;
+
+class Buffer {
+ public:
+  virtual ~Buffer() = default;
+  virtual void* data() = 0;  // host-visible (cpu memory, or Metal shared storage)
+  virtual size_t size() const = 0;
+};
+
+// A buffer binding: a buffer and a byte offset into it. A null buffer binds nothing (optional input).
+struct BufferArg {
+  Buffer* buffer = nullptr;
+  size_t offset = 0;
+};
+
+// Handle of a kernel resolved by Device::kernel(); cheap to copy and to dispatch.
+struct Kernel {
+  int index = -1;
+  std::string name;
+};
+
+class Device {
+ public:
+  virtual ~Device() = default;
+  virtual std::string name() const = 0;
+
+  virtual std::unique_ptr<Buffer> allocate(size_t bytes, const std::string& label) = 0;
+  // Wraps existing host memory (e.g. an mmap'ed checkpoint) without copying; memory must outlive it.
+  virtual std::unique_ptr<Buffer> wrap(void* host_ptr, size_t bytes, const std::string& label) = 0;
+
+  // Looks a kernel up by name; throws std::invalid_argument if this backend has none of that name.
+  virtual Kernel kernel(const std::string& name) = 0;
+  virtual std::vector<std::string> kernel_names() const = 0;
+
+  virtual void begin_step() = 0;
+  // Encodes one kernel launch: `args` is the kernel's argument struct (metal/op_args.h), bound at
+  // buffer(0) on Metal; buffers bind at 1, 2, ... in order.
+  virtual void dispatch(const Kernel& k, const void* args, size_t args_size,
+                        std::initializer_list<BufferArg> buffers) = 0;
+  virtual void submit() = 0;
+  virtual void wait() = 0;
+
+  template <class Args>
+  void dispatch(const Kernel& k, const Args& args, std::initializer_list<BufferArg> buffers) {
+    dispatch(k, &args, sizeof(Args), buffers);
+  }
+};
+
+// "cpu" today; throws std::invalid_argument naming the available backends otherwise.
+std::unique_ptr<Device> create_device(const EngineConfig& config);
+
+}  // namespace metal_engine

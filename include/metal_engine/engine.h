@@ -1,0 +1,42 @@
+// Engine: a loaded model on one device, with its paged KV cache and scratch pool.
+// Engine::step runs one forward over a StepInput and returns fp32 logits for the requested rows.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "metal_engine/config.h"
+#include "metal_engine/device.h"
+#include "metal_engine/kv_cache.h"
+#include "metal_engine/scratch_pool.h"
+#include "metal_engine/step_input.h"
+
+namespace metal_engine {
+
+class Engine {
+ public:
+  // Loads a Hugging Face checkpoint folder (config.json + model.safetensors, or shards listed in
+  // model.safetensors.index.json). Bad input throws std::invalid_argument naming file and problem.
+  static std::unique_ptr<Engine> from_checkpoint(const std::string& dir, EngineConfig config = {});
+  ~Engine();
+
+  const ModelConfig& model_config() const;
+  const EngineConfig& engine_config() const;
+  DType dtype() const;  // weights and KV cache
+  Device& device();
+  PagedKVCache& kv_cache();
+  ScratchPool& scratch_pool();
+
+  // Throws std::invalid_argument / std::out_of_range describing the first problem found.
+  void validate(const StepInput& in) const;
+  // One forward: writes logits [in.logits_indices.size(), vocab_size] (fp32, row-major) to `logits`.
+  void step(const StepInput& in, float* logits);
+  std::vector<float> step(const StepInput& in);
+
+ private:
+  struct Impl;
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace metal_engine

@@ -1,0 +1,111 @@
+// Argument structs of every kernel, shared by the host (C++) and the kernels (MSL on Metal, C++ on the
+// cpu backend). Bound at buffer(0) on Metal; the buffers listed under each struct follow at 1, 2, ...
+// Only 4-byte int/float fields: identical layout on both sides, checked by static_assert below.
+#pragma once
+
+#ifdef __METAL_VERSION__
+#define ME_STATIC_ASSERT(c, m) static_assert(c, m)
+#else
+#define ME_STATIC_ASSERT(c, m) static_assert(c, m)
+#endif
+
+namespace metal_engine {
+
+// embedding_<wdt>: out[t, :] = table[token_ids[t], :]
+// buffers: token_ids i32 [num_tokens], table wdt [vocab, hidden], out f32 [num_tokens, hidden]
+struct EmbeddingArgs {
+  int num_tokens;
+  int hidden;
+  int vocab;
+};
+
+// rms_norm_<wdt>: if add_residual: residual[r] += x[r];  out[r] = residual[r] / rms(residual[r]) * w
+//                 else:                                   out[r] = x[r] / rms(x[r]) * w
+// buffers: x f32 [rows, dim], residual f32 [rows, dim] (in/out; unbound if !add_residual),
+//          weight wdt [dim], out f32 [rows, dim] (may alias x)
+struct RmsNormArgs {
+  int rows;
+  int dim;
+  float eps;
+  int add_residual;
+};
+
+// matmul_<wdt>: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])      (x @ W^T, W in PyTorch layout)
+// buffers: x f32 [m, k], w wdt [n, k], bias wdt [n] (unbound if !has_bias), y f32 [m, n]
+struct MatmulArgs {
+  int m;
+  int n;
+  int k;
+  int has_bias;
+};
+
+// rope: rotates q and k in place, HF "rotate_half" layout (pairs i and i + head_dim/2):
+//   angle = positions[t] * inv_freq[i]
+// buffers: positions i32 [num_tokens], inv_freq f32 [head_dim/2],
+//          q f32 [num_tokens, q_stride], k f32 [num_tokens, k_stride]
+struct RopeArgs {
+  int num_tokens;
+  int num_heads;
+  int num_kv_heads;
+  int head_dim;
+  int q_stride;
+  int k_stride;
+};
+
+// silu_mul: out[r, i] = silu(gate[r, i]) * up[r, i]
+// buffers: gate f32 [rows, dim], up f32 [rows, dim], out f32 [rows, dim]
+struct SiluMulArgs {
+  int rows;
+  int dim;
+};
+
+// kv_write_<kvdt>: for t with slot_mapping[t] >= 0:
+//   k_cache[slot / block_size, slot % block_size, h, :] = k[t, h*head_dim : (h+1)*head_dim]  (same for v)
+// buffers: k f32 [num_tokens, k_stride], v f32 [num_tokens, v_stride], slot_mapping i64 [num_tokens],
+//          k_cache kvdt [num_blocks, block_size, num_kv_heads, head_dim], v_cache (same)
+struct KVWriteArgs {
+  int num_tokens;
+  int num_kv_heads;
+  int head_dim;
+  int block_size;
+  int num_slots;
+  int k_stride;
+  int v_stride;
+};
+
+// paged_attention_<kvdt>: causal attention of each query token over its sequence's cached keys.
+// Query token i of sequence s sits at context position p = seq_lens[s] - q_len(s) + i and attends to
+// keys j <= p (and p - j < sliding_window when sliding_window > 0). GQA: head h reads kv head
+// h / (num_heads / num_kv_heads).
+// buffers: q f32 [num_tokens, q_stride], k_cache, v_cache kvdt [num_blocks, block_size, kv_heads, hd],
+//          block_tables i32 [num_seqs, block_table_width], query_start_loc i32 [num_seqs + 1],
+//          seq_lens i32 [num_seqs], out f32 [num_tokens, num_heads * head_dim]
+struct PagedAttentionArgs {
+  int num_seqs;
+  int num_heads;
+  int num_kv_heads;
+  int head_dim;
+  int block_size;
+  int block_table_width;
+  int q_stride;
+  int sliding_window;
+  float scale;
+};
+
+// gather_rows: dst[r, :] = src[indices[r], :]
+// buffers: src f32 [*, dim], indices i32 [rows], dst f32 [rows, dim]
+struct GatherRowsArgs {
+  int rows;
+  int dim;
+};
+
+ME_STATIC_ASSERT(sizeof(EmbeddingArgs) == 12, "EmbeddingArgs layout");
+ME_STATIC_ASSERT(sizeof(RmsNormArgs) == 16, "RmsNormArgs layout");
+ME_STATIC_ASSERT(sizeof(MatmulArgs) == 16, "MatmulArgs layout");
+ME_STATIC_ASSERT(sizeof(RopeArgs) == 24, "RopeArgs layout");
+ME_STATIC_ASSERT(sizeof(SiluMulArgs) == 8, "SiluMulArgs layout");
+ME_STATIC_ASSERT(sizeof(KVWriteArgs) == 28, "KVWriteArgs layout");
+ME_STATIC_ASSERT(sizeof(PagedAttentionArgs) == 36, "PagedAttentionArgs layout");
+ME_STATIC_ASSERT(sizeof(GatherRowsArgs) == 8, "GatherRowsArgs layout");
+
+}  // namespace metal_engine

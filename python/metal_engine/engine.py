@@ -1,0 +1,105 @@
+"""Engine: a checkpoint loaded onto one backend, stepped with explicit vLLM-style batch descriptors."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+from metal_engine import _core
+
+
+class Engine:
+    """A Hugging Face checkpoint (Llama, Mistral, Qwen2) loaded on a backend with a paged KV cache.
+
+    ``step`` runs one forward over a flattened batch that may mix prefill chunks and decode tokens of
+    many sequences, exactly as described by its arguments (vLLM v1's ``query_start_loc``,
+    ``seq_lens``, ``block_tables``, ``slot_mapping``), and returns fp32 logits of the requested rows.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        dtype: str = "auto",
+        backend: str = "cpu",
+        block_size: int = 16,
+        kv_cache_memory_mb: int = 256,
+        num_kv_blocks: int = 0,
+        scratch_pool_mb: int = 512,
+        num_threads: int = 0,
+    ):
+        path = os.fspath(model)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"model path {path!r} is not a folder: pass a Hugging Face checkpoint folder "
+                "(config.json + *.safetensors)"
+            )
+        cfg = _core.EngineConfig()
+        cfg.backend = backend
+        cfg.dtype = str(dtype).replace("torch.", "")
+        cfg.block_size = int(block_size)
+        cfg.kv_cache_memory_mb = int(kv_cache_memory_mb)
+        cfg.num_kv_blocks = int(num_kv_blocks)
+        cfg.scratch_pool_mb = int(scratch_pool_mb)
+        cfg.num_threads = int(num_threads)
+        self.path = path
+        self._engine = _core.Engine.from_checkpoint(path, cfg)
+
+    @property
+    def model_config(self) -> _core.ModelConfig:
+        return self._engine.model_config
+
+    @property
+    def engine_config(self) -> _core.EngineConfig:
+        return self._engine.engine_config
+
+    @property
+    def dtype(self) -> str:
+        return self._engine.dtype
+
+    @property
+    def backend(self) -> str:
+        return self._engine.backend
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._engine.num_kv_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._engine.block_size
+
+    @property
+    def scratch_high_water_bytes(self) -> int:
+        return self._engine.scratch_high_water_bytes
+
+    def step(
+        self,
+        token_ids,
+        positions,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        slot_mapping,
+        logits_indices: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """One forward. Shapes: token_ids, positions, slot_mapping [num_tokens]; query_start_loc
+        [num_seqs + 1]; seq_lens [num_seqs]; block_tables [num_seqs, width]; logits_indices [rows]
+        (default: the last token of every sequence). Returns float32 [rows, vocab_size]."""
+        qsl = np.ascontiguousarray(query_start_loc, dtype=np.int32)
+        if logits_indices is None:
+            logits_indices = qsl[1:] - 1
+        bt = np.ascontiguousarray(block_tables, dtype=np.int32)
+        if bt.ndim != 2:
+            raise ValueError(f"block_tables must be 2-D [num_seqs, width], got shape {bt.shape}")
+        return self._engine.step(
+            np.ascontiguousarray(token_ids, dtype=np.int32),
+            np.ascontiguousarray(positions, dtype=np.int32),
+            qsl,
+            np.ascontiguousarray(seq_lens, dtype=np.int32),
+            bt,
+            np.ascontiguousarray(slot_mapping, dtype=np.int64),
+            np.ascontiguousarray(logits_indices, dtype=np.int32),
+        )

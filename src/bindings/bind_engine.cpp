@@ -1,0 +1,58 @@
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/unique_ptr.h>
+
+#include "metal_engine/engine.h"
+
+namespace nb = nanobind;
+using namespace metal_engine;
+
+template <class T>
+using Vec = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+template <class T>
+static std::vector<T> to_vector(const Vec<T>& a) {
+  return std::vector<T>(a.data(), a.data() + a.shape(0));
+}
+
+void init_engine(nb::module_& m) {
+  nb::class_<Engine>(m, "Engine")
+      .def_static("from_checkpoint", &Engine::from_checkpoint, nb::arg("path"), nb::arg("config") = EngineConfig{},
+                  nb::call_guard<nb::gil_scoped_release>())
+      .def_prop_ro("model_config", &Engine::model_config, nb::rv_policy::reference_internal)
+      .def_prop_ro("engine_config", &Engine::engine_config, nb::rv_policy::reference_internal)
+      .def_prop_ro("dtype", [](const Engine& e) { return std::string(dtype_name(e.dtype())); })
+      .def_prop_ro("backend", [](Engine& e) { return e.device().name(); })
+      .def_prop_ro("num_kv_blocks", [](Engine& e) { return e.kv_cache().num_blocks(); })
+      .def_prop_ro("block_size", [](Engine& e) { return e.kv_cache().block_size(); })
+      .def_prop_ro("kv_cache_bytes", [](Engine& e) { return e.kv_cache().total_bytes(); })
+      .def_prop_ro("scratch_pool_bytes", [](Engine& e) { return e.scratch_pool().capacity(); })
+      .def_prop_ro("scratch_high_water_bytes", [](Engine& e) { return e.scratch_pool().high_water_mark(); })
+      .def(
+          "step",
+          [](Engine& e, Vec<int32_t> token_ids, Vec<int32_t> positions, Vec<int32_t> query_start_loc,
+             Vec<int32_t> seq_lens, nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> block_tables,
+             Vec<int64_t> slot_mapping, Vec<int32_t> logits_indices) {
+            StepInput in;
+            in.token_ids = to_vector(token_ids);
+            in.positions = to_vector(positions);
+            in.query_start_loc = to_vector(query_start_loc);
+            in.seq_lens = to_vector(seq_lens);
+            in.block_table_width = int32_t(block_tables.shape(1));
+            in.block_tables.assign(block_tables.data(), block_tables.data() + block_tables.size());
+            in.slot_mapping = to_vector(slot_mapping);
+            in.logits_indices = to_vector(logits_indices);
+            const size_t rows = in.logits_indices.size(), vocab = size_t(e.model_config().vocab_size);
+            float* out = new float[std::max<size_t>(rows * vocab, 1)];
+            nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+            {
+              nb::gil_scoped_release release;
+              e.step(in, out);
+            }
+            return nb::ndarray<nb::numpy, float, nb::ndim<2>>(out, {rows, vocab}, owner);
+          },
+          nb::arg("token_ids"), nb::arg("positions"), nb::arg("query_start_loc"), nb::arg("seq_lens"),
+          nb::arg("block_tables"), nb::arg("slot_mapping"), nb::arg("logits_indices"),
+          "One forward over a flattened batch; returns fp32 logits [len(logits_indices), vocab].");
+}

@@ -1,0 +1,115 @@
+// metal_engine._core.ops: run one kernel of any backend on numpy arrays (wrapped, not copied).
+// This is what the op tests drive, so every backend is compared with the cpu reference op by op.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
+
+#include <optional>
+
+#include "../../metal/op_args.h"
+#include "metal_engine/config.h"
+#include "metal_engine/device.h"
+
+namespace nb = nanobind;
+using namespace metal_engine;
+
+using AnyArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
+
+template <class Args>
+static void run_kernel(Device& d, const std::string& name, const Args& args,
+                       const std::vector<std::optional<AnyArray>>& arrays) {
+  Kernel k = d.kernel(name);
+  std::vector<std::unique_ptr<Buffer>> wrapped;
+  std::vector<BufferArg> binds;
+  for (const auto& a : arrays) {
+    if (!a) { binds.push_back({}); continue; }
+    wrapped.push_back(d.wrap(a->data(), a->nbytes(), "op test array"));
+    binds.push_back(BufferArg{wrapped.back().get(), 0});
+  }
+  while (binds.size() < 8) binds.push_back({});
+  if (arrays.size() > 8) throw std::invalid_argument("at most 8 buffers");
+  d.begin_step();
+  // The Device API takes an initializer_list; kernels have at most 8 bindings.
+  const BufferArg* b = binds.data();
+  switch (arrays.size()) {
+    case 3: d.dispatch(k, args, {b[0], b[1], b[2]}); break;
+    case 4: d.dispatch(k, args, {b[0], b[1], b[2], b[3]}); break;
+    case 5: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4]}); break;
+    case 6: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5]}); break;
+    case 7: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5], b[6]}); break;
+    default: throw std::invalid_argument("kernels take 3 to 7 buffers, got " + std::to_string(arrays.size()));
+  }
+  d.submit();
+  d.wait();
+}
+
+template <class Args>
+static void def_run(nb::module_& ops) {
+  ops.def("run", &run_kernel<Args>, nb::arg("device"), nb::arg("kernel"), nb::arg("args"), nb::arg("buffers"));
+}
+
+void init_ops(nb::module_& m) {
+  nb::class_<Device>(m, "Device")
+      .def_prop_ro("name", &Device::name)
+      .def("kernel_names", &Device::kernel_names);
+  m.def(
+      "create_device",
+      [](const std::string& backend, int num_threads) {
+        EngineConfig c;
+        c.backend = backend;
+        c.num_threads = num_threads;
+        return create_device(c);
+      },
+      nb::arg("backend") = "cpu", nb::arg("num_threads") = 0);
+
+  nb::module_ ops = m.def_submodule("ops", "kernel argument structs (metal/op_args.h) and ops.run");
+  nb::class_<EmbeddingArgs>(ops, "EmbeddingArgs")
+      .def(nb::init<>())
+      .def_rw("num_tokens", &EmbeddingArgs::num_tokens).def_rw("hidden", &EmbeddingArgs::hidden)
+      .def_rw("vocab", &EmbeddingArgs::vocab);
+  nb::class_<RmsNormArgs>(ops, "RmsNormArgs")
+      .def(nb::init<>())
+      .def_rw("rows", &RmsNormArgs::rows).def_rw("dim", &RmsNormArgs::dim).def_rw("eps", &RmsNormArgs::eps)
+      .def_rw("add_residual", &RmsNormArgs::add_residual);
+  nb::class_<MatmulArgs>(ops, "MatmulArgs")
+      .def(nb::init<>())
+      .def_rw("m", &MatmulArgs::m).def_rw("n", &MatmulArgs::n).def_rw("k", &MatmulArgs::k)
+      .def_rw("has_bias", &MatmulArgs::has_bias);
+  nb::class_<RopeArgs>(ops, "RopeArgs")
+      .def(nb::init<>())
+      .def_rw("num_tokens", &RopeArgs::num_tokens).def_rw("num_heads", &RopeArgs::num_heads)
+      .def_rw("num_kv_heads", &RopeArgs::num_kv_heads).def_rw("head_dim", &RopeArgs::head_dim)
+      .def_rw("q_stride", &RopeArgs::q_stride).def_rw("k_stride", &RopeArgs::k_stride);
+  nb::class_<SiluMulArgs>(ops, "SiluMulArgs")
+      .def(nb::init<>())
+      .def_rw("rows", &SiluMulArgs::rows).def_rw("dim", &SiluMulArgs::dim);
+  nb::class_<KVWriteArgs>(ops, "KVWriteArgs")
+      .def(nb::init<>())
+      .def_rw("num_tokens", &KVWriteArgs::num_tokens).def_rw("num_kv_heads", &KVWriteArgs::num_kv_heads)
+      .def_rw("head_dim", &KVWriteArgs::head_dim).def_rw("block_size", &KVWriteArgs::block_size)
+      .def_rw("num_slots", &KVWriteArgs::num_slots).def_rw("k_stride", &KVWriteArgs::k_stride)
+      .def_rw("v_stride", &KVWriteArgs::v_stride);
+  nb::class_<PagedAttentionArgs>(ops, "PagedAttentionArgs")
+      .def(nb::init<>())
+      .def_rw("num_seqs", &PagedAttentionArgs::num_seqs).def_rw("num_heads", &PagedAttentionArgs::num_heads)
+      .def_rw("num_kv_heads", &PagedAttentionArgs::num_kv_heads).def_rw("head_dim", &PagedAttentionArgs::head_dim)
+      .def_rw("block_size", &PagedAttentionArgs::block_size)
+      .def_rw("block_table_width", &PagedAttentionArgs::block_table_width)
+      .def_rw("q_stride", &PagedAttentionArgs::q_stride).def_rw("sliding_window", &PagedAttentionArgs::sliding_window)
+      .def_rw("scale", &PagedAttentionArgs::scale);
+  nb::class_<GatherRowsArgs>(ops, "GatherRowsArgs")
+      .def(nb::init<>())
+      .def_rw("rows", &GatherRowsArgs::rows).def_rw("dim", &GatherRowsArgs::dim);
+
+  def_run<EmbeddingArgs>(ops);
+  def_run<RmsNormArgs>(ops);
+  def_run<MatmulArgs>(ops);
+  def_run<RopeArgs>(ops);
+  def_run<SiluMulArgs>(ops);
+  def_run<KVWriteArgs>(ops);
+  def_run<PagedAttentionArgs>(ops);
+  def_run<GatherRowsArgs>(ops);
+}

@@ -1,0 +1,15 @@
+// metal_engine._core: one init_xxx per binding file (config, engine, ops).
+#include <nanobind/nanobind.h>
+
+namespace nb = nanobind;
+
+void init_config(nb::module_& m);
+void init_engine(nb::module_& m);
+void init_ops(nb::module_& m);
+
+NB_MODULE(_core, m) {
+  m.doc() = "metal_engine C++ core: devices, paged KV cache, scratch pool, kernels, engine";
+  init_config(m);
+  init_engine(m);
+  init_ops(m);
+}

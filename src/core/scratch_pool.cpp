@@ -1,0 +1,45 @@
+#include "metal_engine/scratch_pool.h"
+
+#include <sstream>
+
+namespace metal_engine {
+
+static size_t mib_ceil(size_t bytes) { return (bytes + (1u << 20) - 1) >> 20; }
+
+ScratchPool::ScratchPool(Device& device, size_t capacity_bytes) : capacity_(capacity_bytes) {
+  if (capacity_bytes == 0) throw std::invalid_argument("scratch_pool_mb must be > 0");
+  buffer_ = device.allocate(capacity_bytes, "scratch pool");
+}
+
+void ScratchPool::begin(bool measuring) {
+  used_ = 0;
+  measuring_ = measuring;
+}
+
+void ScratchPool::require(size_t bytes) const {
+  if (bytes <= capacity_) return;
+  std::ostringstream m;
+  m << "scratch pool exhausted: this step needs " << bytes << " bytes (" << mib_ceil(bytes)
+    << " MiB) of scratch but the pool holds " << capacity_ << " bytes (" << (capacity_ >> 20)
+    << " MiB); raise scratch_pool_mb (env VLLM_METAL_SCRATCH_POOL_MB) to at least " << mib_ceil(bytes)
+    << ", or schedule fewer tokens or logit rows per step";
+  throw ScratchPoolExhausted(m.str());
+}
+
+BufferArg ScratchPool::alloc(size_t bytes, const char* what) {
+  size_t start = (used_ + kAlignment - 1) / kAlignment * kAlignment;
+  size_t end = start + bytes;
+  if (!measuring_ && end > capacity_) {
+    require(end);  // throws, naming the size needed so far
+  }
+  (void)what;
+  used_ = end;
+  if (!measuring_ && used_ > high_water_) high_water_ = used_;
+  return BufferArg{measuring_ ? nullptr : buffer_.get(), start};
+}
+
+void* ScratchPool::host_ptr(const BufferArg& a) const {
+  return static_cast<char*>(buffer_->data()) + a.offset;
+}
+
+}  // namespace metal_engine

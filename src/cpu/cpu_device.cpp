@@ -1,0 +1,140 @@
+// The cpu backend's Device: host buffers, the kernel table, and a step's commands recorded at encode
+// time and run in order at submit(), so the cpu and Metal backends share one step discipline.
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+#include "cpu_kernels.h"
+#include "metal_engine/config.h"
+#include "metal_engine/device.h"
+
+namespace metal_engine {
+namespace cpu {
+namespace {
+
+class HostBuffer : public Buffer {
+ public:
+  HostBuffer(size_t bytes, const std::string& label) : size_(bytes) {
+    data_ = bytes ? std::aligned_alloc(64, (bytes + 63) / 64 * 64) : nullptr;
+    if (bytes && !data_)
+      throw std::bad_alloc();
+    (void)label;
+  }
+  ~HostBuffer() override { std::free(data_); }
+  void* data() override { return data_; }
+  size_t size() const override { return size_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+class WrappedBuffer : public Buffer {
+ public:
+  WrappedBuffer(void* p, size_t n) : data_(p), size_(n) {}
+  void* data() override { return data_; }
+  size_t size() const override { return size_; }
+
+ private:
+  void* data_;
+  size_t size_;
+};
+
+constexpr int kMaxBuffers = 8;
+constexpr size_t kMaxArgs = 64;
+
+struct Command {
+  int kernel = -1;
+  std::array<unsigned char, kMaxArgs> args{};
+  std::array<void*, kMaxBuffers> buffers{};
+};
+
+class CpuDevice : public Device {
+ public:
+  explicit CpuDevice(int num_threads) : pool_(num_threads) {
+    add_embedding_kernels(table_);
+    add_rms_norm_kernels(table_);
+    add_matmul_kernels(table_);
+    add_rope_kernels(table_);
+    add_silu_mul_kernels(table_);
+    add_kv_write_kernels(table_);
+    add_paged_attention_kernels(table_);
+    add_gather_rows_kernels(table_);
+  }
+
+  std::string name() const override { return "cpu"; }
+
+  std::unique_ptr<Buffer> allocate(size_t bytes, const std::string& label) override {
+    auto b = std::make_unique<HostBuffer>(bytes, label);
+    if (bytes) std::memset(b->data(), 0, bytes);
+    return b;
+  }
+  std::unique_ptr<Buffer> wrap(void* p, size_t bytes, const std::string&) override {
+    return std::make_unique<WrappedBuffer>(p, bytes);
+  }
+
+  Kernel kernel(const std::string& name) override {
+    for (size_t i = 0; i < table_.size(); ++i)
+      if (table_[i].name == name) return Kernel{int(i), name};
+    std::string all;
+    for (const auto& k : table_) all += (all.empty() ? "" : ", ") + k.name;
+    throw std::invalid_argument("the cpu backend has no kernel '" + name + "' (it has: " + all + ")");
+  }
+  std::vector<std::string> kernel_names() const override {
+    std::vector<std::string> v;
+    for (const auto& k : table_) v.push_back(k.name);
+    return v;
+  }
+
+  void begin_step() override {
+    commands_.clear();
+    encoding_ = true;
+  }
+
+  void dispatch(const Kernel& k, const void* args, size_t args_size,
+                std::initializer_list<BufferArg> buffers) override {
+    if (!encoding_) throw std::logic_error("dispatch of '" + k.name + "' outside begin_step()/submit()");
+    if (k.index < 0 || size_t(k.index) >= table_.size()) throw std::invalid_argument("unknown kernel handle");
+    const KernelDef& def = table_[size_t(k.index)];
+    if (args_size != def.args_size || int(buffers.size()) != def.num_buffers)
+      throw std::invalid_argument("kernel '" + def.name + "' takes " + std::to_string(def.args_size) +
+                                  " argument bytes and " + std::to_string(def.num_buffers) + " buffers, got " +
+                                  std::to_string(args_size) + " and " + std::to_string(buffers.size()));
+    Command c;
+    c.kernel = k.index;
+    std::memcpy(c.args.data(), args, args_size);
+    int i = 0;
+    for (const BufferArg& b : buffers)
+      c.buffers[size_t(i++)] = b.buffer ? static_cast<char*>(b.buffer->data()) + b.offset : nullptr;
+    commands_.push_back(c);
+  }
+
+  void submit() override {
+    if (!encoding_) throw std::logic_error("submit() without begin_step()");
+    encoding_ = false;
+    for (const Command& c : commands_) table_[size_t(c.kernel)].run(c.args.data(), c.buffers.data(), pool_);
+    commands_.clear();
+  }
+
+  void wait() override {
+    if (encoding_) throw std::logic_error("wait() inside a step's encode phase: submit() first");
+  }
+
+ private:
+  ThreadPool pool_;
+  std::vector<KernelDef> table_;
+  std::vector<Command> commands_;
+  bool encoding_ = false;
+};
+
+}  // namespace
+}  // namespace cpu
+
+std::unique_ptr<Device> create_device(const EngineConfig& config) {
+  if (config.backend == "cpu") return std::make_unique<cpu::CpuDevice>(config.num_threads);
+  throw std::invalid_argument("unknown backend '" + config.backend + "': this build has 'cpu'");
+}
+
+}  // namespace metal_engine

@@ -1,0 +1,181 @@
+// matmul_<wdt>: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), x f32, W in PyTorch [out, in] layout.
+// Two paths:
+//  - GEMV (m <= 4, decode): streams each weight row once, converting to f32 in registers; four weight
+//    rows at a time keep four independent FMA chains busy. Memory-bandwidth bound.
+//  - GEMM (prefill, batched decode): W is packed per 16-column panel and K block into f32 [KC][16],
+//    then a 6x16 register-tile micro-kernel (12 accumulators) runs over the rows of x.
+#include <algorithm>
+#include <vector>
+
+#include "../cpu_kernels.h"
+
+namespace metal_engine::cpu {
+
+namespace {
+
+constexpr int kGemvMaxRows = 4;
+constexpr int NR = 16;   // panel width (columns of y / rows of W)
+constexpr int MR = 6;    // rows of x per micro-kernel call
+constexpr int KC = 256;  // K block: a packed panel block is 16 KiB, L1-resident
+
+template <class W>
+void gemv(const float* x, int M, int K, const W* w, float* y, int N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+#if ME_AVX2
+  const int K8 = K / 8 * 8;
+  for (int m = 0; m < M; m += 2) {
+    const int mb = std::min(2, M - m);
+    const float* x0 = x + int64_t(m) * K;
+    const float* x1 = x0 + (mb == 2 ? K : 0);
+    for (n = n0; n + 4 <= n1; n += 4) {
+      const W* w0 = w + n * K;
+      const W* w1 = w0 + K;
+      const W* w2 = w1 + K;
+      const W* w3 = w2 + K;
+      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+      __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+      for (int k = 0; k < K8; k += 8) {
+        const __m256 v0 = load8(w0 + k), v1 = load8(w1 + k), v2 = load8(w2 + k), v3 = load8(w3 + k);
+        const __m256 xa = load8(x0 + k);
+        a00 = _mm256_fmadd_ps(v0, xa, a00);
+        a01 = _mm256_fmadd_ps(v1, xa, a01);
+        a02 = _mm256_fmadd_ps(v2, xa, a02);
+        a03 = _mm256_fmadd_ps(v3, xa, a03);
+        if (mb == 2) {
+          const __m256 xb = load8(x1 + k);
+          a10 = _mm256_fmadd_ps(v0, xb, a10);
+          a11 = _mm256_fmadd_ps(v1, xb, a11);
+          a12 = _mm256_fmadd_ps(v2, xb, a12);
+          a13 = _mm256_fmadd_ps(v3, xb, a13);
+        }
+      }
+      float r0[4] = {hsum(a00), hsum(a01), hsum(a02), hsum(a03)};
+      float r1[4] = {hsum(a10), hsum(a11), hsum(a12), hsum(a13)};
+      for (int k = K8; k < K; ++k) {
+        const float wv[4] = {to_float(w0[k]), to_float(w1[k]), to_float(w2[k]), to_float(w3[k])};
+        for (int j = 0; j < 4; ++j) { r0[j] += wv[j] * x0[k]; r1[j] += wv[j] * x1[k]; }
+      }
+      for (int j = 0; j < 4; ++j) {
+        y[int64_t(m) * N + n + j] = r0[j];
+        if (mb == 2) y[int64_t(m + 1) * N + n + j] = r1[j];
+      }
+    }
+    for (int64_t nn = n; nn < n1; ++nn)
+      for (int r = 0; r < mb; ++r) y[int64_t(m + r) * N + nn] = dot(x + int64_t(m + r) * K, w + nn * K, K);
+  }
+#else
+  for (; n < n1; ++n)
+    for (int m = 0; m < M; ++m) y[int64_t(m) * N + n] = dot(x + int64_t(m) * K, w + n * K, K);
+#endif
+}
+
+// Packs W[n0 : n0 + nvalid, k0 : k0 + kc] into bp[k][j] (f32, zero columns past nvalid).
+template <class W>
+void pack_panel(const W* w, int K, int64_t n0, int nvalid, int k0, int kc, float* bp, float* row) {
+  for (int j = 0; j < NR; ++j) {
+    if (j < nvalid) {
+      convert_to_f32(w + (n0 + j) * K + k0, row, kc);
+      for (int k = 0; k < kc; ++k) bp[k * NR + j] = row[k];
+    } else {
+      for (int k = 0; k < kc; ++k) bp[k * NR + j] = 0.f;
+    }
+  }
+}
+
+// c[r, 0:nvalid] (+)= sum_k x[r, k] * bp[k, :] for r < mr.
+template <int mr>
+void micro_kernel(const float* x, int64_t lda, const float* bp, int kc, float* c, int64_t ldc, int nvalid,
+                  bool accumulate) {
+#if ME_AVX2
+  __m256 c0[mr], c1[mr];
+  for (int r = 0; r < mr; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  for (int k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(bp + k * NR), b1 = _mm256_loadu_ps(bp + k * NR + 8);
+    for (int r = 0; r < mr; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * lda + k);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  for (int r = 0; r < mr; ++r) {
+    float* cr = c + r * ldc;
+    if (nvalid == NR) {
+      if (accumulate) {
+        c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(cr));
+        c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(cr + 8));
+      }
+      _mm256_storeu_ps(cr, c0[r]);
+      _mm256_storeu_ps(cr + 8, c1[r]);
+    } else {
+      float tmp[NR];
+      _mm256_storeu_ps(tmp, c0[r]);
+      _mm256_storeu_ps(tmp + 8, c1[r]);
+      for (int j = 0; j < nvalid; ++j) cr[j] = (accumulate ? cr[j] : 0.f) + tmp[j];
+    }
+  }
+#else
+  float acc[mr][NR] = {};
+  for (int k = 0; k < kc; ++k)
+    for (int r = 0; r < mr; ++r) {
+      const float a = x[r * lda + k];
+      for (int j = 0; j < NR; ++j) acc[r][j] += a * bp[k * NR + j];
+    }
+  for (int r = 0; r < mr; ++r)
+    for (int j = 0; j < nvalid; ++j) c[r * ldc + j] = (accumulate ? c[r * ldc + j] : 0.f) + acc[r][j];
+#endif
+}
+
+using MicroKernel = void (*)(const float*, int64_t, const float*, int, float*, int64_t, int, bool);
+constexpr MicroKernel kMicroKernels[MR + 1] = {nullptr,          micro_kernel<1>, micro_kernel<2>, micro_kernel<3>,
+                                               micro_kernel<4>, micro_kernel<5>, micro_kernel<6>};
+
+template <class W>
+void gemm_panels(const float* x, int M, int K, const W* w, float* y, int N, int64_t p0, int64_t p1) {
+  thread_local std::vector<float> packed, row;
+  packed.resize(size_t(KC) * NR);
+  row.resize(KC);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * NR;
+    const int nvalid = int(std::min<int64_t>(NR, N - n0));
+    for (int k0 = 0; k0 < K; k0 += KC) {
+      const int kc = std::min(KC, K - k0);
+      pack_panel(w, K, n0, nvalid, k0, kc, packed.data(), row.data());
+      for (int m = 0; m < M; m += MR) {
+        const int mr = std::min(MR, M - m);
+        kMicroKernels[mr](x + int64_t(m) * K + k0, K, packed.data(), kc, y + int64_t(m) * N + n0, N, nvalid,
+                          k0 > 0);
+      }
+    }
+  }
+}
+
+template <class W>
+void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
+  const float* x = static_cast<const float*>(b[0]);  // [m, k]
+  const W* w = static_cast<const W*>(b[1]);          // [n, k]
+  const W* bias = static_cast<const W*>(b[2]);       // [n] or null
+  float* y = static_cast<float*>(b[3]);              // [m, n]
+  const int M = a.m, N = a.n, K = a.k;
+  if (M <= kGemvMaxRows) {
+    pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemv(x, M, K, w, y, N, n0, n1); });
+  } else {
+    const int64_t panels = (N + NR - 1) / NR;
+    pool.parallel_for(panels, [&](int64_t p0, int64_t p1) { gemm_panels(x, M, K, w, y, N, p0, p1); });
+  }
+  if (a.has_bias && bias) {
+    for (int m = 0; m < M; ++m) {
+      float* yr = y + int64_t(m) * N;
+      for (int n = 0; n < N; ++n) yr[n] += to_float(bias[n]);
+    }
+  }
+}
+
+}  // namespace
+
+void add_matmul_kernels(std::vector<KernelDef>& table) {
+  table.push_back(make_kernel<MatmulArgs>("matmul_f32", 4, matmul<float>));
+  table.push_back(make_kernel<MatmulArgs>("matmul_f16", 4, matmul<f16>));
+  table.push_back(make_kernel<MatmulArgs>("matmul_bf16", 4, matmul<bf16>));
+}
+
+}  // namespace metal_engine::cpu

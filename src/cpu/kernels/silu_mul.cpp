@@ -1,0 +1,22 @@
+// silu_mul: out = silu(gate) * up = gate / (1 + exp(-gate)) * up
+#include "../cpu_kernels.h"
+
+namespace metal_engine::cpu {
+
+static void silu_mul(const SiluMulArgs& a, void* const* b, ThreadPool& pool) {
+  const float* gate = static_cast<const float*>(b[0]);
+  const float* up = static_cast<const float*>(b[1]);
+  float* out = static_cast<float*>(b[2]);
+  pool.parallel_for(int64_t(a.rows) * a.dim, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float g = gate[i];
+      out[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+  });
+}
+
+void add_silu_mul_kernels(std::vector<KernelDef>& table) {
+  table.push_back(make_kernel<SiluMulArgs>("silu_mul", 3, silu_mul));
+}
+
+}  // namespace metal_engine::cpu
