@@ -1,0 +1,16 @@
+import numpy as np
+import pytest
+
+from op_testing import Guarded, args, run
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 1), (3, 7), (9, 1536)])
+def test_silu_mul(dev, rows, dim):
+    rng = np.random.default_rng(dim)
+    g = (4 * rng.standard_normal((rows, dim))).astype(np.float32)
+    u = rng.standard_normal((rows, dim)).astype(np.float32)
+    out = Guarded((rows, dim))
+    run(dev, "silu_mul", args("SiluMulArgs", rows=rows, dim=dim), [g, u, out.array])
+    g64 = g.astype(np.float64)
+    np.testing.assert_allclose(out.array, g64 / (1 + np.exp(-g64)) * u, atol=1e-6, rtol=1e-5)
+    out.check_guards()

@@ -1,0 +1,125 @@
+"""Tiny random Llama, Mistral and Qwen2 checkpoints made by transformers: the engine's fp32 logits at
+every prompt position and at each of 16 greedy decode steps match transformers fp32."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import ARCHS, make_tiny_checkpoint
+from engine_harness import Harness
+
+import metal_engine
+
+DECODE_STEPS = 16
+ATOL = 2e-4  # fp32 vs fp32; logits are O(1)-O(10)
+
+
+def hf_logits(path, tokens):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def prompts(n, lengths, vocab=211, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=l).tolist() for l in lengths[:n]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_and_decode_match_transformers(tiny_checkpoints, arch):
+    path = tiny_checkpoints[arch]
+    engine = metal_engine.Engine(path, dtype="float32", kv_cache_memory_mb=8)
+    [prompt] = prompts(1, [19])
+    (logits, tokens), = Harness(engine).prefill_and_decode([prompt], DECODE_STEPS)
+    assert logits.shape == (len(prompt) + DECODE_STEPS, 211)
+    ref = hf_logits(path, tokens)
+    np.testing.assert_allclose(logits, ref, atol=ATOL, rtol=0)
+    # greedy tokens are the reference model's argmax at every decode step
+    assert tokens[len(prompt):] == [int(t) for t in ref[len(prompt) - 1 : -1].argmax(-1)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batch_of_different_lengths_equals_each_alone(tiny_checkpoints, arch):
+    engine = metal_engine.Engine(tiny_checkpoints[arch], dtype="float32", kv_cache_memory_mb=8)
+    ps = prompts(4, [3, 17, 1, 40], seed=1)
+    batched = Harness(engine, seed=2).prefill_and_decode(ps, 6, batched=True)
+    alone = Harness(engine, seed=3).prefill_and_decode(ps, 6, batched=False)
+    for (lb, tb), (la, ta) in zip(batched, alone):
+        assert tb == ta
+        np.testing.assert_allclose(lb, la, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_continues_over_cached_pages(tiny_checkpoints, arch):
+    engine = metal_engine.Engine(tiny_checkpoints[arch], dtype="float32", kv_cache_memory_mb=8)
+    ps = prompts(2, [37, 22], seed=4)
+    whole = Harness(engine).prefill_and_decode(ps, 4)
+    chunked = Harness(engine, seed=5).prefill_and_decode(ps, 4, chunk=7)  # 7: not a block multiple
+    for (lw, tw), (lc, tc) in zip(whole, chunked):
+        assert tw == tc
+        np.testing.assert_allclose(lw, lc, atol=1e-5, rtol=0)
+
+
+def test_mistral_window_is_smaller_than_the_prompt(tiny_checkpoints):
+    engine = metal_engine.Engine(tiny_checkpoints["mistral"], dtype="float32")
+    assert engine.model_config.sliding_window == 5
+    assert all(engine.model_config.layer_uses_sliding_window)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 500000.0,
+        },
+    ],
+    ids=["linear", "llama3"],
+)
+def test_rope_scaling_matches_transformers(tmp_path, rope):
+    path = make_tiny_checkpoint(tmp_path / "ck", "llama", rope_parameters=rope, head_dim=32, num_attention_heads=2,
+                                num_key_value_heads=1)
+    engine = metal_engine.Engine(path, dtype="float32")
+    [prompt] = prompts(1, [50], seed=6)
+    (logits, tokens), = Harness(engine).prefill_and_decode([prompt], 4)
+    np.testing.assert_allclose(logits, hf_logits(path, tokens), atol=ATOL, rtol=0)
+
+
+def test_sharded_checkpoint_and_tied_embeddings(tmp_path):
+    path = tmp_path / "sharded"
+    src = make_tiny_checkpoint(tmp_path / "single", "llama", tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.save_pretrained(path, max_shard_size="40KB")
+    assert (path / "model.safetensors.index.json").exists()
+    engine = metal_engine.Engine(path, dtype="float32")
+    [prompt] = prompts(1, [9], seed=7)
+    (logits, tokens), = Harness(engine).prefill_and_decode([prompt], 3)
+    np.testing.assert_allclose(logits, hf_logits(path, tokens), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype,tol", [("float16", 0.02), ("bfloat16", 0.15)])
+def test_half_precision_logits_stay_close_to_fp32(tiny_checkpoints, arch, dtype, tol):
+    ps = prompts(2, [21, 8], seed=8)
+    ref = Harness(metal_engine.Engine(tiny_checkpoints[arch], dtype="float32")).prefill_and_decode(ps, 0)
+    half = Harness(metal_engine.Engine(tiny_checkpoints[arch], dtype=dtype)).prefill_and_decode(ps, 0)
+    for (lr, _), (lh, _) in zip(ref, half):
+        assert np.abs(lh - lr).max() < tol
+
+
+@pytest.mark.parametrize("src_dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoints_load_in_place(tmp_path, tiny_checkpoints, src_dtype):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"], dtype=src_dtype)
+    model.save_pretrained(tmp_path / "half")
+    engine = metal_engine.Engine(tmp_path / "half")  # dtype auto: the checkpoint's own
+    assert engine.dtype == {torch.float16: "f16", torch.bfloat16: "bf16"}[src_dtype]
+    [prompt] = prompts(1, [12], seed=9)
+    (logits, tokens), = Harness(engine).prefill_and_decode([prompt], 2)
+    ref = hf_logits(tmp_path / "half", tokens)  # transformers upcasts to fp32 on request
+    assert np.abs(logits - ref).max() < 0.05
