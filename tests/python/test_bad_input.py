@@ -1,0 +1,137 @@
+"""Bad input gets a clear error naming the problem, never a crash; the engine stays usable."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from engine_harness import Harness
+
+import metal_engine
+
+
+@pytest.fixture()
+def checkpoint_copy(tmp_path, tiny_checkpoints):
+    dst = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoints["llama"], dst)
+    return dst
+
+
+def edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        metal_engine.Engine(tmp_path / "nope")
+
+
+def test_missing_safetensors(checkpoint_copy):
+    (checkpoint_copy / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        metal_engine.Engine(checkpoint_copy)
+
+
+def test_missing_config(checkpoint_copy):
+    (checkpoint_copy / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json"):
+        metal_engine.Engine(checkpoint_copy)
+
+
+def test_truncated_safetensors(checkpoint_copy):
+    f = checkpoint_copy / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match="truncated"):
+        metal_engine.Engine(checkpoint_copy)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x01\x02", b"\xff" * 64, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!}"])
+def test_corrupt_safetensors(checkpoint_copy, garbage):
+    (checkpoint_copy / "model.safetensors").write_bytes(garbage)
+    with pytest.raises(ValueError, match="truncated|corrupt|invalid JSON|not a safetensors"):
+        metal_engine.Engine(checkpoint_copy)
+
+
+def test_shape_disagrees_with_config(checkpoint_copy):
+    edit_config(checkpoint_copy, intermediate_size=90)
+    with pytest.raises(ValueError, match=r"gate_proj.weight' has shape \[88, 64\] but config.json implies \[90, 64\]"):
+        metal_engine.Engine(checkpoint_copy)
+
+
+def test_dtype_disagrees_with_config(checkpoint_copy):
+    edit_config(checkpoint_copy, dtype="bfloat16")
+    with pytest.raises(ValueError, match="is F32 but config.json says dtype bf16"):
+        metal_engine.Engine(checkpoint_copy)
+
+
+def test_unsupported_architecture(checkpoint_copy):
+    edit_config(checkpoint_copy, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        metal_engine.Engine(checkpoint_copy)
+
+
+def test_bad_dtype_argument(tiny_checkpoints):
+    with pytest.raises(ValueError, match="unsupported dtype 'float8'"):
+        metal_engine.Engine(tiny_checkpoints["llama"], dtype="float8")
+
+
+def test_unknown_backend(tiny_checkpoints):
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        metal_engine.Engine(tiny_checkpoints["llama"], backend="tpu")
+
+
+def test_bad_scratch_env(tiny_checkpoints, monkeypatch):
+    monkeypatch.setenv("VLLM_METAL_SCRATCH_POOL_MB", "lots")
+    with pytest.raises(ValueError, match="VLLM_METAL_SCRATCH_POOL_MB='lots'"):
+        metal_engine.Engine(tiny_checkpoints["llama"])
+
+
+def one_token_step(engine, **over):
+    step = dict(token_ids=[5], positions=[0], query_start_loc=[0, 1], seq_lens=[1], block_tables=[[0]],
+                slot_mapping=[0], logits_indices=[0])
+    step.update(over)
+    return engine.step(**step)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoints):
+    return metal_engine.Engine(tiny_checkpoints["llama"], dtype="float32", num_kv_blocks=4, block_size=4)
+
+
+@pytest.mark.parametrize(
+    "over,exc,msg",
+    [
+        (dict(block_tables=[[4]], slot_mapping=[16]), IndexError, "block id 4 is out of range: the KV cache has blocks 0..3"),
+        (dict(block_tables=[[-1]], slot_mapping=[-1]), IndexError, "block id -1 is out of range"),
+        (dict(token_ids=[211]), ValueError, r"token id 211 at row 0 is outside the vocabulary \[0, 211\)"),
+        (dict(token_ids=[-3]), ValueError, "token id -3"),
+        (dict(seq_lens=[17], positions=[16], slot_mapping=[-1]), IndexError, "needs 5 KV blocks for 17 tokens but its block table holds 1"),
+        (dict(slot_mapping=[99]), IndexError, "KV slot 99 does not exist: the cache has 16 slots"),
+        (dict(slot_mapping=[3]), ValueError, r"slot_mapping\[0\] = 3 but sequence 0's block table puts context position 0 in slot 0"),
+        (dict(query_start_loc=[0, 2]), ValueError, "query_start_loc must start at 0 and end at num_tokens"),
+        (dict(positions=[0, 1]), ValueError, "positions has 2 entries for 1 tokens"),
+        (dict(logits_indices=[1]), ValueError, r"logits_indices\[0\] = 1 is not a token row"),
+        (dict(token_ids=[], positions=[], slot_mapping=[], query_start_loc=[0, 0]), ValueError, "token_ids is empty"),
+    ],
+)
+def test_bad_step_is_refused_and_engine_survives(engine, over, exc, msg):
+    good = one_token_step(engine)
+    with pytest.raises(exc, match=msg):
+        one_token_step(engine, **over)
+    np.testing.assert_array_equal(one_token_step(engine), good)
+
+
+def test_scratch_pool_too_small_names_the_knob(tiny_checkpoints):
+    engine = metal_engine.Engine(tiny_checkpoints["llama"], dtype="float32", scratch_pool_mb=1)
+    big = list(range(200)) * 2
+    h = Harness(engine)
+    with pytest.raises(metal_engine.ScratchPoolExhausted, match=r"raise scratch_pool_mb \(env VLLM_METAL_SCRATCH_POOL_MB\) to at least"):
+        h.prefill_and_decode([big], 0)
+    # the engine still serves a step that fits
+    (logits, _), = Harness(engine).prefill_and_decode([[1, 2, 3]], 1)
+    assert np.isfinite(logits).all()
+    assert 0 < engine.scratch_high_water_bytes <= 1 << 20
