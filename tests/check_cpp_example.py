@@ -10,7 +10,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent / "python"))
-from conftest import make_tiny_checkpoint  # noqa: E402
+from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 
 def main(binary: str) -> int:

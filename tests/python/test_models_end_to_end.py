@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import ARCHS, make_tiny_checkpoint
+from tiny_models import ARCHS, make_tiny_checkpoint
 from engine_harness import Harness
 
 import metal_engine
