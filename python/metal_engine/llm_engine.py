@@ -1,0 +1,340 @@
+"""LLMEngine: requests in, outputs out. Each step() schedules, runs one forward over the flattened
+batch, samples, detokenizes and checks stop conditions. LLM (llm.py) is the offline front end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from metal_engine.config import EngineConfig
+from metal_engine.engine import Engine
+from metal_engine.kv_cache_manager import KVCacheManager
+from metal_engine.outputs import CompletionOutput, RequestOutput
+from metal_engine.request import Request, RequestStatus
+from metal_engine.sampler import log_softmax, sample_row, top_logprobs
+from metal_engine.sampling_params import SamplingParams
+from metal_engine.scheduler import Scheduler
+from metal_engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+PromptType = Union[str, dict, list]
+
+
+def resolve_model_path(model: Optional[str], progress: bool = True) -> Path:
+    """A checkpoint folder as is; a .gguf file or no model (the default) through the conversion cache."""
+    from metal_engine import gguf_checkpoint
+
+    if model is None:
+        return gguf_checkpoint.default_checkpoint(progress=progress)
+    p = Path(os.fspath(model))
+    if p.is_file() and p.suffix == ".gguf":
+        return gguf_checkpoint.cached_checkpoint(p, progress=progress)
+    if p.is_dir():
+        return p
+    raise FileNotFoundError(f"model {str(model)!r} is neither a checkpoint folder nor a .gguf file")
+
+
+def auto_dtype(checkpoint: Path) -> str:
+    """vLLM's 'auto': bfloat16 checkpoints run in bfloat16, float32 and float16 ones in float16."""
+    try:
+        cfg = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float16"
+    dt = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float16").replace("torch.", "")
+    return "bfloat16" if dt == "bfloat16" else "float16"
+
+
+@dataclass
+class _Sample:
+    """Per-sample state the engine keeps beside the scheduler's Request."""
+
+    request: Request
+    output: CompletionOutput
+    detok: Optional[IncrementalDetokenizer]
+    full_text: str = ""
+
+
+class _Parent:
+    def __init__(self, request_id, prompt, prompt_ids, params, arrival):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.arrival = arrival
+        self.samples: list = []
+        self.prompt_logprobs = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.is_finished for s in self.samples)
+
+    def snapshot(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_ids,
+            prompt_logprobs=self.prompt_logprobs,
+            outputs=[s.output for s in self.samples],
+            finished=self.finished,
+            metrics=self.samples[0].request.metrics,
+        )
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config.resolve()
+        backend = config.select_backend()
+        self.model_path = resolve_model_path(config.model, progress=progress)
+        dtype = auto_dtype(self.model_path) if config.dtype == "auto" else config.dtype
+        self.engine = Engine(
+            self.model_path,
+            dtype=dtype,
+            backend=backend,
+            block_size=config.block_size,
+            kv_cache_memory_mb=max(1, config.kv_cache_memory >> 20),
+            num_kv_blocks=config.num_kv_blocks or 0,
+            scratch_pool_mb=config.scratch_pool_mb,
+            num_threads=config.num_threads,
+        )
+        mc = self.engine.model_config
+        self.vocab_size = mc.vocab_size
+        self.tokenizer: Optional[Tokenizer] = None
+        if (self.model_path / "tokenizer.json").exists():
+            self.tokenizer = Tokenizer.from_checkpoint(self.model_path)
+        bs, num_blocks = self.engine.block_size, self.engine.num_kv_blocks
+        capacity = num_blocks * bs
+        if config.max_model_len is None:
+            self.max_model_len = min(mc.max_position_embeddings, capacity)
+        else:
+            self.max_model_len = config.max_model_len
+            if self.max_model_len > capacity:
+                raise ValueError(
+                    f"max_model_len {self.max_model_len} needs {-(-self.max_model_len // bs)} KV blocks but the cache "
+                    f"holds {num_blocks} ({capacity} tokens); raise kv_cache_memory or lower max_model_len"
+                )
+        if config.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        self.kv = KVCacheManager(num_blocks, bs)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_model_len=self.max_model_len)
+        self.rng = np.random.default_rng(config.seed)
+        self.parents: dict = {}
+        self._ids = itertools.count()
+        self.stats = {"num_steps": 0, "num_tokens": 0, "num_preemptions": 0}
+
+    # ----------------------------------------------------------------------------------- requests
+    def _prompt_ids(self, prompt: PromptType) -> tuple[Optional[str], list]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer.json: pass {'prompt_token_ids': [...]}")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                return prompt.get("prompt"), ids
+            if "prompt" in prompt:
+                return self._prompt_ids(prompt["prompt"])
+        raise ValueError(
+            f"a prompt is a string or a dict with 'prompt' or 'prompt_token_ids', got {type(prompt).__name__}"
+        )
+
+    def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Validates and enqueues a request; a bad one raises ValueError and changes nothing."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self._prompt_ids(prompt)
+        try:
+            ids = [int(t) for t in ids]
+        except (TypeError, ValueError):
+            raise ValueError("prompt_token_ids must be a list of integers") from None
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                "shorten the prompt or raise max_model_len"
+            )
+        for t in params.stop_token_ids or []:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"stop token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        now = time.monotonic()
+        parent = _Parent(request_id, text, ids, params, now)
+        salt = None if self.config.enable_prefix_caching else f"req:{request_id}"
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
+        if not eos:
+            eos = tuple(e for e in [self._config_eos()] if e is not None)
+        for i in range(params.n):
+            p = params if params.n == 1 else params.clone(n=1, seed=None if params.seed is None else params.seed + i)
+            req = Request(f"{request_id}#{i}", ids, p, arrival_time=now, eos_token_ids=eos,
+                          max_model_len=self.max_model_len, cache_salt=salt, parent=parent, sample_index=i)
+            if i > 0:
+                req.first_sibling = parent.samples[0].request
+            detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                     if self.tokenizer else None)
+            out = CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=req.cumulative_logprob,
+                                   logprobs=req.logprobs)
+            parent.samples.append(_Sample(req, out, detok))
+        if params.prompt_logprobs is not None:
+            parent.prompt_logprobs = [None]
+        self.parents[request_id] = parent
+        for s in parent.samples:
+            self.scheduler.add_request(s.request)
+        return request_id
+
+    def _config_eos(self):
+        try:
+            e = json.loads((self.model_path / "config.json").read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            return None
+        return e[0] if isinstance(e, list) and e else e if isinstance(e, int) else None
+
+    def abort_request(self, request_id: str):
+        parent = self.parents.pop(request_id, None)
+        if parent is None:
+            return
+        for s in parent.samples:
+            if not s.request.is_finished:
+                self.scheduler.finish(s.request)
+                s.output.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_unfinished(self) -> tuple[int, int]:
+        return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    # -------------------------------------------------------------------------------------- step
+    def step(self) -> list:
+        """One scheduler step and forward; returns snapshots of the requests that changed."""
+        sched = self.scheduler.schedule()
+        self.stats["num_preemptions"] += len(sched.preempted)
+        if not sched.scheduled:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not place any request: the KV cache is too small")
+            return []
+        bs = self.engine.block_size
+        toks, pos, slots, qsl, lens, rows, row_owner = [], [], [], [0], [], [], []
+        tables = []
+        now = time.monotonic()
+        for req, n in sched.scheduled:
+            start = req.num_computed_tokens
+            end = start + n
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+            p = np.arange(start, end)
+            block_ids = np.asarray(self.kv.block_ids(req), dtype=np.int64)
+            toks.extend(req.token(i) for i in range(start, end))
+            pos.append(p)
+            slots.append(block_ids[p // bs] * bs + p % bs)
+            lens.append(end)
+            tables.append(block_ids)
+            base = qsl[-1]
+            if req.params.prompt_logprobs is not None and start < len(req.prompt_token_ids) - 1:
+                last = min(end, len(req.prompt_token_ids) - 1)  # rows scoring prompt tokens start+1..last
+                for i in range(start, last):
+                    rows.append(base + i - start)
+                    row_owner.append((req, "prompt", i))
+            if end == req.num_tokens:
+                rows.append(base + n - 1)
+                row_owner.append((req, "sample", None))
+            qsl.append(base + n)
+        width = max(len(t) for t in tables)
+        bt = np.zeros((len(tables), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = t
+        logits = self.engine.step(np.asarray(toks, dtype=np.int32), np.concatenate(pos), qsl, lens, bt,
+                                  np.concatenate(slots), np.asarray(rows, dtype=np.int32))
+        self.stats["num_steps"] += 1
+        self.stats["num_tokens"] += len(toks)
+        for req, n in sched.scheduled:
+            req.num_computed_tokens += n
+
+        changed = {}
+        now = time.monotonic()
+        for r, (req, kind, i) in enumerate(row_owner):
+            parent = req.parent
+            if kind == "prompt":
+                if req.sample_index == 0 and len(parent.prompt_logprobs) == i + 1:  # not again after preemption
+                    self._record_prompt_logprob(parent, logits[r], req.prompt_token_ids[i + 1])
+                continue
+            token, raw = sample_row(logits[r], req, self.rng)
+            self._append_token(parent.samples[req.sample_index], token, raw, now)
+            changed[parent.request_id] = parent
+        outputs = []
+        for parent in changed.values():
+            outputs.append(parent.snapshot())
+            if parent.finished:
+                self.parents.pop(parent.request_id, None)
+        return outputs
+
+    def _record_prompt_logprob(self, parent: _Parent, row: np.ndarray, token: int):
+        lp = log_softmax(row)
+        parent.prompt_logprobs.append(top_logprobs(lp, token, parent.params.prompt_logprobs, self._decode_one))
+
+    def _decode_one(self, token: int) -> Optional[str]:
+        return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else None
+
+    def _append_token(self, s: _Sample, token: int, raw_logprobs, now: float):
+        req, out = s.request, s.output
+        p = req.params
+        req.append_output(token)
+        m = req.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        if raw_logprobs is not None:
+            req.logprobs.append(top_logprobs(raw_logprobs, token, p.logprobs, self._decode_one))
+            req.cumulative_logprob += float(raw_logprobs[token])
+            out.cumulative_logprob = req.cumulative_logprob
+        out.token_ids = req.output_token_ids
+        prev_len = len(s.full_text)
+        if s.detok is not None:
+            s.full_text += s.detok.add([token])
+        out.text = s.full_text
+        # Stop conditions, in vLLM's order: EOS / stop token, stop strings, length.
+        n_out = len(req.output_token_ids)
+        reason = stop = None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in req.eos_token_ids:
+                reason = "stop"
+            elif p.stop_token_ids and token in p.stop_token_ids:
+                reason, stop = "stop", token
+            elif p.stop_strings and s.detok is not None:
+                reason, stop = self._check_stop_strings(s, prev_len)
+        if reason is None and (n_out >= req.max_tokens or req.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            out.finish_reason, out.stop_reason = reason, stop
+            req.finish_reason, req.stop_reason = reason, stop
+            m.finished_time = now
+            self.scheduler.finish(req)
+
+    def _check_stop_strings(self, s: _Sample, prev_len: int):
+        """Looks for a stop string that ends in the text this token added."""
+        text = s.full_text
+        for stop in s.request.params.stop_strings:
+            idx = text.find(stop, max(0, prev_len - len(stop) + 1))
+            if idx >= 0:
+                keep = idx + len(stop) if s.request.params.include_stop_str_in_output else idx
+                s.output.text = text[:keep]
+                return "stop", stop
+        return None, None
+
+    def stop_string_holdback(self, params: SamplingParams) -> int:
+        """Characters a stream must hold back: they could still become the start of a stop string."""
+        return max((len(x) for x in params.stop_strings), default=1) - 1
