@@ -1,0 +1,121 @@
+"""Scheduler and block accounting: chunked prefill, preemption and prefix-cache hits change nothing in
+the outputs, and after any workload every block is free again."""
+
+import numpy as np
+import pytest
+
+from metal_engine import LLM, SamplingParams
+from metal_engine.kv_cache_manager import KVCacheManager
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def tiny_llm(path, **kw):
+    args = dict(dtype="float32", block_size=4, num_kv_blocks=256, max_num_seqs=16, max_num_batched_tokens=256,
+                max_model_len=128, progress=False)
+    args.update(kw)
+    return LLM(str(path), **args)
+
+
+def prompts(n, seed=0, lo=1, hi=40, prefix=None):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(0, 211, rng.integers(lo, hi)).tolist()
+        out.append({"prompt_token_ids": (prefix or []) + ids})
+    return out
+
+
+def texts(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def assert_all_blocks_free(llm):
+    kv = llm.llm_engine.kv
+    assert kv.num_free_blocks == kv.pool.num_blocks
+    assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
+    assert not kv.req_to_blocks
+    assert not llm.llm_engine.scheduler.has_unfinished()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoints):
+    """Each request alone, whole prompt in one step, plenty of blocks, no prefix caching."""
+    llm = tiny_llm(tiny_checkpoints["llama"], enable_prefix_caching=False)
+    ps = prompts(12, seed=1)
+    return ps, [texts(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in ps]
+
+
+def test_batched_equals_alone(tiny_checkpoints, reference):
+    ps, ref = reference
+    llm = tiny_llm(tiny_checkpoints["llama"])
+    assert texts(llm.generate(ps, GREEDY, use_tqdm=False)) == ref
+    assert_all_blocks_free(llm)
+
+
+def test_chunked_prefill_changes_nothing(tiny_checkpoints, reference):
+    ps, ref = reference
+    llm = tiny_llm(tiny_checkpoints["llama"], max_num_batched_tokens=7)  # prompts up to 40 tokens
+    assert texts(llm.generate(ps, GREEDY, use_tqdm=False)) == ref
+    assert llm.llm_engine.stats["num_steps"] > 12
+    assert_all_blocks_free(llm)
+
+
+def test_preemption_changes_nothing(tiny_checkpoints, reference):
+    ps, ref = reference
+    llm = tiny_llm(tiny_checkpoints["llama"], num_kv_blocks=16, max_model_len=60)  # 64 slots for 12 sequences
+    assert texts(llm.generate(ps, GREEDY, use_tqdm=False)) == ref
+    assert llm.llm_engine.stats["num_preemptions"] > 0
+    assert_all_blocks_free(llm)
+
+
+def test_prefix_hits_change_nothing(tiny_checkpoints):
+    shared = list(range(5, 5 + 23))  # 5 full blocks of 4 and a partial one
+    ps = prompts(6, seed=2, prefix=shared)
+    off = tiny_llm(tiny_checkpoints["qwen2"], enable_prefix_caching=False)
+    ref = texts(off.generate(ps, GREEDY, use_tqdm=False))
+    on = tiny_llm(tiny_checkpoints["qwen2"], enable_prefix_caching=True, max_num_seqs=1)  # one at a time: hits
+    outs = on.generate(ps, GREEDY, use_tqdm=False)
+    assert texts(outs) == ref
+    assert [o.metrics.num_cached_tokens for o in outs][1:] == [20] * 5
+    assert_all_blocks_free(on)
+    # a second round finds the blocks still cached (freed, not evicted)
+    again = on.generate(ps[:1], GREEDY, use_tqdm=False)
+    assert texts(again) == ref[:1] and again[0].metrics.num_cached_tokens >= 20
+    assert_all_blocks_free(on)
+
+
+def test_block_pool_evicts_least_recently_used_first():
+    class R:
+        def __init__(self, rid, toks):
+            self.request_id, self._t, self.num_computed_tokens = rid, toks, 0
+            self.cache_salt = None
+
+            class P:
+                prompt_logprobs = None
+
+            self.params = P()
+
+        @property
+        def num_tokens(self):
+            return len(self._t)
+
+        def token(self, i):
+            return self._t[i]
+
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    a, b = R("a", [1, 2, 3, 4, 9]), R("b", [5, 6, 7, 8, 9])
+    assert kv.allocate_slots(a, 5) is not None and kv.num_free_blocks == 1
+    assert kv.allocate_slots(b, 5) is None and kv.num_free_blocks == 1  # does not fit: nothing changes
+    kv.free(a)
+    assert kv.num_free_blocks == 4
+    a2 = R("a2", [1, 2, 3, 4, 7])
+    hits, n = kv.get_computed_blocks(a2)
+    assert n == 4
+    kv.allocate_slots(a2, 1, hits)
+    assert kv.block_ids(a2)[:2] == [h.block_id for h in hits]
+    kv.free(a2)
+    # b takes 3 blocks: the free queue hands out the never-cached and least recently used first,
+    # so the cached prefix [1,2] survives longest
+    kv.allocate_slots(b, 5)
+    assert kv.get_computed_blocks(R("c", [1, 2, 0]))[1] == 2
