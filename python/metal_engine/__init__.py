@@ -5,6 +5,7 @@
     print(llm.generate(["def fibonacci(n):"], SamplingParams(max_tokens=64, temperature=0))[0].outputs[0].text)
 """
 
+from metal_engine import _blas  # noqa: F401  (loads the BLAS library before the extension needs it)
 from metal_engine._core import ScratchPoolExhausted
 from metal_engine.config import EngineConfig
 from metal_engine.engine import Engine

@@ -2,11 +2,15 @@
 // Two paths:
 //  - GEMV (m <= 4, decode): streams each weight row once, converting to f32 in registers; four weight
 //    rows at a time keep four independent FMA chains busy. Memory-bandwidth bound.
-//  - GEMM (prefill, batched decode): W is packed per 16-column panel and K block into f32 [KC][16],
-//    then a 6x16 register-tile micro-kernel (12 accumulators) runs over the rows of x.
+//  - GEMM (prefill, batched decode): with a BLAS (blas.h), each thread hands its share of W's rows
+//    to a single-threaded sgemm, converting f16/bf16 rows to f32 a slab at a time; without one, W is
+//    packed per 16-column panel and K block into f32 [KC][16] and a 6x16 register-tile micro-kernel
+//    (12 accumulators) runs over the rows of x.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "../blas.h"
 #include "../cpu_kernels.h"
 
 namespace metal_engine::cpu {
@@ -149,7 +153,24 @@ void gemm_panels(const float* x, int M, int K, const W* w, float* y, int N, int6
   }
 }
 
+// y[:, n0:n1] = x @ W[n0:n1]^T through the BLAS; f16/bf16 rows are converted in L2-sized slabs.
 template <class W>
+void gemm_blas(const float* x, int M, int K, const W* w, float* y, int N, int64_t n0, int64_t n1) {
+  if constexpr (std::is_same_v<W, float>) {
+    blas_sgemm_xwt(M, int(n1 - n0), K, x, K, w + n0 * K, K, y + n0, N);
+  } else {
+    thread_local std::vector<float> slab;
+    const int64_t rows = std::max<int64_t>(16, (256 << 10) / (int64_t(K) * 4));
+    slab.resize(size_t(rows) * K);
+    for (int64_t r0 = n0; r0 < n1; r0 += rows) {
+      const int64_t r1 = std::min(n1, r0 + rows);
+      for (int64_t r = r0; r < r1; ++r) convert_to_f32(w + r * K, slab.data() + (r - r0) * K, K);
+      blas_sgemm_xwt(M, int(r1 - r0), K, x, K, slab.data(), K, y + r0, N);
+    }
+  }
+}
+
+template <class W, bool kUseBlas>
 void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
   const float* x = static_cast<const float*>(b[0]);  // [m, k]
   const W* w = static_cast<const W*>(b[1]);          // [n, k]
@@ -158,6 +179,8 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
   const int M = a.m, N = a.n, K = a.k;
   if (M <= kGemvMaxRows) {
     pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemv(x, M, K, w, y, N, n0, n1); });
+  } else if (kUseBlas && blas_available()) {
+    pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemm_blas(x, M, K, w, y, N, n0, n1); });
   } else {
     const int64_t panels = (N + NR - 1) / NR;
     pool.parallel_for(panels, [&](int64_t p0, int64_t p1) { gemm_panels(x, M, K, w, y, N, p0, p1); });
@@ -173,9 +196,13 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
 }  // namespace
 
 void add_matmul_kernels(std::vector<KernelDef>& table) {
-  table.push_back(make_kernel<MatmulArgs>("matmul_f32", 4, matmul<float>));
-  table.push_back(make_kernel<MatmulArgs>("matmul_f16", 4, matmul<f16>));
-  table.push_back(make_kernel<MatmulArgs>("matmul_bf16", 4, matmul<bf16>));
+  table.push_back(make_kernel<MatmulArgs>("matmul_f32", 4, matmul<float, true>));
+  table.push_back(make_kernel<MatmulArgs>("matmul_f16", 4, matmul<f16, true>));
+  table.push_back(make_kernel<MatmulArgs>("matmul_bf16", 4, matmul<bf16, true>));
+  // The same op on our own GEMM even where a BLAS is present (tests, benchmarks, builds without one).
+  table.push_back(make_kernel<MatmulArgs>("matmul_builtin_f32", 4, matmul<float, false>));
+  table.push_back(make_kernel<MatmulArgs>("matmul_builtin_f16", 4, matmul<f16, false>));
+  table.push_back(make_kernel<MatmulArgs>("matmul_builtin_bf16", 4, matmul<bf16, false>));
 }
 
 }  // namespace metal_engine::cpu

@@ -1,0 +1,14 @@
+// f32 GEMM through a BLAS, where the build found one: Accelerate on macOS, OpenBLAS from the PyPI
+// package scipy-openblas32 elsewhere. The BLAS runs single-threaded inside each of our pool's threads,
+// so our thread pool alone owns the cores.
+#pragma once
+
+namespace metal_engine::cpu {
+
+bool blas_available();
+const char* blas_name();  // "Accelerate", "OpenBLAS (scipy-openblas32)" or "none"
+
+// y[m, n] = x[m, k] @ w[n, k]^T, row-major with leading dimensions ldx, ldw, ldy. Requires blas_available().
+void blas_sgemm_xwt(int m, int n, int k, const float* x, int ldx, const float* w, int ldw, float* y, int ldy);
+
+}  // namespace metal_engine::cpu
