@@ -9,6 +9,10 @@
 #include <sstream>
 #include <stdexcept>
 
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "../../metal/op_args.h"
 #include "half.h"
 #include "safetensors.h"
@@ -44,16 +48,26 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return o.str();
 }
 
+// Weight dtype conversion at load time (f32 -> f16 with F16C where the build has it).
 void convert_elements(const uint8_t* src, DType from, uint8_t* dst, DType to, size_t n) {
-  auto load = [&](size_t i) -> float {
+  size_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  if (from == DType::F32 && to == DType::F16) {
+    for (; i + 8 <= n; i += 8) {
+      __m256 v = _mm256_loadu_ps(reinterpret_cast<const float*>(src) + i);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+  }
+#endif
+  auto load = [&](size_t k) -> float {
     switch (from) {
-      case DType::F32: { float f; std::memcpy(&f, src + 4 * i, 4); return f; }
-      case DType::F16: { uint16_t h; std::memcpy(&h, src + 2 * i, 2); return half_to_float(h); }
-      case DType::BF16: { uint16_t h; std::memcpy(&h, src + 2 * i, 2); return bf16_to_float(h); }
+      case DType::F32: { float f; std::memcpy(&f, src + 4 * k, 4); return f; }
+      case DType::F16: { uint16_t h; std::memcpy(&h, src + 2 * k, 2); return half_to_float(h); }
+      case DType::BF16: { uint16_t h; std::memcpy(&h, src + 2 * k, 2); return bf16_to_float(h); }
       default: return 0.f;
     }
   };
-  for (size_t i = 0; i < n; ++i) {
+  for (; i < n; ++i) {
     float f = load(i);
     switch (to) {
       case DType::F32: std::memcpy(dst + 4 * i, &f, 4); break;

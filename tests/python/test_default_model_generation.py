@@ -104,3 +104,15 @@ def test_cli_reports_bad_input_clearly():
     assert r.returncode == 2 and "neither a checkpoint folder nor a .gguf file" in r.stderr
     r = cli("generate", "hi", "--top-p", "0")
     assert r.returncode == 2 and "top_p must be in (0, 1]" in r.stderr
+
+
+def test_model_may_be_a_gguf_file(tmp_path, monkeypatch):
+    from metal_engine.gguf_checkpoint import default_gguf_path
+    from metal_engine.llm_engine import resolve_model_path
+
+    assert resolve_model_path(str(default_gguf_path()), progress=False) == default_checkpoint(progress=False)
+    monkeypatch.setenv("METAL_ENGINE_CACHE", str(tmp_path))  # a fresh cache converts again, into it
+    path = resolve_model_path(str(default_gguf_path()), progress=False)
+    assert path.parent == tmp_path and (path / "tokenizer.json").exists() and (path / "config.json").exists()
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint folder nor a .gguf file"):
+        resolve_model_path(str(tmp_path / "missing.gguf"))
