@@ -88,6 +88,25 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from metal_engine import server
+    except ImportError as e:
+        raise RuntimeError(f"metal-engine serve needs the server extra ({e.name} is missing): "
+                           "pip install 'metal_engine[serve]'") from None
+    from metal_engine.config import EngineConfig
+    from metal_engine.llm_engine import LLMEngine
+
+    config = EngineConfig(model=args.model, dtype=args.dtype, backend=args.backend, max_model_len=args.max_model_len,
+                          kv_cache_memory=args.kv_cache_memory, num_threads=args.threads,
+                          max_num_seqs=args.max_num_seqs)
+    engine = LLMEngine(config)
+    name = args.served_model_name or server.default_model_name(args.model)
+    server.serve(engine, args.host, args.port, name, api_key=args.api_key, max_waiting=args.max_waiting,
+                 log_level=args.log_level)
+    return 0
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="metal-engine", description="metal_engine: LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +121,16 @@ def main(argv: Optional[list] = None) -> int:
     _engine_args(c)
     _sampling_args(c)
     c.set_defaults(func=cmd_chat)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _engine_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
+    s.add_argument("--max-waiting", type=int, default=256, help="waiting requests beyond this get 503")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -40,3 +40,37 @@ def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
                 p.normal_(0.0, 0.08 if p.ndim > 1 else 0.05)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_text_checkpoint(path, arch: str = "llama", seed: int = 0):
+    """A tiny random checkpoint with a real byte-level BPE tokenizer (trained here in milliseconds) and a
+    ChatML chat template, so text, chat and server paths run on a tiny model."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = [
+        "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+        "The quick brown fox jumps over the lazy dog. Hello world, hello engine!",
+        "Paris is the capital of France. Berlin is the capital of Germany.",
+    ] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    eos = tok.token_to_id("<|im_end|>")
+    make_tiny_checkpoint(path, arch, seed=seed, vocab_size=tok.get_vocab_size(), eos_token_id=eos, bos_token_id=None)
+    path = Path(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "bos_token": None, "chat_template": CHATML, "add_bos_token": False}))
+    return path

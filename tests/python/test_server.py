@@ -1,0 +1,232 @@
+"""The OpenAI-compatible server, started for real on a free loopback port and called with the official
+openai client: completions and chat, streaming and not, 32 concurrent streaming clients, disconnects,
+errors, the waiting bound, the API key and /metrics."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tiny_models import make_tiny_text_checkpoint
+
+MODEL = "tiny-chat"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, checkpoint, *extra):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "metal_engine", "serve", "--model", str(checkpoint), "--port", str(self.port),
+             "--dtype", "float32", "--served-model-name", MODEL, "--max-model-len", "2048", "--log-level", "warning",
+             *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + self.proc.stdout.read())
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become healthy")
+
+    def metrics(self) -> dict:
+        text = httpx.get(self.url + "/metrics").text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                k, v = line.rsplit(" ", 1)
+                out[k] = float(v)
+        return out
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_text_checkpoint(tmp_path_factory.mktemp("srv") / "tiny", "llama", seed=5)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    s = Server(checkpoint)
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_and_health(server, client):
+    [m] = client.models.list().data
+    assert m.id == MODEL
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_completion_stream_and_not(client):
+    r = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=12, temperature=0, logprobs=2)
+    c = r.choices[0]
+    assert c.finish_reason in ("length", "stop") and r.usage.completion_tokens == len(c.logprobs.tokens)
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert all(len(t) <= 3 for t in c.logprobs.top_logprobs)
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello world", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_completion_with_token_ids_n_and_stop(client):
+    r = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=6, temperature=1.0, seed=4, n=3)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    full = client.completions.create(model=MODEL, prompt="The quick", max_tokens=20, temperature=0).choices[0].text
+    stop = full[5:7]
+    cut = client.completions.create(model=MODEL, prompt="The quick", max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_stream_and_not(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and r.usage.completion_tokens == len(r.choices[0].logprobs.content) <= 10
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == msg.content
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_32_concurrent_streaming_clients_match_alone(server, client):
+    prompts = [f"Hello {i} world" for i in range(32)]
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0).choices[0].text
+             for p in prompts]
+
+    async def one(ac, p):
+        text = ""
+        stream = await ac.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0, stream=True)
+        async for ch in stream:
+            text += ch.choices[0].text if ch.choices else ""
+        return text
+
+    async def all_at_once():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as ac:
+            return await asyncio.gather(*(one(ac, p) for p in prompts))
+
+    assert asyncio.run(all_at_once()) == alone
+
+
+def wait_idle(server, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = server.metrics()
+        if m["metal_engine_kv_blocks_used"] == 0 and m["metal_engine_requests_running"] == 0 \
+                and m["metal_engine_requests_waiting"] == 0:
+            return m
+        time.sleep(0.1)
+    raise AssertionError(f"engine not idle: {server.metrics()}")
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    body = {"model": MODEL, "prompt": "Hello world", "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
+            "stream": True}  # seconds of work: only an abort ends it early
+    aborted = server.metrics().get("metal_engine_requests_aborted_total", 0)
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert any(line.startswith("data: ") for line in got)
+        assert server.metrics()["metal_engine_kv_blocks_used"] > 0
+    m = wait_idle(server, timeout=2.0)
+    assert m["metal_engine_requests_aborted_total"] == aborted + 1
+    # and a non-streaming client that hangs up
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
+    m = wait_idle(server, timeout=2.0)
+    assert m["metal_engine_requests_aborted_total"] == aborted + 2
+
+
+@pytest.mark.parametrize(
+    "body,status,fragment",
+    [
+        ('{"model": "tiny-chat", "prompt": ', 400, "malformed JSON"),
+        ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 5000}, 400, "maximum context length is 2048"),
+        ({"model": MODEL, "prompt": "hello " * 3000}, 400, "maximum context length is 2048"),
+        ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]"),
+        ({"model": MODEL, "prompt": [[]]}, 400, "the prompt is empty"),
+        ({"model": MODEL, "prompt": [999999]}, 400, "outside the vocabulary"),
+        ({"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, fragment):
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_openai_client_raises_on_bad_request(client):
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
+
+
+def test_metrics_are_prometheus(server):
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("metal_engine_requests_running", "metal_engine_requests_waiting", "metal_engine_kv_blocks_used",
+                 "metal_engine_generation_tokens_per_second", "metal_engine_time_to_first_token_seconds_bucket",
+                 "metal_engine_generation_tokens_total"):
+        assert name in text
+
+
+def test_waiting_bound_and_api_key(checkpoint):
+    s = Server(checkpoint, "--max-waiting", "2", "--max-num-seqs", "1", "--api-key", "sekret")
+    try:
+        no_key = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
+        assert no_key.status_code == 401 and "API key" in no_key.json()["error"]["message"]
+        assert httpx.get(s.url + "/health").status_code == 200  # health needs no key
+
+        async def flood():
+            async with httpx.AsyncClient(timeout=60, headers={"Authorization": "Bearer sekret"}) as c:
+                body = {"model": MODEL, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+                return await asyncio.gather(*(c.post(s.url + "/v1/completions", json=body) for _ in range(8)))
+
+        codes = sorted(r.status_code for r in asyncio.run(flood()))
+        assert 200 in codes and 503 in codes, codes
+        assert all(c in (200, 503) for c in codes)
+        wait_idle(s)
+    finally:
+        s.stop()
+
+
+def test_serve_binds_loopback_by_default():
+    out = subprocess.run([sys.executable, "-m", "metal_engine", "serve", "--help"], capture_output=True, text=True,
+                         env={**os.environ})
+    assert out.returncode == 0 and "127.0.0.1" in out.stdout
