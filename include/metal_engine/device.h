@@ -7,6 +7,7 @@
 #pragma once
 #include <cstddef>
 #include <initializer_list>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -54,6 +55,15 @@ class Device {
                         std::initializer_list<BufferArg> buffers) = 0;
   virtual void submit() = 0;
   virtual void wait() = 0;
+
+  // Per-kernel timing of submitted steps, for profiling ("where does a step's time go"). Backends
+  // that cannot time kernels leave the map empty.
+  struct KernelTime {
+    long calls = 0;
+    double seconds = 0.0;
+  };
+  virtual void set_profiling(bool on) { (void)on; }
+  virtual std::map<std::string, KernelTime> take_profile() { return {}; }
 
   template <class Args>
   void dispatch(const Kernel& k, const Args& args, std::initializer_list<BufferArg> buffers) {

@@ -1,6 +1,8 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/unique_ptr.h>
 
 #include "metal_engine/engine.h"
@@ -29,6 +31,16 @@ void init_engine(nb::module_& m) {
       .def_prop_ro("kv_cache_bytes", [](Engine& e) { return e.kv_cache().total_bytes(); })
       .def_prop_ro("scratch_pool_bytes", [](Engine& e) { return e.scratch_pool().capacity(); })
       .def_prop_ro("scratch_high_water_bytes", [](Engine& e) { return e.scratch_pool().high_water_mark(); })
+      .def("set_profiling", [](Engine& e, bool on) { e.device().set_profiling(on); }, nb::arg("on"),
+           "Time every kernel of the following steps (cpu backend).")
+      .def(
+          "take_profile",
+          [](Engine& e) {
+            std::map<std::string, std::pair<long, double>> out;
+            for (const auto& kv : e.device().take_profile()) out[kv.first] = {kv.second.calls, kv.second.seconds};
+            return out;
+          },
+          "{kernel: (calls, seconds)} since profiling started or the last take_profile().")
       .def(
           "step",
           [](Engine& e, Vec<int32_t> token_ids, Vec<int32_t> positions, Vec<int32_t> query_start_loc,

@@ -10,6 +10,8 @@
 #include <optional>
 
 #include "../../metal/op_args.h"
+#include "../cpu/bandwidth.h"
+#include "../cpu/blas.h"
 #include "metal_engine/config.h"
 #include "metal_engine/device.h"
 
@@ -64,6 +66,11 @@ void init_ops(nb::module_& m) {
         return create_device(c);
       },
       nb::arg("backend") = "cpu", nb::arg("num_threads") = 0);
+
+  m.def("cpu_read_bandwidth_gbps", &cpu::measure_read_bandwidth, nb::arg("bytes") = size_t(1) << 30,
+        nb::arg("num_threads") = 0, nb::arg("repeats") = 5, nb::call_guard<nb::gil_scoped_release>(),
+        "Median read bandwidth (GB/s) of the cpu backend's threads streaming a large buffer.");
+  m.def("cpu_blas", &cpu::blas_name, "The BLAS behind the cpu backend's f32 GEMM, or 'none'.");
 
   nb::module_ ops = m.def_submodule("ops", "kernel argument structs (metal/op_args.h) and ops.run");
   nb::class_<EmbeddingArgs>(ops, "EmbeddingArgs")

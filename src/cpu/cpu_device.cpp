@@ -1,6 +1,7 @@
 // The cpu backend's Device: host buffers, the kernel table, and a step's commands recorded at encode
 // time and run in order at submit(), so the cpu and Metal backends share one step discipline.
 #include <array>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -114,8 +115,26 @@ class CpuDevice : public Device {
   void submit() override {
     if (!encoding_) throw std::logic_error("submit() without begin_step()");
     encoding_ = false;
-    for (const Command& c : commands_) table_[size_t(c.kernel)].run(c.args.data(), c.buffers.data(), pool_);
+    for (const Command& c : commands_) {
+      const KernelDef& def = table_[size_t(c.kernel)];
+      if (!profiling_) {
+        def.run(c.args.data(), c.buffers.data(), pool_);
+        continue;
+      }
+      const auto t0 = std::chrono::steady_clock::now();
+      def.run(c.args.data(), c.buffers.data(), pool_);
+      KernelTime& kt = profile_[def.name];
+      kt.calls += 1;
+      kt.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
     commands_.clear();
+  }
+
+  void set_profiling(bool on) override { profiling_ = on; }
+  std::map<std::string, KernelTime> take_profile() override {
+    std::map<std::string, KernelTime> out;
+    out.swap(profile_);
+    return out;
   }
 
   void wait() override {
@@ -127,6 +146,8 @@ class CpuDevice : public Device {
   std::vector<KernelDef> table_;
   std::vector<Command> commands_;
   bool encoding_ = false;
+  bool profiling_ = false;
+  std::map<std::string, KernelTime> profile_;
 };
 
 }  // namespace

@@ -1,7 +1,7 @@
 // matmul_<wdt>: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), x f32, W in PyTorch [out, in] layout.
 // Two paths:
-//  - GEMV (m <= 4, decode): streams each weight row once, converting to f32 in registers; four weight
-//    rows at a time keep four independent FMA chains busy. Memory-bandwidth bound.
+//  - GEMV (m <= 4, decode): streams each weight row once, converting to f32 in registers, with
+//    software prefetch a few rows ahead. Memory-bandwidth bound.
 //  - GEMM (prefill, batched decode): with a BLAS (blas.h), each thread hands its share of W's rows
 //    to a single-threaded sgemm, converting f16/bf16 rows to f32 a slab at a time; without one, W is
 //    packed per 16-column panel and K block into f32 [KC][16] and a 6x16 register-tile micro-kernel
@@ -22,55 +22,53 @@ constexpr int NR = 16;   // panel width (columns of y / rows of W)
 constexpr int MR = 6;    // rows of x per micro-kernel call
 constexpr int KC = 256;  // K block: a packed panel block is 16 KiB, L1-resident
 
-template <class W>
-void gemv(const float* x, int M, int K, const W* w, float* y, int N, int64_t n0, int64_t n1) {
-  int64_t n = n0;
+// Decode rows (m <= 4): each thread streams its rows of W front to back, one row at a time (a single
+// sequential stream the hardware prefetcher follows), prefetching a few rows ahead so DRAM stays busy;
+// each weight is converted to f32 once and used for every row of x.
+template <int MR, class W>
+void gemv_rows(const float* x, int K, const W* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int kAhead = 4;  // rows of W prefetched ahead
+  const size_t row_bytes = size_t(K) * sizeof(W);
 #if ME_AVX2
-  const int K8 = K / 8 * 8;
-  for (int m = 0; m < M; m += 2) {
-    const int mb = std::min(2, M - m);
-    const float* x0 = x + int64_t(m) * K;
-    const float* x1 = x0 + (mb == 2 ? K : 0);
-    for (n = n0; n + 4 <= n1; n += 4) {
-      const W* w0 = w + n * K;
-      const W* w1 = w0 + K;
-      const W* w2 = w1 + K;
-      const W* w3 = w2 + K;
-      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-      __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-      for (int k = 0; k < K8; k += 8) {
-        const __m256 v0 = load8(w0 + k), v1 = load8(w1 + k), v2 = load8(w2 + k), v3 = load8(w3 + k);
-        const __m256 xa = load8(x0 + k);
-        a00 = _mm256_fmadd_ps(v0, xa, a00);
-        a01 = _mm256_fmadd_ps(v1, xa, a01);
-        a02 = _mm256_fmadd_ps(v2, xa, a02);
-        a03 = _mm256_fmadd_ps(v3, xa, a03);
-        if (mb == 2) {
-          const __m256 xb = load8(x1 + k);
-          a10 = _mm256_fmadd_ps(v0, xb, a10);
-          a11 = _mm256_fmadd_ps(v1, xb, a11);
-          a12 = _mm256_fmadd_ps(v2, xb, a12);
-          a13 = _mm256_fmadd_ps(v3, xb, a13);
-        }
-      }
-      float r0[4] = {hsum(a00), hsum(a01), hsum(a02), hsum(a03)};
-      float r1[4] = {hsum(a10), hsum(a11), hsum(a12), hsum(a13)};
-      for (int k = K8; k < K; ++k) {
-        const float wv[4] = {to_float(w0[k]), to_float(w1[k]), to_float(w2[k]), to_float(w3[k])};
-        for (int j = 0; j < 4; ++j) { r0[j] += wv[j] * x0[k]; r1[j] += wv[j] * x1[k]; }
-      }
-      for (int j = 0; j < 4; ++j) {
-        y[int64_t(m) * N + n + j] = r0[j];
-        if (mb == 2) y[int64_t(m + 1) * N + n + j] = r1[j];
+  constexpr int U = MR == 1 ? 4 : 2;  // independent accumulators per row of x
+  const int KU = K / (8 * U) * (8 * U);
+  for (int64_t n = n0; n < n1; ++n) {
+    if (n + kAhead < n1) {
+      const char* p = reinterpret_cast<const char*>(w + (n + kAhead) * K);
+      for (size_t off = 0; off < row_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+    }
+    const W* wr = w + n * K;
+    __m256 acc[MR][U];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+    for (int k = 0; k < KU; k += 8 * U) {
+      for (int u = 0; u < U; ++u) {
+        const __m256 wv = load8(wr + k + 8 * u);
+        for (int r = 0; r < MR; ++r) acc[r][u] = _mm256_fmadd_ps(wv, load8(x + r * K + k + 8 * u), acc[r][u]);
       }
     }
-    for (int64_t nn = n; nn < n1; ++nn)
-      for (int r = 0; r < mb; ++r) y[int64_t(m + r) * N + nn] = dot(x + int64_t(m + r) * K, w + nn * K, K);
+    for (int r = 0; r < MR; ++r) {
+      __m256 s = acc[r][0];
+      for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[r][u]);
+      y[r * N + n] = hsum(s) + dot(x + r * K + KU, wr + KU, K - KU);
+    }
   }
 #else
-  for (; n < n1; ++n)
-    for (int m = 0; m < M; ++m) y[int64_t(m) * N + n] = dot(x + int64_t(m) * K, w + n * K, K);
+  (void)kAhead;
+  (void)row_bytes;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int r = 0; r < MR; ++r) y[r * N + n] = dot(x + r * K, w + n * K, K);
 #endif
+}
+
+template <class W>
+void gemv(const float* x, int M, int K, const W* w, float* y, int N, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: gemv_rows<1>(x, K, w, y, N, n0, n1); break;
+    case 2: gemv_rows<2>(x, K, w, y, N, n0, n1); break;
+    case 3: gemv_rows<3>(x, K, w, y, N, n0, n1); break;
+    default: gemv_rows<4>(x, K, w, y, N, n0, n1); break;
+  }
 }
 
 // Packs W[n0 : n0 + nvalid, k0 : k0 + kc] into bp[k][j] (f32, zero columns past nvalid).

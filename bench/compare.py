@@ -1,0 +1,437 @@
+"""Compare metal_engine with llama.cpp (llama-cpp-python, F16 and the shipped Q4_1 GGUF) and transformers
+(torch CPU) on the default model, SmolLM2-135M-Instruct, in one run on this machine.
+
+    python bench/compare.py            # full: 3 interleaved repetitions, batch 1..16, writes docs/BENCHMARKS.md
+    python bench/compare.py --quick    # under 3 minutes: 1 repetition, batch 1, 4, 16
+
+Each engine runs in its own subprocess (its own peak RSS, no shared threads); engines are interleaved
+A B C A B C ... and figures are medians over repetitions. The machine's load average is recorded
+beside every measurement, since these machines are shared. Competitors that are not installed
+(pip install '.[bench]') are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_LEN = 512          # prefill benchmark
+DECODE_PROMPT = 16        # prompt of each sequence in the decode benchmark
+ENGINES = ("metal_engine", "llama.cpp F16", "llama.cpp Q4_1", "transformers")
+THREADS = 2
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def prompt_ids(n: int, seed: int) -> list:
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(100, 40000, n).tolist()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def f16_gguf_path() -> Path:
+    """An F16 GGUF of the default model, written once from the shipped Q4_1 GGUF (same tensors, same
+    llama.cpp layout, dequantized)."""
+    import numpy as np
+    import gguf
+    from metal_engine.gguf_checkpoint import cache_dir, default_gguf_path
+
+    src = default_gguf_path()
+    dst = cache_dir() / (src.stem.replace("Q4_1", "F16") + ".gguf")
+    if dst.exists():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst) + ".tmp", arch=reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.quantization_version"):
+            continue
+        vtype = field.types[0]
+        value = field.contents()
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, vtype, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(key, value, vtype)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = w.reshape([int(d) for d in reversed(t.shape)])
+        writer.add_tensor(t.name, w.astype(np.float16 if w.ndim == 2 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(str(dst) + ".tmp", dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------------------- workers
+def work_metal_engine(batches, new_tokens):
+    from metal_engine import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(dtype="float16", max_num_batched_tokens=PROMPT_LEN, max_num_seqs=max(batches),
+              enable_prefix_caching=False, num_threads=THREADS, progress=False)
+    load = time.perf_counter() - t0
+    eng = llm.llm_engine
+    core_time = [0.0]
+    core_step = eng.engine.step
+
+    def timed_step(*a, **k):  # the C++ forward's share of each step, to price the Python layer
+        s = time.perf_counter()
+        try:
+            return core_step(*a, **k)
+        finally:
+            core_time[0] += time.perf_counter() - s
+
+    eng.engine.step = timed_step
+    res = {"load_s": load}
+    # prefill + time to first token: one 512-token prompt, whole, in one step
+    times = []
+    for rep in range(3):
+        eng.add_request({"prompt_token_ids": prompt_ids(PROMPT_LEN, rep)}, SamplingParams(max_tokens=1, temperature=0))
+        s = time.perf_counter()
+        while eng.has_unfinished_requests():
+            eng.step()
+        times.append(time.perf_counter() - s)
+    res["prefill_tok_s"] = PROMPT_LEN / statistics.median(times)
+    res["ttft_s"] = statistics.median(times)
+    res["decode"] = {}
+    for b in batches:
+        for i in range(b):
+            eng.add_request({"prompt_token_ids": prompt_ids(DECODE_PROMPT, 100 + i)},
+                            SamplingParams(max_tokens=new_tokens + 1, temperature=0, ignore_eos=True))
+        eng.step()  # prefill every sequence and sample its first token
+        core_time[0] = 0.0
+        s = time.perf_counter()
+        steps = 0
+        while eng.has_unfinished_requests():
+            eng.step()
+            steps += 1
+        total = time.perf_counter() - s
+        res["decode"][str(b)] = {"tok_s": b * new_tokens / total, "python_share": 1 - core_time[0] / total}
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+def work_llama_cpp(batches, new_tokens, path):
+    import ctypes
+
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=4096, n_batch=PROMPT_LEN, n_ubatch=PROMPT_LEN,
+                          n_threads=THREADS, n_threads_batch=THREADS, n_seq_max=max(batches), verbose=False)
+    load = time.perf_counter() - t0
+    ctx = llm.ctx
+    mem = llama_cpp.llama_get_memory(ctx)
+    batch = llama_cpp.llama_batch_init(max(PROMPT_LEN, DECODE_PROMPT * max(batches)), 0, max(batches))
+
+    def decode(entries):  # entries: (token, pos, seq, want_logits)
+        batch.n_tokens = len(entries)
+        for i, (tok, pos, seq, want) in enumerate(entries):
+            batch.token[i] = tok
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = 1 if want else 0
+        rc = llama_cpp.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    res = {"load_s": load}
+    times = []
+    for rep in range(3):
+        llama_cpp.llama_memory_clear(mem, True)
+        ids = prompt_ids(PROMPT_LEN, rep)
+        s = time.perf_counter()
+        decode([(t, p, 0, p == PROMPT_LEN - 1) for p, t in enumerate(ids)])
+        llama_cpp.llama_get_logits_ith(ctx, PROMPT_LEN - 1)
+        times.append(time.perf_counter() - s)
+    res["prefill_tok_s"] = PROMPT_LEN / statistics.median(times)
+    res["ttft_s"] = statistics.median(times)
+    res["decode"] = {}
+    for b in batches:
+        llama_cpp.llama_memory_clear(mem, True)
+        entries = []
+        for seq in range(b):
+            ids = prompt_ids(DECODE_PROMPT, 100 + seq)
+            entries += [(t, p, seq, p == DECODE_PROMPT - 1) for p, t in enumerate(ids)]
+        decode(entries)
+        s = time.perf_counter()
+        for step in range(new_tokens):
+            decode([(1 + seq, DECODE_PROMPT + step, seq, True) for seq in range(b)])
+            llama_cpp.llama_get_logits(ctx)
+        res["decode"][str(b)] = {"tok_s": b * new_tokens / (time.perf_counter() - s)}
+    llama_cpp.llama_batch_free(batch)
+    del ctypes
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+def work_transformers(batches, new_tokens):
+    import torch
+    import transformers
+    from metal_engine.gguf_checkpoint import default_checkpoint
+
+    torch.set_num_threads(THREADS)
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_checkpoint(progress=False),
+                                                              dtype=torch.float32).eval()
+    load = time.perf_counter() - t0
+    res = {"load_s": load}
+    times = []
+    with torch.no_grad():
+        for rep in range(3):
+            ids = torch.tensor([prompt_ids(PROMPT_LEN, rep)])
+            s = time.perf_counter()
+            model(ids, use_cache=True).logits[:, -1].argmax(-1)
+            times.append(time.perf_counter() - s)
+        res["prefill_tok_s"] = PROMPT_LEN / statistics.median(times)
+        res["ttft_s"] = statistics.median(times)
+        res["decode"] = {}
+        for b in batches:
+            ids = torch.tensor([prompt_ids(DECODE_PROMPT, 100 + i) for i in range(b)])
+            out = model(ids, use_cache=True)
+            pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            s = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(nxt, past_key_values=pkv, use_cache=True)
+                pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            res["decode"][str(b)] = {"tok_s": b * new_tokens / (time.perf_counter() - s)}
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+def worker_main(engine: str, batches: list, new_tokens: int):
+    if engine == "metal_engine":
+        res = work_metal_engine(batches, new_tokens)
+    elif engine == "llama.cpp F16":
+        res = work_llama_cpp(batches, new_tokens, f16_gguf_path())
+    elif engine == "llama.cpp Q4_1":
+        from metal_engine.gguf_checkpoint import default_gguf_path
+
+        res = work_llama_cpp(batches, new_tokens, default_gguf_path())
+    elif engine == "transformers":
+        res = work_transformers(batches, new_tokens)
+    else:
+        raise SystemExit(f"unknown engine {engine}")
+    print("RESULT " + json.dumps(res))
+
+
+# ------------------------------------------------------------------------------------- coordinator
+def available(engine: str) -> str | None:
+    """None if the engine can run here, else why not."""
+    import importlib.util
+
+    need = {"llama.cpp F16": "llama_cpp", "llama.cpp Q4_1": "llama_cpp", "transformers": "transformers"}.get(engine)
+    if need and importlib.util.find_spec(need) is None:
+        return f"{need} is not installed (pip install '.[bench]')"
+    if engine == "transformers" and importlib.util.find_spec("torch") is None:
+        return "torch is not installed (pip install torch==2.13.0)"
+    return None
+
+
+def run_worker(engine, batches, new_tokens) -> dict:
+    load_before = os.getloadavg()[0]
+    cmd = [sys.executable, __file__, "--worker", engine, "--batches", ",".join(map(str, batches)),
+           "--new-tokens", str(new_tokens)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TQDM_DISABLE": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        raise RuntimeError(f"{engine} worker failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    res = json.loads(line[7:])
+    res["loadavg"] = [load_before, os.getloadavg()[0]]
+    return res
+
+
+def median_of(runs, *path):
+    vals = []
+    for r in runs:
+        v = r
+        for k in path:
+            v = v[k]
+        vals.append(v)
+    return statistics.median(vals)
+
+
+def machine_info() -> dict:
+    from metal_engine import _core
+
+    cpu = "unknown"
+    mhz = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("cpu MHz") and mhz is None:
+                mhz = float(line.split(":", 1)[1])
+    except OSError:
+        pass
+    return {"cpu": cpu, "mhz": mhz, "cores": os.cpu_count(), "threads": THREADS, "platform": platform.platform(),
+            "python": platform.python_version(), "blas": _core.cpu_blas(),
+            "read_bandwidth_gbps": _core.cpu_read_bandwidth_gbps(1 << 30, THREADS, 5)}
+
+
+def weights_bytes_fp16() -> int:
+    """Bytes a batch-1 decode step streams: every weight once at fp16 (the tied embedding is the LM head)."""
+    import json as _json
+
+    from metal_engine.gguf_checkpoint import default_checkpoint
+
+    cfg = _json.loads((default_checkpoint(progress=False) / "config.json").read_text())
+    H, I, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    hd = cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    per_layer = H * q + 2 * H * kv + q * H + 3 * H * I + 2 * H
+    return 2 * (L * per_layer + V * H + H)
+
+
+def write_report(path: Path, machine, results, batches, reps, new_tokens, skipped, plot_path):
+    wbytes = weights_bytes_fp16()
+    bw = machine["read_bandwidth_gbps"]
+    bound = bw * 1e9 / wbytes
+    flops_per_token = wbytes  # 2 flops per fp16 weight (2 bytes): one multiply-add per weight
+    peak = (machine["mhz"] or 0) * 1e6 * THREADS * 2 * 8 * 2  # 2 FMA pipes x 8 floats x 2 flops per core
+    eng_names = [e for e in ENGINES if e in results]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `python bench/compare.py{' --quick' if reps == 1 else ''}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Default model: SmolLM2-135M-Instruct. "
+        f"Medians of {reps} interleaved repetition(s); decode: {new_tokens} new tokens per sequence after a "
+        f"{DECODE_PROMPT}-token prompt; prefill: one {PROMPT_LEN}-token prompt. {THREADS} threads everywhere.",
+        "",
+        "## Machine",
+        f"- CPU: {machine['cpu']}, {machine['cores']} cores, {machine['mhz']} MHz; {machine['platform']}",
+        f"- read bandwidth ({THREADS} threads): **{bw:.1f} GB/s**; fp16 weights streamed per decode step: "
+        f"{wbytes / 1e6:.0f} MB, so batch-1 decode is bounded near **{bound:.0f} tok/s**",
+        f"- fp32 FMA peak of {THREADS} cores: about {peak / 1e9:.0f} GFLOP/s; metal_engine's BLAS: {machine['blas']}",
+        "- load average before/after each run (shared machine): "
+        + ", ".join(f"{e}: " + " ".join(f"{a:.1f}/{b:.1f}" for a, b in (r["loadavg"] for r in results[e]))
+                    for e in eng_names),
+        "",
+        "## Engines",
+        "- metal_engine: cpu backend, fp16 weights and KV cache, fp32 activations; figures include the Python "
+        "layer (scheduler, sampling, detokenisation), which llama.cpp's and transformers' loops here skip.",
+        "- llama.cpp: llama-cpp-python, low-level `llama_decode` with one sequence id per batch row.",
+        "- transformers: torch CPU, fp32, a manual decode loop with the KV cache.",
+    ]
+    for e, why in skipped.items():
+        lines.append(f"- {e}: skipped, {why}.")
+    lines += ["", "## Decode (aggregate tok/s)", "",
+              "| batch | " + " | ".join(eng_names) + " | metal_engine / " + " | metal_engine / ".join(
+                  e for e in eng_names if e != "metal_engine") + " |",
+              "|---" * (1 + 2 * len(eng_names) - 1) + "|"]
+    for b in batches:
+        row = [str(b)]
+        vals = {e: median_of(results[e], "decode", str(b), "tok_s") for e in eng_names}
+        row += [f"{vals[e]:.1f}" for e in eng_names]
+        if "metal_engine" in vals:
+            row += [f"{vals['metal_engine'] / vals[e]:.2f}x" for e in eng_names if e != "metal_engine"]
+        lines.append("| " + " | ".join(row) + " |")
+    if "metal_engine" in results:
+        me = results["metal_engine"]
+        b1 = median_of(me, "decode", str(batches[0]), "tok_s")
+        lines += ["", "metal_engine scaling and efficiency:", "",
+                  "| batch | tok/s | vs batch 1 | of bandwidth bound | GFLOP/s | of FMA peak | Python share |",
+                  "|---|---|---|---|---|---|---|"]
+        for b in batches:
+            v = median_of(me, "decode", str(b), "tok_s")
+            gf = v * flops_per_token / 1e9
+            lines.append(f"| {b} | {v:.1f} | {v / b1:.2f}x | {v / bound:.0%} (per sequence {v / b / bound:.0%}) | "
+                         f"{gf:.1f} | {gf * 1e9 / peak:.0%} | {median_of(me, 'decode', str(b), 'python_share'):.1%} |")
+    lines += ["", "## Prefill, time to first token, memory", "",
+              "| engine | prefill tok/s (512) | time to first token (512-token prompt) | peak RSS | load time |",
+              "|---|---|---|---|---|"]
+    for e in eng_names:
+        r = results[e]
+        lines.append(f"| {e} | {median_of(r, 'prefill_tok_s'):.0f} | {median_of(r, 'ttft_s') * 1000:.0f} ms | "
+                     f"{median_of(r, 'peak_rss_mb'):.0f} MB | {median_of(r, 'load_s'):.1f} s |")
+    if plot_path:
+        lines += ["", f"![decode tok/s vs batch]({plot_path.name})"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, results, batches):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install '.[bench]')")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e in ENGINES:
+        if e in results:
+            ax.plot(batches, [median_of(results[e], "decode", str(b), "tok_s") for b in batches], marker="o", label=e)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch (sequences)")
+    ax.set_ylabel("decode tok/s (aggregate)")
+    ax.set_title("SmolLM2-135M-Instruct decode, 2 threads")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 repetition, batch 1/4/16, fewer tokens (< 3 min)")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--batches", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--new-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker_main(args.worker, [int(b) for b in args.batches.split(",")], args.new_tokens)
+        return
+    batches = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
+    reps = 1 if args.quick else args.repeats
+    new_tokens = 24 if args.quick else 64
+    engines, skipped = [], {}
+    for e in args.engines.split(","):
+        why = available(e)
+        if why:
+            print(f"skipping {e}: {why}")
+            skipped[e] = why
+        else:
+            engines.append(e)
+    if any(e.startswith("llama.cpp F16") for e in engines):
+        f16_gguf_path()
+    machine = machine_info()
+    print(f"read bandwidth: {machine['read_bandwidth_gbps']:.1f} GB/s; BLAS: {machine['blas']}")
+    results: dict = {e: [] for e in engines}
+    for rep in range(reps):
+        for e in engines:  # interleaved: A B C, A B C, ...
+            r = run_worker(e, batches, new_tokens)
+            results[e].append(r)
+            d = ", ".join(f"b{b} {r['decode'][str(b)]['tok_s']:.0f}" for b in batches)
+            print(f"[{rep + 1}/{reps}] {e}: prefill {r['prefill_tok_s']:.0f} tok/s, decode {d} tok/s")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = plot(out.with_name("benchmarks_decode.png"), results, batches)
+    write_report(out, machine, results, batches, reps, new_tokens, skipped, png)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Per-op benchmarks on the cpu backend (pytest-benchmark): the shapes of the default model's decode
+(1 row) and prefill (512 rows). Run: pytest bench/ --benchmark-only. (metal-sim and metal join when the
+Metal backend lands.)"""
+
+import numpy as np
+import pytest
+
+from op_testing import args, device, run, to_storage
+
+H, I, V, HEADS, KV_HEADS, HD = 576, 1536, 49152, 9, 3, 64
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return device("cpu", 2)
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "matmul_builtin"])
+@pytest.mark.parametrize("m", [1, 4, 16, 512])
+@pytest.mark.parametrize("n,k", [(I, H), (H, I), (V, H)], ids=["up", "down", "lm_head"])
+def test_matmul_f16(benchmark, dev, kernel, m, n, k):
+    if kernel == "matmul_builtin" and m < 5:
+        pytest.skip("the GEMV path is shared")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = to_storage(rng.standard_normal((n, k)) * 0.05, "f16")
+    y = np.empty((m, n), np.float32)
+    a = args("MatmulArgs", m=m, n=n, k=k, has_bias=0)
+    benchmark(run, dev, f"{kernel}_f16", a, [x, w, None, y])
+    benchmark.extra_info["GB/s (weights)"] = w.nbytes / benchmark.stats["median"] / 1e9
+    benchmark.extra_info["GFLOP/s"] = 2 * m * n * k / benchmark.stats["median"] / 1e9
+
+
+@pytest.mark.parametrize("q_len,ctx", [(1, 128), (1, 2048), (512, 512)], ids=["decode128", "decode2048", "prefill512"])
+def test_paged_attention_f16(benchmark, dev, q_len, ctx):
+    rng = np.random.default_rng(1)
+    bs = 16
+    nblocks = -(-ctx // bs)
+    kc = to_storage(rng.standard_normal((nblocks, bs, KV_HEADS, HD)), "f16")
+    vc = to_storage(rng.standard_normal((nblocks, bs, KV_HEADS, HD)), "f16")
+    bt = rng.permutation(nblocks).astype(np.int32)[None, :]
+    q = rng.standard_normal((q_len, HEADS * HD)).astype(np.float32)
+    out = np.empty_like(q)
+    a = args("PagedAttentionArgs", num_seqs=1, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HD, block_size=bs,
+             block_table_width=nblocks, q_stride=HEADS * HD, sliding_window=0, scale=0.125)
+    benchmark(run, dev, "paged_attention_f16", a,
+              [q, kc, vc, bt, np.array([0, q_len], np.int32), np.array([ctx], np.int32), out])
+
+
+@pytest.mark.parametrize("rows", [1, 512])
+def test_rms_norm_f16(benchmark, dev, rows):
+    x = np.random.default_rng(2).standard_normal((rows, H)).astype(np.float32)
+    res = x.copy()
+    w = to_storage(np.ones(H), "f16")
+    out = np.empty_like(x)
+    benchmark(run, dev, "rms_norm_f16", args("RmsNormArgs", rows=rows, dim=H, eps=1e-5, add_residual=1),
+              [x, res, w, out])
+
+
+@pytest.mark.parametrize("rows", [1, 512])
+def test_silu_mul(benchmark, dev, rows):
+    g = np.random.default_rng(3).standard_normal((rows, I)).astype(np.float32)
+    out = np.empty_like(g)
+    benchmark(run, dev, "silu_mul", args("SiluMulArgs", rows=rows, dim=I), [g, g, out])
