@@ -18,6 +18,7 @@ namespace metal_engine::cpu {
 namespace {
 
 constexpr int kGemvMaxRows = 4;
+constexpr int kSmallGemmMaxRows = 32;  // up to here dot-product blocks beat packing (and the BLAS)
 constexpr int NR = 16;   // panel width (columns of y / rows of W)
 constexpr int MR = 6;    // rows of x per micro-kernel call
 constexpr int KC = 256;  // K block: a packed panel block is 16 KiB, L1-resident
@@ -59,6 +60,64 @@ void gemv_rows(const float* x, int K, const W* w, float* y, int64_t N, int64_t n
   for (int64_t n = n0; n < n1; ++n)
     for (int r = 0; r < MR; ++r) y[r * N + n] = dot(x + r * K, w + n * K, K);
 #endif
+}
+
+// Batched decode (a few to a few dozen rows): y blocks of MB x NB as dot products along k. x and W are
+// both contiguous along k, so nothing is packed or transposed; W's f16/bf16 is widened in registers and
+// each W row block is reused from L1 for every row of x. 6 x 2 accumulators keep both FMA pipes busy.
+template <int MB, int NB, class W>
+inline void dot_block(const float* x, int K, const W* w, float* y, int64_t N) {
+#if ME_AVX2
+  __m256 acc[MB][NB];
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
+  const int K8 = K / 8 * 8;
+  for (int k = 0; k < K8; k += 8) {
+    __m256 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = load8(w + int64_t(j) * K + k);
+    for (int r = 0; r < MB; ++r) {
+      const __m256 xv = load8(x + int64_t(r) * K + k);
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < NB; ++j)
+      y[r * N + j] = hsum(acc[r][j]) + dot(x + int64_t(r) * K + K8, w + int64_t(j) * K + K8, K - K8);
+#else
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < NB; ++j) y[r * N + j] = dot(x + int64_t(r) * K, w + int64_t(j) * K, K);
+#endif
+}
+
+template <int NB, class W>
+void dot_rows(const float* x, int M, int K, const W* w, float* y, int64_t N) {
+  int m = 0;
+  for (; m + 6 <= M; m += 6) dot_block<6, NB>(x + int64_t(m) * K, K, w, y + m * N, N);
+  const float* xm = x + int64_t(m) * K;
+  float* ym = y + m * N;
+  switch (M - m) {
+    case 5: dot_block<5, NB>(xm, K, w, ym, N); break;
+    case 4: dot_block<4, NB>(xm, K, w, ym, N); break;
+    case 3: dot_block<3, NB>(xm, K, w, ym, N); break;
+    case 2: dot_block<2, NB>(xm, K, w, ym, N); break;
+    case 1: dot_block<1, NB>(xm, K, w, ym, N); break;
+    default: break;
+  }
+}
+
+template <class W>
+void gemm_small(const float* x, int M, int K, const W* w, float* y, int N, int64_t n0, int64_t n1) {
+  constexpr int NB = 2;  // W rows per block: 6 x 2 accumulators; each widened W vector feeds 6 FMAs
+  const size_t block_bytes = size_t(NB) * K * sizeof(W);
+  for (int64_t n = n0; n < n1; n += NB) {
+    if (n + 3 * NB <= n1) {  // W rows two blocks ahead, while this block computes
+      const char* p = reinterpret_cast<const char*>(w + (n + 2 * NB) * K);
+      for (size_t off = 0; off < block_bytes; off += 64) __builtin_prefetch(p + off);
+    }
+    const W* wb = w + n * K;
+    if (n + NB <= n1) dot_rows<NB>(x, M, K, wb, y + n, N);
+    else dot_rows<1>(x, M, K, wb, y + n, N);
+  }
 }
 
 template <class W>
@@ -177,6 +236,10 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
   const int M = a.m, N = a.n, K = a.k;
   if (M <= kGemvMaxRows) {
     pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemv(x, M, K, w, y, N, n0, n1); });
+  } else if (M <= kSmallGemmMaxRows) {
+    pool.parallel_for((N + 1) / 2, [&](int64_t b0, int64_t b1) {
+      gemm_small(x, M, K, w, y, N, b0 * 2, std::min<int64_t>(N, b1 * 2));
+    });
   } else if (kUseBlas && blas_available()) {
     pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemm_blas(x, M, K, w, y, N, n0, n1); });
   } else {
