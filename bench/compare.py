@@ -28,6 +28,7 @@ PROMPT_LEN = 512          # prefill benchmark
 DECODE_PROMPT = 16        # prompt of each sequence in the decode benchmark
 ENGINES = ("metal_engine", "llama.cpp F16", "llama.cpp Q4_1", "transformers")
 THREADS = 2
+_QUIET_LOG = None
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -132,10 +133,20 @@ def work_llama_cpp(batches, new_tokens, path):
     import llama_cpp
 
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=4096, n_batch=PROMPT_LEN, n_ubatch=PROMPT_LEN,
-                          n_threads=THREADS, n_threads_batch=THREADS, n_seq_max=max(batches), verbose=False)
+    if not os.environ.get("BENCH_VERBOSE"):
+        global _QUIET_LOG  # ctypes callbacks must outlive their registration
+        _QUIET_LOG = llama_cpp.llama_log_callback(lambda *a: None)
+        llama_cpp.llama_log_set(_QUIET_LOG, ctypes.c_void_p(0))
+    mparams = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = 4096
+    cparams.n_batch = cparams.n_ubatch = max(PROMPT_LEN, DECODE_PROMPT * max(batches))
+    cparams.n_seq_max = max(batches)
+    cparams.kv_unified = True  # one KV pool shared by the sequences, as ours
+    cparams.n_threads = cparams.n_threads_batch = THREADS
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
     load = time.perf_counter() - t0
-    ctx = llm.ctx
     mem = llama_cpp.llama_get_memory(ctx)
     batch = llama_cpp.llama_batch_init(max(PROMPT_LEN, DECODE_PROMPT * max(batches)), 0, max(batches))
 
@@ -176,7 +187,8 @@ def work_llama_cpp(batches, new_tokens, path):
             llama_cpp.llama_get_logits(ctx)
         res["decode"][str(b)] = {"tok_s": b * new_tokens / (time.perf_counter() - s)}
     llama_cpp.llama_batch_free(batch)
-    del ctypes
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
     res["peak_rss_mb"] = peak_rss_mb()
     return res
 

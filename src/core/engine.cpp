@@ -87,6 +87,7 @@ struct Engine::Impl {
   std::unique_ptr<Device> device;
   std::unique_ptr<SafetensorsCheckpoint> checkpoint;
   std::vector<std::unique_ptr<Buffer>> file_buffers;   // mmap'ed checkpoint files, wrapped without copy
+  bool weights_in_place = false;                        // some weight is the mapped file itself
   std::vector<std::unique_ptr<Buffer>> owned_buffers;  // converted weights, RoPE table
   Weight embed_tokens, final_norm, lm_head;
   std::vector<LayerWeights> layers;
@@ -126,10 +127,12 @@ Weight Engine::Impl::load_weight(const std::string& name, std::vector<int64_t> e
   w.shape = expected;
   if (t->dtype == dtype) {  // used in place: the mmap'ed file is the weight
     w.arg = BufferArg{file_buffers[size_t(t->file)].get(), t->offset};
+    weights_in_place = true;
   } else {
     size_t n = t->nbytes / dtype_size(t->dtype);
     auto buf = device->allocate(n * dtype_size(dtype), name);
     convert_elements(checkpoint->data(*t), t->dtype, static_cast<uint8_t*>(buf->data()), dtype, n);
+    checkpoint->files()[size_t(t->file)]->release(t->offset, t->nbytes);
     w.arg = BufferArg{buf.get(), 0};
     owned_buffers.push_back(std::move(buf));
   }
@@ -208,6 +211,10 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   impl->device = create_device(config);
   impl->checkpoint = SafetensorsCheckpoint::open(dir);
   impl->load_weights();
+  if (!impl->weights_in_place) {  // every weight was converted: the mapped files are no longer needed
+    impl->file_buffers.clear();
+    impl->checkpoint.reset();
+  }
   impl->build_rope_table();
 
   KVCacheShape kvs;

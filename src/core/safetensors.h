@@ -20,6 +20,9 @@ class MappedFile {
   const uint8_t* data() const { return static_cast<const uint8_t*>(data_); }
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  // Drops the resident pages of [offset, offset + bytes) (whole pages inside it); they are read from the
+  // file again if touched later. Used after a tensor was converted, so loading costs no extra memory.
+  void release(size_t offset, size_t bytes) const;
 
  private:
   std::string path_;

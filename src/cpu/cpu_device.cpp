@@ -1,5 +1,7 @@
 // The cpu backend's Device: host buffers, the kernel table, and a step's commands recorded at encode
 // time and run in order at submit(), so the cpu and Metal backends share one step discipline.
+#include <sys/mman.h>
+
 #include <array>
 #include <chrono>
 #include <cstdlib>
@@ -15,21 +17,36 @@ namespace metal_engine {
 namespace cpu {
 namespace {
 
+// Zero-filled host memory. Large buffers (KV cache, scratch pool) are anonymous mappings: the kernel
+// hands out zero pages lazily, so only the pages a workload touches become resident.
 class HostBuffer : public Buffer {
  public:
+  static constexpr size_t kMapThreshold = size_t(1) << 20;
+
   HostBuffer(size_t bytes, const std::string& label) : size_(bytes) {
-    data_ = bytes ? std::aligned_alloc(64, (bytes + 63) / 64 * 64) : nullptr;
-    if (bytes && !data_)
-      throw std::bad_alloc();
     (void)label;
+    if (bytes >= kMapThreshold) {
+      void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) throw std::bad_alloc();
+      data_ = p;
+      mapped_ = true;
+    } else if (bytes) {
+      data_ = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      if (!data_) throw std::bad_alloc();
+      std::memset(data_, 0, bytes);
+    }
   }
-  ~HostBuffer() override { std::free(data_); }
+  ~HostBuffer() override {
+    if (mapped_) ::munmap(data_, size_);
+    else std::free(data_);
+  }
   void* data() override { return data_; }
   size_t size() const override { return size_; }
 
  private:
   void* data_ = nullptr;
   size_t size_ = 0;
+  bool mapped_ = false;
 };
 
 class WrappedBuffer : public Buffer {
@@ -68,9 +85,7 @@ class CpuDevice : public Device {
   std::string name() const override { return "cpu"; }
 
   std::unique_ptr<Buffer> allocate(size_t bytes, const std::string& label) override {
-    auto b = std::make_unique<HostBuffer>(bytes, label);
-    if (bytes) std::memset(b->data(), 0, bytes);
-    return b;
+    return std::make_unique<HostBuffer>(bytes, label);
   }
   std::unique_ptr<Buffer> wrap(void* p, size_t bytes, const std::string&) override {
     return std::make_unique<WrappedBuffer>(p, bytes);
