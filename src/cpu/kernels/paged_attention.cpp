@@ -1,14 +1,70 @@
 // paged_attention_<kvdt>: causal (optionally sliding-window) GQA attention of every query token over
-// its sequence's keys in the paged KV cache. One work item = (query token, kv head): the group's query
-// heads share each key and value read. Serves prefill chunks, chunks continuing over cached pages and
-// decode rows of one step alike.
+// its sequence's keys in the paged KV cache. Serves prefill chunks, chunks continuing over cached pages
+// and decode rows of one step alike, in two ways:
+//  - rows of long prefill chunks, where a BLAS is present: per (sequence, kv head, 64 queries) the
+//    needed keys and values are gathered to f32 once, S = Q K^T and O = P V run as sgemm, and the
+//    causal / window mask and softmax are applied to S in between;
+//  - every other row: one work item = (query token, kv head), the group's heads sharing each K/V read.
 #include <algorithm>
 #include <limits>
 #include <vector>
 
+#include "../blas.h"
 #include "../cpu_kernels.h"
 
 namespace metal_engine::cpu {
+
+constexpr int kBlasMinQueries = 16;  // a sequence's rows in this step from which the BLAS path pays
+constexpr int kQueryChunk = 64;
+
+struct BlasItem {
+  int seq, kv_head, row0, row1;  // query rows [row0, row1) of the step, all in sequence `seq`
+};
+
+template <class KV>
+static void attend_chunk_blas(const PagedAttentionArgs& a, const BlasItem& it, const float* q, const KV* k_cache,
+                              const KV* v_cache, const int32_t* block_tables, const int32_t* qsl,
+                              const int32_t* seq_lens, float* out) {
+  const int hd = a.head_dim, group = a.num_heads / a.num_kv_heads, g = it.kv_head;
+  const int qlen = qsl[it.seq + 1] - qsl[it.seq];
+  const int pos0 = seq_lens[it.seq] - qlen + (it.row0 - qsl[it.seq]);  // context position of row0
+  const int rows = it.row1 - it.row0;
+  const int last = pos0 + rows - 1;
+  const int first = a.sliding_window > 0 ? std::max(0, pos0 - a.sliding_window + 1) : 0;
+  const int n = last - first + 1;  // keys this chunk may see
+  const int32_t* bt = block_tables + int64_t(it.seq) * a.block_table_width;
+  const int64_t slot_stride = int64_t(a.num_kv_heads) * hd;
+
+  thread_local std::vector<float> kf, vt, sc;
+  kf.resize(size_t(n) * hd);   // keys   [n, hd]
+  vt.resize(size_t(hd) * n);   // values [hd, n] (transposed: O = P V = P (V^T)^T)
+  sc.resize(size_t(rows) * n); // scores [rows, n]
+  for (int j = 0; j < n; ++j) {
+    const int c = first + j;
+    const int64_t slot = int64_t(bt[c / a.block_size]) * a.block_size + c % a.block_size;
+    convert_to_f32(k_cache + slot * slot_stride + int64_t(g) * hd, kf.data() + size_t(j) * hd, hd);
+    const KV* vj = v_cache + slot * slot_stride + int64_t(g) * hd;
+    for (int d = 0; d < hd; ++d) vt[size_t(d) * n + j] = to_float(vj[d]);
+  }
+  for (int h = g * group; h < (g + 1) * group; ++h) {
+    const float* qh = q + int64_t(it.row0) * a.q_stride + int64_t(h) * hd;
+    blas_sgemm_xwt(rows, n, hd, qh, a.q_stride, kf.data(), hd, sc.data(), n);  // S = Q K^T
+    for (int r = 0; r < rows; ++r) {  // mask, softmax
+      float* sr = sc.data() + size_t(r) * n;
+      const int p = pos0 + r;
+      const int lo = (a.sliding_window > 0 ? std::max(0, p - a.sliding_window + 1) : 0) - first;
+      const int hi = p - first;  // inclusive
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int j = lo; j <= hi; ++j) mx = std::max(mx, sr[j]);
+      const float inv = 1.0f / exp_scaled_sum(sr + lo, hi - lo + 1, a.scale, mx * a.scale);
+      for (int j = 0; j < lo; ++j) sr[j] = 0.f;
+      for (int j = lo; j <= hi; ++j) sr[j] *= inv;
+      for (int j = hi + 1; j < n; ++j) sr[j] = 0.f;
+    }
+    float* oh = out + int64_t(it.row0) * a.num_heads * hd + int64_t(h) * hd;
+    blas_sgemm_xwt(rows, hd, n, sc.data(), n, vt.data(), n, oh, a.num_heads * hd);  // O = P V
+  }
+}
 
 template <class KV>
 static void paged_attention(const PagedAttentionArgs& a, void* const* b, ThreadPool& pool) {
@@ -23,8 +79,30 @@ static void paged_attention(const PagedAttentionArgs& a, void* const* b, ThreadP
   const int64_t num_tokens = qsl[a.num_seqs];
   const int64_t slot_stride = int64_t(a.num_kv_heads) * hd;
 
+  // Long prefill chunks through the BLAS; the rows they cover are skipped below.
+  std::vector<BlasItem> blas_items;
+  std::vector<char> done(blas_available() ? size_t(num_tokens) : 0, 0);
+  if (blas_available()) {
+    for (int s = 0; s < a.num_seqs; ++s) {
+      if (qsl[s + 1] - qsl[s] < kBlasMinQueries) continue;
+      for (int r = qsl[s]; r < qsl[s + 1]; r += kQueryChunk) {
+        const int r1 = std::min(qsl[s + 1], r + kQueryChunk);
+        for (int g = 0; g < a.num_kv_heads; ++g) blas_items.push_back({s, g, r, r1});
+        std::fill(done.begin() + r, done.begin() + r1, 1);
+      }
+    }
+    // The biggest chunks (latest positions, most keys) first, for balance.
+    std::sort(blas_items.begin(), blas_items.end(), [&](const BlasItem& x, const BlasItem& y) {
+      return seq_lens[x.seq] - (qsl[x.seq + 1] - x.row1) > seq_lens[y.seq] - (qsl[y.seq + 1] - y.row1);
+    });
+    pool.parallel_for_dynamic(int64_t(blas_items.size()), [&](int64_t i, int) {
+      attend_chunk_blas(a, blas_items[size_t(i)], q, k_cache, v_cache, block_tables, qsl, seq_lens, out);
+    });
+  }
+
   pool.parallel_for_dynamic(num_tokens * a.num_kv_heads, [&](int64_t item, int) {
     const int64_t t = item / a.num_kv_heads;
+    if (!done.empty() && done[size_t(t)]) return;
     const int g = int(item % a.num_kv_heads);
     const int s = int(std::upper_bound(qsl, qsl + a.num_seqs + 1, int32_t(t)) - qsl) - 1;
     const int qlen = qsl[s + 1] - qsl[s];
@@ -48,9 +126,7 @@ static void paged_attention(const PagedAttentionArgs& a, void* const* b, ThreadP
       float* sc = scores.data() + size_t(h) * n;
       float mx = -std::numeric_limits<float>::infinity();
       for (int j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
-      float sum = 0.f;
-      for (int j = 0; j < n; ++j) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
-      const float inv = 1.0f / sum;
+      const float inv = 1.0f / exp_scaled_sum(sc, n, 1.0f, mx);
       float* o = out + t * int64_t(a.num_heads) * hd + int64_t(g * group + h) * hd;
       std::fill(o, o + hd, 0.f);
       for (int j = 0; j < n; ++j) {

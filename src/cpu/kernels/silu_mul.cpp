@@ -8,7 +8,16 @@ static void silu_mul(const SiluMulArgs& a, void* const* b, ThreadPool& pool) {
   const float* up = static_cast<const float*>(b[1]);
   float* out = static_cast<float*>(b[2]);
   pool.parallel_for(int64_t(a.rows) * a.dim, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
+    int64_t i = i0;
+#if ME_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= i1; i += 8) {
+      const __m256 g = _mm256_loadu_ps(gate + i);
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < i1; ++i) {
       const float g = gate[i];
       out[i] = g / (1.0f + std::exp(-g)) * up[i];
     }

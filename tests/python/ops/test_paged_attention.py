@@ -31,6 +31,11 @@ CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, window)
     ([13, 2], [13, 40], 9, 3, 64, 16, 5),          # sliding window smaller than the prompt
     ([3, 1], [3, 70], 2, 1, 128, 8, 0),            # head_dim 128
     ([6], [6], 3, 3, 24, 5, 0),                    # MHA, odd block size
+    # long prefill chunks (the BLAS path where one is present: 16+ rows of a sequence, 64-row pieces)
+    ([40], [40], 4, 2, 16, 16, 0),                 # a whole prompt
+    ([20, 1, 33], [50, 7, 33], 9, 3, 64, 16, 7),   # a chunk over cached pages, a decode row, a window
+    ([150], [170], 2, 1, 64, 8, 0),                # several 64-row pieces after 20 cached tokens
+    ([17], [17], 6, 2, 128, 16, 9),                # head_dim 128 with a window
 ]
 
 

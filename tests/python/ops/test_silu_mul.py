@@ -14,3 +14,14 @@ def test_silu_mul(dev, rows, dim):
     g64 = g.astype(np.float64)
     np.testing.assert_allclose(out.array, g64 / (1 + np.exp(-g64)) * u, atol=1e-6, rtol=1e-5)
     out.check_guards()
+
+
+def test_silu_mul_whole_range(dev):
+    """Large negative and positive gates: no overflow, no NaN, silu(-100) ~ 0, silu(100) = 100."""
+    g = np.linspace(-100, 100, 20001).astype(np.float32)[None, :]
+    u = np.ones_like(g)
+    out = Guarded(g.shape)
+    run(dev, "silu_mul", args("SiluMulArgs", rows=1, dim=g.shape[1]), [g, u, out.array])
+    g64 = g.astype(np.float64)
+    np.testing.assert_allclose(out.array, g64 / (1 + np.exp(-g64)), rtol=1e-6, atol=1e-30)
+    out.check_guards()
