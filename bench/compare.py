@@ -39,6 +39,13 @@ def prompt_ids(n: int, seed: int) -> list:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; ru_maxrss would carry the parent's across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -312,7 +319,7 @@ def weights_bytes_fp16() -> int:
     return 2 * (L * per_layer + V * H + H)
 
 
-def write_report(path: Path, machine, results, batches, reps, new_tokens, skipped, plot_path):
+def write_report(path: Path, machine, results, batches, reps, new_tokens, skipped, plot_path, profile_md=None):
     wbytes = weights_bytes_fp16()
     bw = machine["read_bandwidth_gbps"]
     bound = bw * 1e9 / wbytes
@@ -331,7 +338,8 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
         f"- CPU: {machine['cpu']}, {machine['cores']} cores, {machine['mhz']} MHz; {machine['platform']}",
         f"- read bandwidth ({THREADS} threads): **{bw:.1f} GB/s**; fp16 weights streamed per decode step: "
         f"{wbytes / 1e6:.0f} MB, so batch-1 decode is bounded near **{bound:.0f} tok/s**",
-        f"- fp32 FMA peak of {THREADS} cores: about {peak / 1e9:.0f} GFLOP/s; metal_engine's BLAS: {machine['blas']}",
+        f"- fp32 FMA peak of {THREADS} cores at the nominal clock: about {peak / 1e9:.0f} GFLOP/s (boost clocks run "
+        f"higher: prefill GEMMs reach ~200); metal_engine's BLAS: {machine['blas']}",
         "- load average before/after each run (shared machine): "
         + ", ".join(f"{e}: " + " ".join(f"{a:.1f}/{b:.1f}" for a, b in (r["loadavg"] for r in results[e]))
                     for e in eng_names),
@@ -375,6 +383,10 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
                      f"{median_of(r, 'peak_rss_mb'):.0f} MB | {median_of(r, 'load_s'):.1f} s |")
     if plot_path:
         lines += ["", f"![decode tok/s vs batch]({plot_path.name})"]
+    if profile_md:
+        lines += ["", "## Where a step's time goes (metal_engine, cpu backend)", "",
+                  "Per-kernel time from `python bench/profile_step.py --markdown` (the kernels of a step run one "
+                  "after another, so their times add up to the step):", profile_md.rstrip()]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -441,7 +453,10 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     png = plot(out.with_name("benchmarks_decode.png"), results, batches)
-    write_report(out, machine, results, batches, reps, new_tokens, skipped, png)
+    prof = subprocess.run([sys.executable, str(Path(__file__).with_name("profile_step.py")), "--markdown"],
+                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    profile_md = prof.stdout if prof.returncode == 0 else None
+    write_report(out, machine, results, batches, reps, new_tokens, skipped, png, profile_md)
     print(f"wrote {out}")
 
 

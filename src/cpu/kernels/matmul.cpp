@@ -108,10 +108,11 @@ void dot_rows(const float* x, int M, int K, const W* w, float* y, int64_t N) {
 template <class W>
 void gemm_small(const float* x, int M, int K, const W* w, float* y, int N, int64_t n0, int64_t n1) {
   constexpr int NB = 2;  // W rows per block: 6 x 2 accumulators; each widened W vector feeds 6 FMAs
+  constexpr int kAheadBlocks = 8;
   const size_t block_bytes = size_t(NB) * K * sizeof(W);
   for (int64_t n = n0; n < n1; n += NB) {
-    if (n + 3 * NB <= n1) {  // W rows two blocks ahead, while this block computes
-      const char* p = reinterpret_cast<const char*>(w + (n + 2 * NB) * K);
+    if (n + (kAheadBlocks + 1) * NB <= n1) {  // W rows a few blocks ahead, while this block computes
+      const char* p = reinterpret_cast<const char*>(w + (n + kAheadBlocks * NB) * K);
       for (size_t off = 0; off < block_bytes; off += 64) __builtin_prefetch(p + off);
     }
     const W* wb = w + n * K;
