@@ -28,6 +28,7 @@ PROMPT_LEN = 512          # prefill benchmark
 DECODE_PROMPT = 16        # prompt of each sequence in the decode benchmark
 ENGINES = ("metal_engine", "llama.cpp F16", "llama.cpp Q4_1", "transformers")
 THREADS = 2
+KV_POOL_BYTES = 256 << 20  # LLM's default kv_cache_memory, which the metal_engine worker uses
 _QUIET_LOG = None
 
 
@@ -302,7 +303,7 @@ def machine_info() -> dict:
         pass
     return {"cpu": cpu, "mhz": mhz, "cores": os.cpu_count(), "threads": THREADS, "platform": platform.platform(),
             "python": platform.python_version(), "blas": _core.cpu_blas(),
-            "read_bandwidth_gbps": _core.cpu_read_bandwidth_gbps(1 << 30, THREADS, 5)}
+            "read_bandwidth_gbps": None, "read_bandwidth_samples": []}
 
 
 def weights_bytes_fp16() -> int:
@@ -336,7 +337,9 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
         "",
         "## Machine",
         f"- CPU: {machine['cpu']}, {machine['cores']} cores, {machine['mhz']} MHz; {machine['platform']}",
-        f"- read bandwidth ({THREADS} threads): **{bw:.1f} GB/s**; fp16 weights streamed per decode step: "
+        f"- read bandwidth ({THREADS} threads): **{bw:.1f} GB/s** (median of "
+        f"{' / '.join(f'{x:.1f}' for x in machine['read_bandwidth_samples'])}, one per repetition); "
+        f"fp16 weights streamed per decode step: "
         f"{wbytes / 1e6:.0f} MB, so batch-1 decode is bounded near **{bound:.0f} tok/s**",
         f"- fp32 FMA peak of {THREADS} cores at the nominal clock: about {peak / 1e9:.0f} GFLOP/s (boost clocks run "
         f"higher: prefill GEMMs reach ~200); metal_engine's BLAS: {machine['blas']}",
@@ -381,6 +384,29 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
         r = results[e]
         lines.append(f"| {e} | {median_of(r, 'prefill_tok_s'):.0f} | {median_of(r, 'ttft_s') * 1000:.0f} ms | "
                      f"{median_of(r, 'peak_rss_mb'):.0f} MB | {median_of(r, 'load_s'):.1f} s |")
+    if "metal_engine" in results:
+        me = results["metal_engine"]
+        b1 = median_of(me, "decode", str(batches[0]), "tok_s")
+        bmax = median_of(me, "decode", str(batches[-1]), "tok_s")
+        rss = median_of(me, "peak_rss_mb") * 2**20
+        budget = 1.5 * (wbytes + KV_POOL_BYTES)
+        rows = []
+        if "llama.cpp F16" in results:
+            r = b1 / median_of(results["llama.cpp F16"], "decode", str(batches[0]), "tok_s")
+            rows.append(("batch-1 decode vs llama.cpp F16", ">= 1.3x", f"{r:.2f}x", r >= 1.3))
+            p = median_of(me, "prefill_tok_s") / median_of(results["llama.cpp F16"], "prefill_tok_s")
+            rows.append(("512-token prefill vs llama.cpp F16", ">= 1.0x", f"{p:.2f}x", p >= 1.0))
+        rows.append((f"batch-{batches[-1]} decode vs our batch 1", ">= 4x", f"{bmax / b1:.2f}x", bmax / b1 >= 4))
+        if "transformers" in results:
+            r = bmax / median_of(results["transformers"], "decode", str(batches[-1]), "tok_s")
+            rows.append((f"batch-{batches[-1]} decode vs transformers", ">= 3x", f"{r:.2f}x", r >= 3))
+        py = median_of(me, "decode", str(batches[0]), "python_share")
+        rows.append(("Python layer's share of a batch-1 step", "< 5%", f"{py:.1%}", py < 0.05))
+        rows.append(("peak RSS vs 1.5 x (fp16 weights + KV pool)", f"< {budget / 2**20:.0f} MB",
+                     f"{rss / 2**20:.0f} MB", rss < budget))
+        rows.append(("batch-1 decode of the bandwidth bound", ">= 85%", f"{b1 / bound:.0%}", b1 / bound >= 0.85))
+        lines += ["", "## Against the targets", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
+        lines += [f"| {a} | {w} | {m} | {'yes' if ok else 'no'} |" for a, w, m, ok in rows]
     if plot_path:
         lines += ["", f"![decode tok/s vs batch]({plot_path.name})"]
     if profile_md:
@@ -421,12 +447,22 @@ def main():
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from the last run's JSON")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batches", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--new-tokens", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker_main(args.worker, [int(b) for b in args.batches.split(",")], args.new_tokens)
+        return
+    out = Path(args.out)
+    raw = out.with_name("benchmarks.json")
+    if args.report_only:
+        saved = json.loads(raw.read_text())
+        png = plot(out.with_name("benchmarks_decode.png"), saved["results"], saved["batches"])
+        write_report(out, saved["machine"], saved["results"], saved["batches"], saved["reps"], saved["new_tokens"],
+                     saved["skipped"], png, saved.get("profile_md"))
+        print(f"wrote {out}")
         return
     batches = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
     reps = 1 if args.quick else args.repeats
@@ -441,21 +477,27 @@ def main():
             engines.append(e)
     if any(e.startswith("llama.cpp F16") for e in engines):
         f16_gguf_path()
+    from metal_engine import _core
+
     machine = machine_info()
-    print(f"read bandwidth: {machine['read_bandwidth_gbps']:.1f} GB/s; BLAS: {machine['blas']}")
     results: dict = {e: [] for e in engines}
     for rep in range(reps):
+        bw = _core.cpu_read_bandwidth_gbps(1 << 30, THREADS, 5)  # once a repetition: it drifts on shared hosts
+        machine["read_bandwidth_samples"].append(bw)
+        print(f"read bandwidth: {bw:.1f} GB/s; BLAS: {machine['blas']}")
         for e in engines:  # interleaved: A B C, A B C, ...
             r = run_worker(e, batches, new_tokens)
             results[e].append(r)
             d = ", ".join(f"b{b} {r['decode'][str(b)]['tok_s']:.0f}" for b in batches)
             print(f"[{rep + 1}/{reps}] {e}: prefill {r['prefill_tok_s']:.0f} tok/s, decode {d} tok/s")
-    out = Path(args.out)
+    machine["read_bandwidth_gbps"] = statistics.median(machine["read_bandwidth_samples"])
     out.parent.mkdir(parents=True, exist_ok=True)
     png = plot(out.with_name("benchmarks_decode.png"), results, batches)
     prof = subprocess.run([sys.executable, str(Path(__file__).with_name("profile_step.py")), "--markdown"],
                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     profile_md = prof.stdout if prof.returncode == 0 else None
+    raw.write_text(json.dumps({"machine": machine, "results": results, "batches": batches, "reps": reps,
+                               "new_tokens": new_tokens, "skipped": skipped, "profile_md": profile_md}, indent=1))
     write_report(out, machine, results, batches, reps, new_tokens, skipped, png, profile_md)
     print(f"wrote {out}")
 

@@ -317,11 +317,10 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
                 yield sse({**make_chunk(None, None, "", [], None, False), "choices": [],
                            "usage": usage(prompt_lens, list(finals.values()))})
             yield "data: [DONE]\n\n"
-        finally:
+        finally:  # client gone or stream done: cancelling the pumps aborts whatever still runs
             for t in tasks:
                 t.cancel()
-            for _, agen in starts:
-                await agen.aclose()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # --------------------------------------------------------------------------------- completions
     @app.post("/v1/completions")
