@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs metal_engine with its test dependencies and runs every test: the C++ core's ctest suite,
-# the C++ example built against the installed CMake package, and the Python suite (pytest).
+# the C++ example built against the installed CMake package (and an arm64 build of it under qemu),
+# and the Python suite (pytest).
 # Usage: bash tests/run_all.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,8 @@ cmake --install "$BUILD/core" >/dev/null
 cmake -S examples/greedy_generate -B "$BUILD/example" -DCMAKE_PREFIX_PATH="$PWD/$BUILD/prefix" >/dev/null
 cmake --build "$BUILD/example" -j2
 "$PY" tests/check_cpp_example.py "$BUILD/example/greedy_generate"
+# The NEON kernels: an arm64 build under qemu must decode the same tokens (x86-64 Debian hosts).
+bash tests/check_arm64.sh "$BUILD/example/greedy_generate"
 
 # Python: ops, models end to end, the real default model, bad input, ...
 "$PY" -m pytest -q tests/python "$@"

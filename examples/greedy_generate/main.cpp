@@ -2,6 +2,7 @@
 // then decodes greedily one token per step, and prints the generated token ids.
 //
 //   greedy_generate <checkpoint_dir> <num_new_tokens> <token_id> [<token_id> ...]
+//   (env METAL_ENGINE_DTYPE: float32 (default), float16 or bfloat16)
 #include <metal_engine/engine.h>
 
 #include <algorithm>
@@ -20,7 +21,8 @@ int main(int argc, char** argv) {
   }
   try {
     EngineConfig config;
-    config.dtype = "float32";
+    const char* dtype = std::getenv("METAL_ENGINE_DTYPE");  // weights and KV cache; default float32
+    config.dtype = dtype ? dtype : "float32";
     config.kv_cache_memory_mb = 64;
     auto engine = Engine::from_checkpoint(argv[1], config);
     const ModelConfig& m = engine->model_config();

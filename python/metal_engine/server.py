@@ -10,6 +10,7 @@ concurrent requests are batched together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Literal, Optional, Union
@@ -131,11 +132,12 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
     tok = engine.tokenizer
     created = int(time.time())
 
-    app = FastAPI(title="metal_engine", version="0.1.0")
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        state["engine"].shutdown()  # stop the step loop with the server
 
-    @app.on_event("shutdown")
-    def _shutdown():
-        state["engine"].shutdown()
+    app = FastAPI(title="metal_engine", version="0.1.0", lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Cross-compiles the C++ core for arm64 (NEON kernels) and runs the C++ example under qemu on a tiny random
+# checkpoint, in f32 and f16: its greedy tokens must equal the x86-64 build's. Debian/Ubuntu x86-64 hosts
+# only (g++-aarch64-linux-gnu, qemu-user); elsewhere it says so and exits 0.
+# Usage: bash tests/check_arm64.sh <x86-64 greedy_generate binary>
+set -euo pipefail
+cd "$(dirname "$0")/.."
+native=$1
+if [ "$(uname -m)" != x86_64 ] || ! command -v apt-get >/dev/null; then
+  echo "arm64 check: not an x86-64 Debian host, skipped"; exit 0
+fi
+if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null
+  else
+    echo "arm64 check: g++-aarch64-linux-gnu and qemu-user are missing, skipped"; exit 0
+  fi
+fi
+out=build/arm64
+mkdir -p "$out"
+aarch64-linux-gnu-g++ -std=c++17 -O2 -march=armv8.2-a+fp16 -static -Iinclude src/core/*.cpp src/cpu/*.cpp \
+  src/cpu/kernels/*.cpp examples/greedy_generate/main.cpp -o "$out/greedy_generate" -lpthread
+ck=$(mktemp -d)
+trap 'rm -rf "$ck"' EXIT
+python3 - "$ck" <<'PY'
+import sys
+sys.path.insert(0, "tests/python")
+from tiny_models import make_tiny_checkpoint
+make_tiny_checkpoint(sys.argv[1] + "/llama", "llama", seed=3)
+PY
+fails=0
+for dtype in float32 float16; do
+  a=$(METAL_ENGINE_DTYPE=$dtype "$native" "$ck/llama" 10 3 1 4 1 5 9 2 6 | tail -1)
+  b=$(METAL_ENGINE_DTYPE=$dtype qemu-aarch64 "$out/greedy_generate" "$ck/llama" 10 3 1 4 1 5 9 2 6 | tail -1)
+  if [ "$a" = "$b" ]; then echo "arm64 $dtype: $b"; else echo "arm64 $dtype differs: x86-64 [$a] arm64 [$b]"; fails=$((fails+1)); fi
+done
+echo "arm64 check: $((2 - fails)) passed, $fails failed"
+[ "$fails" = 0 ]
