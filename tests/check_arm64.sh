@@ -11,7 +11,10 @@ if [ "$(uname -m)" != x86_64 ] || ! command -v apt-get >/dev/null; then
 fi
 if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null
+    apt-get update -qq
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null; then
+      echo "arm64 check: could not install g++-aarch64-linux-gnu and qemu-user, skipped"; exit 0
+    fi
   else
     echo "arm64 check: g++-aarch64-linux-gnu and qemu-user are missing, skipped"; exit 0
   fi
