@@ -17,7 +17,7 @@ from metal_engine.config import EngineConfig
 from metal_engine.engine import Engine
 from metal_engine.kv_cache_manager import KVCacheManager
 from metal_engine.outputs import CompletionOutput, RequestOutput
-from metal_engine.request import Request, RequestStatus
+from metal_engine.request import Request
 from metal_engine.sampler import log_softmax, sample_row, top_logprobs
 from metal_engine.sampling_params import SamplingParams
 from metal_engine.scheduler import Scheduler
