@@ -1,0 +1,37 @@
+#include "dispatch_geometry.h"
+
+#include <algorithm>
+
+namespace metal_engine {
+
+namespace {
+constexpr uint32_t kMaxThreads = 256;
+// Threads for a threadgroup that strides over `work` items: whole simdgroups, at most kMaxThreads.
+uint32_t threads_for(int work) {
+  const uint32_t w = uint32_t(std::max(work, 1));
+  return std::min(kMaxThreads, (w + 31) / 32 * 32);
+}
+DispatchGeometry per_group(int groups, int work) {
+  DispatchGeometry g;
+  g.groups[0] = uint32_t(std::max(groups, 1));
+  g.threads[0] = threads_for(work);
+  return g;
+}
+}  // namespace
+
+DispatchGeometry dispatch_geometry(const RmsNormArgs& a) { return per_group(a.rows, a.dim); }
+DispatchGeometry dispatch_geometry(const EmbeddingArgs& a) { return per_group(a.num_tokens, a.hidden); }
+DispatchGeometry dispatch_geometry(const GatherRowsArgs& a) { return per_group(a.rows, a.dim); }
+DispatchGeometry dispatch_geometry(const KVWriteArgs& a) { return per_group(a.num_tokens, a.num_kv_heads * a.head_dim); }
+DispatchGeometry dispatch_geometry(const RopeArgs& a) {
+  return per_group(a.num_tokens, (a.num_heads + a.num_kv_heads) * a.head_dim / 2);
+}
+DispatchGeometry dispatch_geometry(const SiluMulArgs& a) {
+  DispatchGeometry g;
+  const int64_t n = int64_t(a.rows) * a.dim;
+  g.threads[0] = kMaxThreads;
+  g.groups[0] = uint32_t(std::max<int64_t>(1, (n + kMaxThreads - 1) / kMaxThreads));
+  return g;
+}
+
+}  // namespace metal_engine

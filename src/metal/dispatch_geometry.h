@@ -1,0 +1,22 @@
+// How many threadgroups of how many threads each kernel is dispatched with: one place, shared by the Metal
+// backend and by metal-sim, so both run the kernels exactly alike.
+#pragma once
+#include <cstdint>
+
+#include "../../metal/op_args.h"
+
+namespace metal_engine {
+
+struct DispatchGeometry {
+  uint32_t groups[3] = {1, 1, 1};   // threadgroups per grid
+  uint32_t threads[3] = {1, 1, 1};  // threads per threadgroup
+};
+
+DispatchGeometry dispatch_geometry(const RmsNormArgs& a);      // one threadgroup per row
+DispatchGeometry dispatch_geometry(const SiluMulArgs& a);      // one thread per element
+DispatchGeometry dispatch_geometry(const EmbeddingArgs& a);    // one threadgroup per token
+DispatchGeometry dispatch_geometry(const GatherRowsArgs& a);   // one threadgroup per row
+DispatchGeometry dispatch_geometry(const KVWriteArgs& a);      // one threadgroup per token
+DispatchGeometry dispatch_geometry(const RopeArgs& a);         // one threadgroup per token
+
+}  // namespace metal_engine
