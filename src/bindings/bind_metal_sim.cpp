@@ -47,4 +47,6 @@ void init_metal_sim(nb::module_& m) {
   def_run<GatherRowsArgs>(sim);
   def_run<KVWriteArgs>(sim);
   def_run<RopeArgs>(sim);
+  def_run<MatmulArgs>(sim);
+  sim.def("matmul_kernel_prefix", [](const MatmulArgs& a) { return std::string(matmul_kernel_prefix(a)); });
 }

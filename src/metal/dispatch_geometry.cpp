@@ -34,4 +34,21 @@ DispatchGeometry dispatch_geometry(const SiluMulArgs& a) {
   return g;
 }
 
+const char* matmul_kernel_prefix(const MatmulArgs& a) {
+  return a.m <= kMetalGemvMaxRows ? "matmul_gemv" : "matmul_gemm";
+}
+
+DispatchGeometry dispatch_geometry(const MatmulArgs& a) {
+  DispatchGeometry g;
+  g.threads[0] = 128;  // 4 simdgroups
+  if (a.m <= kMetalGemvMaxRows) {
+    g.groups[0] = uint32_t((a.n + 15) / 16);  // 4 simdgroups x 4 rows of W
+    g.groups[1] = uint32_t(std::max(a.m, 1));
+  } else {
+    g.groups[0] = uint32_t((a.n + 31) / 32);  // 32 x 32 output tiles
+    g.groups[1] = uint32_t((a.m + 31) / 32);
+  }
+  return g;
+}
+
 }  // namespace metal_engine

@@ -128,12 +128,40 @@ def test_rope(tokens, heads, kv_heads, hd, reverse):
     k.check_guards()
 
 
+MATMUL_SHAPES = [  # (m, n, k): GEMV rows (m <= 4) and GEMM tiles with their edges; k % 4 != 0 takes the scalar path
+    (1, 1, 1), (1, 17, 7), (2, 33, 64), (4, 31, 130), (5, 16, 16), (7, 40, 33), (33, 65, 48), (64, 96, 100),
+]
+
+
+@ORDERS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", MATMUL_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_matmul(dtype, m, n, k, bias, reverse):
+    rng = np.random.default_rng(m * 1000 + n * 10 + k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = to_storage(rng.standard_normal((n, k)), dtype)
+    b = to_storage(rng.standard_normal(n), dtype) if bias else None
+    a = args("MatmulArgs", m=m, n=n, k=k, has_bias=int(bias))
+    ref = np.zeros((m, n), np.float32)
+    cpu(f"matmul_{dtype}", a, [x, w, b, ref])
+    kernel = {"matmul_gemv": f"matmul_gemv_{dtype}", "matmul_gemm": f"matmul_gemm_{dtype}"}[
+        _core.metal_sim.matmul_kernel_prefix(a)]
+    assert kernel.startswith("matmul_gemv" if m <= 4 else "matmul_gemm")
+    y = Guarded((m, n))
+    sim(kernel, a, [x, w, b, y.array], reverse)
+    np.testing.assert_allclose(y.array, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+    y.check_guards()
+
+
 def test_every_kernel_is_registered_and_tested_here():
     """Every kernel of metal/*.metal, by the name the host dispatches; each has a test above."""
     assert set(_core.metal_sim.kernel_names()) == {
         "embedding_f32", "embedding_f16", "embedding_bf16",
         "gather_rows",
         "kv_write_f32", "kv_write_f16", "kv_write_bf16",
+        "matmul_gemv_f32", "matmul_gemv_f16", "matmul_gemv_bf16",
+        "matmul_gemm_f32", "matmul_gemm_f16", "matmul_gemm_bf16",
         "rms_norm_f32", "rms_norm_f16", "rms_norm_bf16",
         "rope",
         "silu_mul",
