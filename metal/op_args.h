@@ -80,6 +80,7 @@ struct KVWriteArgs {
 // buffers: q f32 [num_tokens, q_stride], k_cache, v_cache kvdt [num_blocks, block_size, kv_heads, hd],
 //          block_tables i32 [num_seqs, block_table_width], query_start_loc i32 [num_seqs + 1],
 //          seq_lens i32 [num_seqs], out f32 [num_tokens, num_heads * head_dim]
+// (num_tokens = query_start_loc[num_seqs], given so a GPU grid can be sized from the arguments alone.)
 struct PagedAttentionArgs {
   int num_seqs;
   int num_heads;
@@ -90,6 +91,7 @@ struct PagedAttentionArgs {
   int q_stride;
   int sliding_window;
   float scale;
+  int num_tokens;
 };
 
 // gather_rows: dst[r, :] = src[indices[r], :]
@@ -105,7 +107,7 @@ ME_STATIC_ASSERT(sizeof(MatmulArgs) == 16, "MatmulArgs layout");
 ME_STATIC_ASSERT(sizeof(RopeArgs) == 24, "RopeArgs layout");
 ME_STATIC_ASSERT(sizeof(SiluMulArgs) == 8, "SiluMulArgs layout");
 ME_STATIC_ASSERT(sizeof(KVWriteArgs) == 28, "KVWriteArgs layout");
-ME_STATIC_ASSERT(sizeof(PagedAttentionArgs) == 36, "PagedAttentionArgs layout");
+ME_STATIC_ASSERT(sizeof(PagedAttentionArgs) == 40, "PagedAttentionArgs layout");
 ME_STATIC_ASSERT(sizeof(GatherRowsArgs) == 8, "GatherRowsArgs layout");
 
 }  // namespace metal_engine

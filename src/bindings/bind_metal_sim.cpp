@@ -48,5 +48,6 @@ void init_metal_sim(nb::module_& m) {
   def_run<KVWriteArgs>(sim);
   def_run<RopeArgs>(sim);
   def_run<MatmulArgs>(sim);
+  def_run<PagedAttentionArgs>(sim);
   sim.def("matmul_kernel_prefix", [](const MatmulArgs& a) { return std::string(matmul_kernel_prefix(a)); });
 }

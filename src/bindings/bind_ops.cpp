@@ -106,7 +106,8 @@ void init_ops(nb::module_& m) {
       .def_rw("block_size", &PagedAttentionArgs::block_size)
       .def_rw("block_table_width", &PagedAttentionArgs::block_table_width)
       .def_rw("q_stride", &PagedAttentionArgs::q_stride).def_rw("sliding_window", &PagedAttentionArgs::sliding_window)
-      .def_rw("scale", &PagedAttentionArgs::scale);
+      .def_rw("scale", &PagedAttentionArgs::scale)
+      .def_rw("num_tokens", &PagedAttentionArgs::num_tokens);
   nb::class_<GatherRowsArgs>(ops, "GatherRowsArgs")
       .def(nb::init<>())
       .def_rw("rows", &GatherRowsArgs::rows).def_rw("dim", &GatherRowsArgs::dim);

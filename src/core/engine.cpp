@@ -369,7 +369,7 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, Buffer
     d.dispatch(k.kv_write, KVWriteArgs{T, m.num_kv_heads, hd, kv->block_size(), int(kv->num_slots()), KD, KD},
                {kk, vv, slots, kv->key_cache(l), kv->value_cache(l)});
     const int window = m.layer_uses_sliding_window[size_t(l)] ? m.sliding_window : 0;
-    PagedAttentionArgs pa{S, m.num_heads, m.num_kv_heads, hd, kv->block_size(), in.block_table_width, QD, window, scale};
+    PagedAttentionArgs pa{S, m.num_heads, m.num_kv_heads, hd, kv->block_size(), in.block_table_width, QD, window, scale, T};
     d.dispatch(k.paged_attention, pa, {q, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, attn});
     matmul(attn, L.o_proj, L.o_bias, h, T);                                 // [T, H]
     // residual += h;  h = RMSNorm(residual)

@@ -1,6 +1,8 @@
 #include "dispatch_geometry.h"
 
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 
 namespace metal_engine {
 
@@ -48,6 +50,18 @@ DispatchGeometry dispatch_geometry(const MatmulArgs& a) {
     g.groups[0] = uint32_t((a.n + 31) / 32);  // 32 x 32 output tiles
     g.groups[1] = uint32_t((a.m + 31) / 32);
   }
+  return g;
+}
+
+DispatchGeometry dispatch_geometry(const PagedAttentionArgs& a) {
+  if (a.head_dim > 128 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 || a.num_heads / a.num_kv_heads > 8)
+    throw std::invalid_argument("the Metal paged_attention kernel takes head_dim <= 128 and up to 8 query heads per KV "
+                                "head (got head_dim " + std::to_string(a.head_dim) + ", " +
+                                std::to_string(a.num_heads) + " heads over " + std::to_string(a.num_kv_heads) + ")");
+  DispatchGeometry g;
+  g.groups[0] = uint32_t(std::max(a.num_tokens, 1));
+  g.groups[1] = uint32_t(a.num_kv_heads);
+  g.threads[0] = 128;  // 4 simdgroups
   return g;
 }
 

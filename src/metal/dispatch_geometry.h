@@ -22,5 +22,8 @@ DispatchGeometry dispatch_geometry(const RopeArgs& a);         // one threadgrou
 constexpr int kMetalGemvMaxRows = 4;
 const char* matmul_kernel_prefix(const MatmulArgs& a);         // "matmul_gemv" or "matmul_gemm"
 DispatchGeometry dispatch_geometry(const MatmulArgs& a);
+// paged attention: one threadgroup per (query token, KV head); throws std::invalid_argument past the
+// kernel's limits (head_dim <= 128, num_heads / num_kv_heads <= 8).
+DispatchGeometry dispatch_geometry(const PagedAttentionArgs& a);
 
 }  // namespace metal_engine

@@ -154,6 +154,59 @@ def test_matmul(dtype, m, n, k, bias, reverse):
     y.check_guards()
 
 
+ATTENTION_CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, window)
+    ([1], [1], 1, 1, 8, 1, 0),                    # smallest
+    ([5, 1, 1], [5, 9, 33], 4, 2, 16, 4, 0),      # a prefill and two decode rows in one step
+    ([7], [20], 8, 2, 64, 16, 0),                 # a chunk continuing over cached pages
+    ([13, 2], [13, 40], 9, 3, 64, 16, 5),         # sliding window smaller than the prompt
+    ([3, 1], [3, 70], 2, 1, 128, 8, 0),           # head_dim 128
+    ([6], [6], 3, 3, 24, 5, 0),                   # MHA, odd block size and head_dim
+    ([20, 1, 33], [50, 7, 33], 9, 3, 64, 16, 7),  # long chunks (the cpu op's sgemm path) with a window
+    ([150], [170], 2, 1, 64, 8, 0),               # 150 queries after 20 cached tokens
+]
+
+
+@ORDERS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_lens,seq_lens,heads,kv_heads,hd,bs,window", ATTENTION_CASES)
+def test_paged_attention(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, reverse):
+    rng = np.random.default_rng(sum(seq_lens) + hd)
+    S, T = len(q_lens), sum(q_lens)
+    nblocks = [-(-n // bs) for n in seq_lens]
+    num_blocks = sum(nblocks) + 3
+    perm = rng.permutation(num_blocks).astype(np.int32)  # shuffled, non-contiguous physical blocks
+    width = max(nblocks) + 1
+    bt = np.full((S, width), -1, np.int32)
+    i = 0
+    for s_, n in enumerate(nblocks):
+        bt[s_, :n] = perm[i : i + n]
+        i += n
+    storage = to_storage(np.zeros(1), dtype).dtype
+    kc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
+    vc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
+    assert kc.dtype == storage
+    q = rng.standard_normal((T, heads * hd)).astype(np.float32)
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    lens = np.array(seq_lens, np.int32)
+    a = args("PagedAttentionArgs", num_seqs=S, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, block_size=bs,
+             block_table_width=width, q_stride=heads * hd, sliding_window=window, scale=1.0 / np.sqrt(hd),
+             num_tokens=T)
+    ref = np.zeros((T, heads * hd), np.float32)
+    cpu(f"paged_attention_{dtype}", a, [q, kc, vc, bt, qsl, lens, ref])
+    out = Guarded((T, heads * hd))
+    sim(f"paged_attention_{dtype}", a, [q, kc, vc, bt, qsl, lens, out.array], reverse)
+    np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=2e-5)
+    out.check_guards()
+
+
+def test_paged_attention_limits_are_refused():
+    a = args("PagedAttentionArgs", num_seqs=1, num_heads=2, num_kv_heads=1, head_dim=256, block_size=16,
+             block_table_width=1, q_stride=512, sliding_window=0, scale=1.0, num_tokens=1)
+    z = np.zeros(1, np.float32)
+    with pytest.raises(ValueError, match="head_dim <= 128"):
+        sim("paged_attention_f32", a, [z, z, z, z, z, z, z], False)
+
+
 def test_every_kernel_is_registered_and_tested_here():
     """Every kernel of metal/*.metal, by the name the host dispatches; each has a test above."""
     assert set(_core.metal_sim.kernel_names()) == {
@@ -162,6 +215,7 @@ def test_every_kernel_is_registered_and_tested_here():
         "kv_write_f32", "kv_write_f16", "kv_write_bf16",
         "matmul_gemv_f32", "matmul_gemv_f16", "matmul_gemv_bf16",
         "matmul_gemm_f32", "matmul_gemm_f16", "matmul_gemm_bf16",
+        "paged_attention_f32", "paged_attention_f16", "paged_attention_bf16",
         "rms_norm_f32", "rms_norm_f16", "rms_norm_bf16",
         "rope",
         "silu_mul",
