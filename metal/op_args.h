@@ -101,7 +101,15 @@ struct GatherRowsArgs {
   int dim;
 };
 
+// argmax: out[r] = the first index of the largest value of row r (greedy decoding without reading logits back)
+// buffers: logits f32 [rows, vocab], out i32 [rows]
+struct ArgmaxArgs {
+  int rows;
+  int vocab;
+};
+
 ME_STATIC_ASSERT(sizeof(EmbeddingArgs) == 12, "EmbeddingArgs layout");
+ME_STATIC_ASSERT(sizeof(ArgmaxArgs) == 8, "ArgmaxArgs layout");
 ME_STATIC_ASSERT(sizeof(RmsNormArgs) == 16, "RmsNormArgs layout");
 ME_STATIC_ASSERT(sizeof(MatmulArgs) == 16, "MatmulArgs layout");
 ME_STATIC_ASSERT(sizeof(RopeArgs) == 24, "RopeArgs layout");

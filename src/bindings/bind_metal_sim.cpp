@@ -49,5 +49,6 @@ void init_metal_sim(nb::module_& m) {
   def_run<RopeArgs>(sim);
   def_run<MatmulArgs>(sim);
   def_run<PagedAttentionArgs>(sim);
+  def_run<ArgmaxArgs>(sim);
   sim.def("matmul_kernel_prefix", [](const MatmulArgs& a) { return std::string(matmul_kernel_prefix(a)); });
 }

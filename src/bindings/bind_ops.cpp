@@ -37,12 +37,13 @@ static void run_kernel(Device& d, const std::string& name, const Args& args,
   // The Device API takes an initializer_list; kernels have at most 8 bindings.
   const BufferArg* b = binds.data();
   switch (arrays.size()) {
+    case 2: d.dispatch(k, args, {b[0], b[1]}); break;
     case 3: d.dispatch(k, args, {b[0], b[1], b[2]}); break;
     case 4: d.dispatch(k, args, {b[0], b[1], b[2], b[3]}); break;
     case 5: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4]}); break;
     case 6: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5]}); break;
     case 7: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5], b[6]}); break;
-    default: throw std::invalid_argument("kernels take 3 to 7 buffers, got " + std::to_string(arrays.size()));
+    default: throw std::invalid_argument("kernels take 2 to 7 buffers, got " + std::to_string(arrays.size()));
   }
   d.submit();
   d.wait();
@@ -108,6 +109,9 @@ void init_ops(nb::module_& m) {
       .def_rw("q_stride", &PagedAttentionArgs::q_stride).def_rw("sliding_window", &PagedAttentionArgs::sliding_window)
       .def_rw("scale", &PagedAttentionArgs::scale)
       .def_rw("num_tokens", &PagedAttentionArgs::num_tokens);
+  nb::class_<ArgmaxArgs>(ops, "ArgmaxArgs")
+      .def(nb::init<>())
+      .def_rw("rows", &ArgmaxArgs::rows).def_rw("vocab", &ArgmaxArgs::vocab);
   nb::class_<GatherRowsArgs>(ops, "GatherRowsArgs")
       .def(nb::init<>())
       .def_rw("rows", &GatherRowsArgs::rows).def_rw("dim", &GatherRowsArgs::dim);
@@ -120,4 +124,5 @@ void init_ops(nb::module_& m) {
   def_run<KVWriteArgs>(ops);
   def_run<PagedAttentionArgs>(ops);
   def_run<GatherRowsArgs>(ops);
+  def_run<ArgmaxArgs>(ops);
 }

@@ -80,6 +80,7 @@ class CpuDevice : public Device {
     add_kv_write_kernels(table_);
     add_paged_attention_kernels(table_);
     add_gather_rows_kernels(table_);
+    add_argmax_kernels(table_);
   }
 
   std::string name() const override { return "cpu"; }

@@ -199,6 +199,23 @@ def test_paged_attention(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, windo
     out.check_guards()
 
 
+@ORDERS
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 7), (2, 49152), (4, 1000)])
+def test_argmax(rows, vocab, reverse):
+    rng = np.random.default_rng(vocab)
+    x = rng.standard_normal((rows, vocab)).astype(np.float32)
+    if vocab > 10:
+        x[0, 5] = x[0, vocab - 3] = x[0].max() + 1  # a tie across threads: the first index wins
+    a = args("ArgmaxArgs", rows=rows, vocab=vocab)
+    ref = np.zeros(rows, np.int32)
+    cpu("argmax", a, [x, ref])
+    out = Guarded((rows,), dtype=np.int32)
+    sim("argmax", a, [x, out.array], reverse)
+    np.testing.assert_array_equal(out.array, ref)
+    np.testing.assert_array_equal(out.array, x.argmax(-1))
+    out.check_guards()
+
+
 def test_paged_attention_limits_are_refused():
     a = args("PagedAttentionArgs", num_seqs=1, num_heads=2, num_kv_heads=1, head_dim=256, block_size=16,
              block_table_width=1, q_stride=512, sliding_window=0, scale=1.0, num_tokens=1)
@@ -210,6 +227,7 @@ def test_paged_attention_limits_are_refused():
 def test_every_kernel_is_registered_and_tested_here():
     """Every kernel of metal/*.metal, by the name the host dispatches; each has a test above."""
     assert set(_core.metal_sim.kernel_names()) == {
+        "argmax",
         "embedding_f32", "embedding_f16", "embedding_bf16",
         "gather_rows",
         "kv_write_f32", "kv_write_f16", "kv_write_bf16",
