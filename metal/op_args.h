@@ -94,6 +94,25 @@ struct PagedAttentionArgs {
   int num_tokens;
 };
 
+// paged_attention_split_<kvdt> + paged_attention_reduce: the same attention as paged_attention, with each
+// row's keys cut into partitions of partition_size (vLLM's v2 kernel), for long contexts: every
+// (row, KV head, partition) is a threadgroup writing its partial result; the reduce kernel merges them.
+// split buffers: q, k_cache, v_cache, block_tables, query_start_loc, seq_lens (as paged_attention), then
+//   part_max f32 [num_tokens, num_heads, max_partitions], part_sum (same), part_out f32 [.., head_dim]
+// reduce buffers: part_max, part_sum, part_out, out f32 [num_tokens, num_heads * head_dim]
+struct PagedAttentionSplitArgs {
+  PagedAttentionArgs attn;
+  int partition_size;  // keys per partition
+  int max_partitions;  // partitions per row in the part_* buffers (>= ceil(longest context / partition_size))
+};
+
+struct PagedAttentionReduceArgs {
+  int num_tokens;
+  int num_heads;
+  int head_dim;
+  int max_partitions;
+};
+
 // gather_rows: dst[r, :] = src[indices[r], :]
 // buffers: src f32 [*, dim], indices i32 [rows], dst f32 [rows, dim]
 struct GatherRowsArgs {
@@ -117,5 +136,7 @@ ME_STATIC_ASSERT(sizeof(SiluMulArgs) == 8, "SiluMulArgs layout");
 ME_STATIC_ASSERT(sizeof(KVWriteArgs) == 28, "KVWriteArgs layout");
 ME_STATIC_ASSERT(sizeof(PagedAttentionArgs) == 40, "PagedAttentionArgs layout");
 ME_STATIC_ASSERT(sizeof(GatherRowsArgs) == 8, "GatherRowsArgs layout");
+ME_STATIC_ASSERT(sizeof(PagedAttentionSplitArgs) == 48, "PagedAttentionSplitArgs layout");
+ME_STATIC_ASSERT(sizeof(PagedAttentionReduceArgs) == 16, "PagedAttentionReduceArgs layout");
 
 }  // namespace metal_engine

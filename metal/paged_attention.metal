@@ -1,8 +1,11 @@
-// paged_attention_<kvdt>: causal (optionally sliding-window) GQA attention of every query token over its
-// sequence's keys in the paged KV cache; one varlen kernel for prefill chunks, chunks over cached pages and
-// decode rows. One threadgroup per (query token, KV head) serves all the KV head's query heads, so each
-// key and value is read once for the group. Its 4 simdgroups take every 4th key, lanes split head_dim,
-// and each keeps an online softmax (running max, sum, output); the 4 partial results are merged at the end.
+// Paged attention: causal (optionally sliding-window) GQA attention of every query token over its
+// sequence's keys in the paged KV cache, for prefill chunks, chunks over cached pages and decode rows alike.
+// A threadgroup serves all query heads of one KV head, so each key and value is read once for the group;
+// its 4 simdgroups take every 4th key of their range, lanes split head_dim, and each keeps an online softmax
+// (running max, sum, output) that the threadgroup merges at the end.
+//  - paged_attention_<kvdt>: one threadgroup per (query token, KV head) over all its keys;
+//  - paged_attention_split_<kvdt> + paged_attention_reduce: the keys cut into partitions (vLLM's v2), one
+//    threadgroup per (row, KV head, partition), for long contexts; the reduce kernel merges partitions.
 // Limits (checked by the host): head_dim <= 128, num_heads / num_kv_heads <= 8.
 #include <metal_stdlib>
 #include "op_args.h"
@@ -13,6 +16,103 @@ constant int kAttnSimdgroups = 4;
 constant int kMaxGroup = 8;        // query heads per KV head
 constant int kMaxDimPerLane = 4;   // head_dim <= 4 x 32
 constant int kMaxHeadDim = 128;
+
+// Where query row t sits: its sequence, context position, and first visible key.
+struct RowInfo {
+  int seq;
+  int pos;
+  int first;
+};
+
+inline RowInfo row_info(constant PagedAttentionArgs& a, device const int* query_start_loc,
+                        device const int* seq_lens, int t) {
+  int s = 0;
+  while (s + 1 < a.num_seqs && query_start_loc[s + 1] <= t) ++s;
+  const int qlen = query_start_loc[s + 1] - query_start_loc[s];
+  const int pos = seq_lens[s] - qlen + (t - query_start_loc[s]);
+  RowInfo r;
+  r.seq = s;
+  r.pos = pos;
+  r.first = a.sliding_window > 0 ? max(0, pos - a.sliding_window + 1) : 0;
+  return r;
+}
+
+// Keys [begin, end] of row t for KV head g; leaves this threadgroup's merged result for each query head h
+// of the group in part_max[h], part_sum[h] and part_out[h * kMaxHeadDim + d] (sum-normalised, 0 if no key).
+template <typename KV>
+inline void attend_range(constant PagedAttentionArgs& a, device const float* q, device const KV* k_cache,
+                         device const KV* v_cache, device const int* bt, int t, int g, int begin, int end,
+                         threadgroup float* sg_max, threadgroup float* sg_sum, threadgroup float* sg_out,
+                         threadgroup float* part_max, threadgroup float* part_sum, threadgroup float* part_out,
+                         uint tid, uint lane, uint sg) {
+  const int hd = a.head_dim, group = a.num_heads / a.num_kv_heads;
+  const long slot_stride = long(a.num_kv_heads) * hd;
+  float qv[kMaxGroup][kMaxDimPerLane];
+  float o[kMaxGroup][kMaxDimPerLane];
+  float m[kMaxGroup];
+  float l[kMaxGroup];
+  for (int h = 0; h < group; ++h) {
+    m[h] = -INFINITY;
+    l[h] = 0.0f;
+    for (int i = 0; i < kMaxDimPerLane; ++i) {
+      const int d = int(lane) + 32 * i;
+      qv[h][i] = d < hd ? q[long(t) * a.q_stride + (g * group + h) * hd + d] : 0.0f;
+      o[h][i] = 0.0f;
+    }
+  }
+  for (int j = begin + int(sg); j <= end; j += kAttnSimdgroups) {  // uniform per simdgroup
+    const long slot = long(bt[j / a.block_size]) * a.block_size + j % a.block_size;
+    device const KV* kj = k_cache + slot * slot_stride + g * hd;
+    device const KV* vj = v_cache + slot * slot_stride + g * hd;
+    float kk[kMaxDimPerLane];
+    float vv[kMaxDimPerLane];
+    for (int i = 0; i < kMaxDimPerLane; ++i) {
+      const int d = int(lane) + 32 * i;
+      kk[i] = d < hd ? float(kj[d]) : 0.0f;
+      vv[i] = d < hd ? float(vj[d]) : 0.0f;
+    }
+    for (int h = 0; h < group; ++h) {
+      float partial = 0.0f;
+      for (int i = 0; i < kMaxDimPerLane; ++i) partial += qv[h][i] * kk[i];
+      const float score = simd_sum(partial) * a.scale;
+      const float m_new = max(m[h], score);
+      const float c = exp(m[h] - m_new);
+      const float p = exp(score - m_new);
+      l[h] = l[h] * c + p;
+      for (int i = 0; i < kMaxDimPerLane; ++i) o[h][i] = o[h][i] * c + p * vv[i];
+      m[h] = m_new;
+    }
+  }
+  for (int h = 0; h < group; ++h) {
+    const int idx = int(sg) * kMaxGroup + h;
+    if (lane == 0) {
+      sg_max[idx] = m[h];
+      sg_sum[idx] = l[h];
+    }
+    for (int i = 0; i < kMaxDimPerLane; ++i) {
+      const int d = int(lane) + 32 * i;
+      if (d < hd) sg_out[idx * kMaxHeadDim + d] = o[h][i];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int e = int(tid); e < group * hd; e += kAttnSimdgroups * 32) {
+    const int h = e / hd, d = e % hd;
+    float mx = -INFINITY;
+    for (int w = 0; w < kAttnSimdgroups; ++w) mx = max(mx, sg_max[w * kMaxGroup + h]);
+    float num = 0.0f, den = 0.0f;
+    for (int w = 0; w < kAttnSimdgroups; ++w) {
+      const float f = mx == -INFINITY ? 0.0f : exp(sg_max[w * kMaxGroup + h] - mx);  // 0: no key seen
+      num += sg_out[(w * kMaxGroup + h) * kMaxHeadDim + d] * f;
+      den += sg_sum[w * kMaxGroup + h] * f;
+    }
+    part_out[h * kMaxHeadDim + d] = den > 0.0f ? num / den : 0.0f;
+    if (d == 0) {
+      part_max[h] = mx;
+      part_sum[h] = den;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
 
 template <typename KV>
 kernel void paged_attention(constant PagedAttentionArgs& args [[buffer(0)]],
@@ -27,81 +127,87 @@ kernel void paged_attention(constant PagedAttentionArgs& args [[buffer(0)]],
                             uint tid [[thread_index_in_threadgroup]],
                             uint lane [[thread_index_in_simdgroup]],
                             uint sg [[simdgroup_index_in_threadgroup]]) {
-  threadgroup float part_max[kAttnSimdgroups * kMaxGroup];
-  threadgroup float part_sum[kAttnSimdgroups * kMaxGroup];
-  threadgroup float part_out[kAttnSimdgroups * kMaxGroup * kMaxHeadDim];
-  const int t = int(tg.x), g = int(tg.y), hd = args.head_dim;
-  const int group = args.num_heads / args.num_kv_heads;
-  int s = 0;
-  while (s + 1 < args.num_seqs && query_start_loc[s + 1] <= t) ++s;
-  const int qlen = query_start_loc[s + 1] - query_start_loc[s];
-  const int pos = seq_lens[s] - qlen + (t - query_start_loc[s]);  // this query's context position
-  const int first = args.sliding_window > 0 ? max(0, pos - args.sliding_window + 1) : 0;
-  device const int* bt = block_tables + long(s) * args.block_table_width;
-  const long slot_stride = long(args.num_kv_heads) * hd;
+  threadgroup float sg_max[kAttnSimdgroups * kMaxGroup];
+  threadgroup float sg_sum[kAttnSimdgroups * kMaxGroup];
+  threadgroup float sg_out[kAttnSimdgroups * kMaxGroup * kMaxHeadDim];
+  threadgroup float res_max[kMaxGroup];
+  threadgroup float res_sum[kMaxGroup];
+  threadgroup float res_out[kMaxGroup * kMaxHeadDim];
+  const int t = int(tg.x), g = int(tg.y), hd = args.head_dim, group = args.num_heads / args.num_kv_heads;
+  const RowInfo r = row_info(args, query_start_loc, seq_lens, t);
+  device const int* bt = block_tables + long(r.seq) * args.block_table_width;
+  attend_range(args, q, k_cache, v_cache, bt, t, g, r.first, r.pos, sg_max, sg_sum, sg_out, res_max, res_sum,
+               res_out, tid, lane, sg);
+  for (int e = int(tid); e < group * hd; e += kAttnSimdgroups * 32)
+    out[long(t) * args.num_heads * hd + (g * group + e / hd) * hd + e % hd] = res_out[(e / hd) * kMaxHeadDim + e % hd];
+}
 
-  float qv[kMaxGroup][kMaxDimPerLane];
-  float o[kMaxGroup][kMaxDimPerLane];
-  float m[kMaxGroup];
-  float l[kMaxGroup];
-  for (int h = 0; h < group; ++h) {
-    m[h] = -INFINITY;
-    l[h] = 0.0f;
-    for (int i = 0; i < kMaxDimPerLane; ++i) {
-      const int d = int(lane) + 32 * i;
-      qv[h][i] = d < hd ? q[long(t) * args.q_stride + (g * group + h) * hd + d] : 0.0f;
-      o[h][i] = 0.0f;
-    }
-  }
-  for (int j = first + int(sg); j <= pos; j += kAttnSimdgroups) {  // uniform per simdgroup
-    const long slot = long(bt[j / args.block_size]) * args.block_size + j % args.block_size;
-    device const KV* kj = k_cache + slot * slot_stride + g * hd;
-    device const KV* vj = v_cache + slot * slot_stride + g * hd;
-    float kk[kMaxDimPerLane];
-    float vv[kMaxDimPerLane];
-    for (int i = 0; i < kMaxDimPerLane; ++i) {
-      const int d = int(lane) + 32 * i;
-      kk[i] = d < hd ? float(kj[d]) : 0.0f;
-      vv[i] = d < hd ? float(vj[d]) : 0.0f;
-    }
-    for (int h = 0; h < group; ++h) {
-      float partial = 0.0f;
-      for (int i = 0; i < kMaxDimPerLane; ++i) partial += qv[h][i] * kk[i];
-      const float score = simd_sum(partial) * args.scale;
-      const float m_new = max(m[h], score);
-      const float c = exp(m[h] - m_new);
-      const float p = exp(score - m_new);
-      l[h] = l[h] * c + p;
-      for (int i = 0; i < kMaxDimPerLane; ++i) o[h][i] = o[h][i] * c + p * vv[i];
-      m[h] = m_new;
-    }
-  }
-  for (int h = 0; h < group; ++h) {
-    const int idx = int(sg) * kMaxGroup + h;
-    if (lane == 0) {
-      part_max[idx] = m[h];
-      part_sum[idx] = l[h];
-    }
-    for (int i = 0; i < kMaxDimPerLane; ++i) {
-      const int d = int(lane) + 32 * i;
-      if (d < hd) part_out[idx * kMaxHeadDim + d] = o[h][i];
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+template <typename KV>
+kernel void paged_attention_split(constant PagedAttentionSplitArgs& args [[buffer(0)]],
+                                  device const float* q [[buffer(1)]],
+                                  device const KV* k_cache [[buffer(2)]],
+                                  device const KV* v_cache [[buffer(3)]],
+                                  device const int* block_tables [[buffer(4)]],
+                                  device const int* query_start_loc [[buffer(5)]],
+                                  device const int* seq_lens [[buffer(6)]],
+                                  device float* part_max [[buffer(7)]],  // [num_tokens, num_heads, max_partitions]
+                                  device float* part_sum [[buffer(8)]],  // [num_tokens, num_heads, max_partitions]
+                                  device float* part_out [[buffer(9)]],  // [.., max_partitions, head_dim]
+                                  uint3 tg [[threadgroup_position_in_grid]],
+                                  uint tid [[thread_index_in_threadgroup]],
+                                  uint lane [[thread_index_in_simdgroup]],
+                                  uint sg [[simdgroup_index_in_threadgroup]]) {
+  threadgroup float sg_max[kAttnSimdgroups * kMaxGroup];
+  threadgroup float sg_sum[kAttnSimdgroups * kMaxGroup];
+  threadgroup float sg_out[kAttnSimdgroups * kMaxGroup * kMaxHeadDim];
+  threadgroup float res_max[kMaxGroup];
+  threadgroup float res_sum[kMaxGroup];
+  threadgroup float res_out[kMaxGroup * kMaxHeadDim];
+  constant PagedAttentionArgs& a = args.attn;
+  const int t = int(tg.x), g = int(tg.y), p = int(tg.z), hd = a.head_dim, group = a.num_heads / a.num_kv_heads;
+  const RowInfo r = row_info(a, query_start_loc, seq_lens, t);
+  device const int* bt = block_tables + long(r.seq) * a.block_table_width;
+  const int begin = r.first + p * args.partition_size;
+  const int end = min(r.pos, begin + args.partition_size - 1);  // empty when begin > end
+  attend_range(a, q, k_cache, v_cache, bt, t, g, begin, end, sg_max, sg_sum, sg_out, res_max, res_sum, res_out,
+               tid, lane, sg);
   for (int e = int(tid); e < group * hd; e += kAttnSimdgroups * 32) {
     const int h = e / hd, d = e % hd;
-    float mx = -INFINITY;
-    for (int w = 0; w < kAttnSimdgroups; ++w) mx = max(mx, part_max[w * kMaxGroup + h]);
-    float num = 0.0f, den = 0.0f;
-    for (int w = 0; w < kAttnSimdgroups; ++w) {
-      const float f = exp(part_max[w * kMaxGroup + h] - mx);  // 0 for a simdgroup that saw no key
-      num += part_out[(w * kMaxGroup + h) * kMaxHeadDim + d] * f;
-      den += part_sum[w * kMaxGroup + h] * f;
+    const long row = (long(t) * a.num_heads + g * group + h) * args.max_partitions + p;
+    part_out[row * hd + d] = res_out[h * kMaxHeadDim + d];
+    if (d == 0) {
+      part_max[row] = res_max[h];
+      part_sum[row] = res_sum[h];
     }
-    out[long(t) * args.num_heads * hd + (g * group + h) * hd + d] = num / den;
+  }
+}
+
+kernel void paged_attention_reduce(constant PagedAttentionReduceArgs& args [[buffer(0)]],
+                                   device const float* part_max [[buffer(1)]],
+                                   device const float* part_sum [[buffer(2)]],
+                                   device const float* part_out [[buffer(3)]],
+                                   device float* out [[buffer(4)]],  // [num_tokens, num_heads * head_dim]
+                                   uint3 tg [[threadgroup_position_in_grid]],
+                                   uint tid [[thread_position_in_threadgroup]],
+                                   uint ntg [[threads_per_threadgroup]]) {
+  const int t = int(tg.x), h = int(tg.y), hd = args.head_dim, P = args.max_partitions;
+  const long row = (long(t) * args.num_heads + h) * P;
+  float mx = -INFINITY;
+  for (int p = 0; p < P; ++p) mx = max(mx, part_max[row + p]);
+  for (int d = int(tid); d < hd; d += int(ntg)) {
+    float num = 0.0f, den = 0.0f;
+    for (int p = 0; p < P; ++p) {
+      const float w = part_sum[row + p] > 0.0f ? part_sum[row + p] * exp(part_max[row + p] - mx) : 0.0f;
+      num += part_out[(row + p) * hd + d] * w;
+      den += w;
+    }
+    out[(long(t) * args.num_heads + h) * hd + d] = num / den;
   }
 }
 
 template [[host_name("paged_attention_f32")]] kernel decltype(paged_attention<float>) paged_attention<float>;
 template [[host_name("paged_attention_f16")]] kernel decltype(paged_attention<half>) paged_attention<half>;
 template [[host_name("paged_attention_bf16")]] kernel decltype(paged_attention<bfloat>) paged_attention<bfloat>;
+template [[host_name("paged_attention_split_f32")]] kernel decltype(paged_attention_split<float>) paged_attention_split<float>;
+template [[host_name("paged_attention_split_f16")]] kernel decltype(paged_attention_split<half>) paged_attention_split<half>;
+template [[host_name("paged_attention_split_bf16")]] kernel decltype(paged_attention_split<bfloat>) paged_attention_split<bfloat>;

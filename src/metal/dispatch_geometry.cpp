@@ -54,15 +54,33 @@ DispatchGeometry dispatch_geometry(const MatmulArgs& a) {
   return g;
 }
 
-DispatchGeometry dispatch_geometry(const PagedAttentionArgs& a) {
+static void check_attention_limits(const PagedAttentionArgs& a) {
   if (a.head_dim > 128 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 || a.num_heads / a.num_kv_heads > 8)
     throw std::invalid_argument("the Metal paged_attention kernel takes head_dim <= 128 and up to 8 query heads per KV "
                                 "head (got head_dim " + std::to_string(a.head_dim) + ", " +
                                 std::to_string(a.num_heads) + " heads over " + std::to_string(a.num_kv_heads) + ")");
+}
+
+DispatchGeometry dispatch_geometry(const PagedAttentionArgs& a) {
+  check_attention_limits(a);
   DispatchGeometry g;
   g.groups[0] = uint32_t(std::max(a.num_tokens, 1));
   g.groups[1] = uint32_t(a.num_kv_heads);
   g.threads[0] = 128;  // 4 simdgroups
+  return g;
+}
+
+DispatchGeometry dispatch_geometry(const PagedAttentionSplitArgs& a) {
+  DispatchGeometry g = dispatch_geometry(a.attn);
+  if (a.partition_size <= 0 || a.max_partitions <= 0)
+    throw std::invalid_argument("paged_attention_split needs partition_size > 0 and max_partitions > 0");
+  g.groups[2] = uint32_t(a.max_partitions);
+  return g;
+}
+
+DispatchGeometry dispatch_geometry(const PagedAttentionReduceArgs& a) {
+  DispatchGeometry g = per_group(a.num_tokens, a.head_dim);
+  g.groups[1] = uint32_t(std::max(a.num_heads, 1));
   return g;
 }
 

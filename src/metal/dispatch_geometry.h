@@ -26,5 +26,7 @@ DispatchGeometry dispatch_geometry(const MatmulArgs& a);
 // paged attention: one threadgroup per (query token, KV head); throws std::invalid_argument past the
 // kernel's limits (head_dim <= 128, num_heads / num_kv_heads <= 8).
 DispatchGeometry dispatch_geometry(const PagedAttentionArgs& a);
+DispatchGeometry dispatch_geometry(const PagedAttentionSplitArgs& a);   // (row, KV head, partition)
+DispatchGeometry dispatch_geometry(const PagedAttentionReduceArgs& a);  // (row, query head)
 
 }  // namespace metal_engine

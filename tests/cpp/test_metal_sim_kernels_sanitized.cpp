@@ -114,8 +114,14 @@ TEST(MetalSimKernelsSanitized, PagedAttention) {
   for (const char* dt : kDtypes)
     for (int window : {0, 5}) {
       Weights kc(dt, size_t(NB) * BS * KVH * HD), vc(dt, size_t(NB) * BS * KVH * HD);
-      run(std::string("paged_attention_") + dt,
-          PagedAttentionArgs{S, H, KVH, HD, BS, W, H * HD, window, 0.125f, T},
+      const PagedAttentionArgs attn{S, H, KVH, HD, BS, W, H * HD, window, 0.125f, T};
+      run(std::string("paged_attention_") + dt, attn,
           {q.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(), out.data()});
+      const int P = 3;  // partitions of 16 keys cover the 40-token context
+      std::vector<float> pmax(size_t(T) * H * P), psum(size_t(T) * H * P), pout(size_t(T) * H * P * HD);
+      run(std::string("paged_attention_split_") + dt, PagedAttentionSplitArgs{attn, 16, P},
+          {q.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(), pmax.data(), psum.data(), pout.data()});
+      run("paged_attention_reduce", PagedAttentionReduceArgs{T, H, HD, P},
+          {pmax.data(), psum.data(), pout.data(), out.data()});
     }
 }

@@ -216,6 +216,55 @@ def test_argmax(rows, vocab, reverse):
     out.check_guards()
 
 
+SPLIT_CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, window, partition_size)
+    ([1, 1], [300, 77], 4, 2, 64, 16, 0, 64),      # decode rows over several partitions
+    ([1, 1, 1], [513, 1, 129], 9, 3, 64, 16, 0, 128),
+    ([1], [700], 2, 1, 128, 8, 100, 32),           # a window: most partitions see no key
+    ([5, 1], [37, 90], 4, 4, 24, 5, 0, 16),        # prefill rows through the split path too
+]
+
+
+@ORDERS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_lens,seq_lens,heads,kv_heads,hd,bs,window,psize", SPLIT_CASES)
+def test_paged_attention_split_and_reduce(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, psize, reverse):
+    rng = np.random.default_rng(sum(seq_lens) + psize)
+    S, T = len(q_lens), sum(q_lens)
+    nblocks = [-(-n // bs) for n in seq_lens]
+    num_blocks = sum(nblocks) + 2
+    perm = rng.permutation(num_blocks).astype(np.int32)
+    width = max(nblocks)
+    bt = np.zeros((S, width), np.int32)
+    i = 0
+    for s_, n in enumerate(nblocks):
+        bt[s_, :n] = perm[i : i + n]
+        i += n
+    kc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
+    vc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
+    q = rng.standard_normal((T, heads * hd)).astype(np.float32)
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    lens = np.array(seq_lens, np.int32)
+    attn = args("PagedAttentionArgs", num_seqs=S, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+                block_size=bs, block_table_width=width, q_stride=heads * hd, sliding_window=window,
+                scale=1.0 / np.sqrt(hd), num_tokens=T)
+    ref = np.zeros((T, heads * hd), np.float32)
+    cpu(f"paged_attention_{dtype}", attn, [q, kc, vc, bt, qsl, lens, ref])
+    P = -(-max(seq_lens) // psize)
+    split = _core.metal_sim.PagedAttentionSplitArgs()
+    split.attn, split.partition_size, split.max_partitions = attn, psize, P
+    pmax, psum = Guarded((T, heads, P)), Guarded((T, heads, P))
+    pout = Guarded((T, heads, P, hd))
+    sim(f"paged_attention_split_{dtype}", split, [q, kc, vc, bt, qsl, lens, pmax.array, psum.array, pout.array],
+        reverse)
+    red = _core.metal_sim.PagedAttentionReduceArgs()
+    red.num_tokens, red.num_heads, red.head_dim, red.max_partitions = T, heads, hd, P
+    out = Guarded((T, heads * hd))
+    sim("paged_attention_reduce", red, [pmax.array, psum.array, pout.array, out.array], reverse)
+    np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=2e-5)
+    for g_ in (pmax, psum, pout, out):
+        g_.check_guards()
+
+
 def test_paged_attention_limits_are_refused():
     a = args("PagedAttentionArgs", num_seqs=1, num_heads=2, num_kv_heads=1, head_dim=256, block_size=16,
              block_table_width=1, q_stride=512, sliding_window=0, scale=1.0, num_tokens=1)
@@ -234,6 +283,8 @@ def test_every_kernel_is_registered_and_tested_here():
         "matmul_gemv_f32", "matmul_gemv_f16", "matmul_gemv_bf16",
         "matmul_gemm_f32", "matmul_gemm_f16", "matmul_gemm_bf16",
         "paged_attention_f32", "paged_attention_f16", "paged_attention_bf16",
+        "paged_attention_split_f32", "paged_attention_split_f16", "paged_attention_split_bf16",
+        "paged_attention_reduce",
         "rms_norm_f32", "rms_norm_f16", "rms_norm_bf16",
         "rope",
         "silu_mul",
