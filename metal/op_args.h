@@ -106,6 +106,14 @@ struct PagedAttentionSplitArgs {
   int max_partitions;  // partitions per row in the part_* buffers (>= ceil(longest context / partition_size))
 };
 
+// paged_attention_prefill_<kvdt>: the same attention, tiled for long prefill chunks: one threadgroup per
+// (16 query rows of one sequence, query head); S = Q K^T and O += P V as simdgroup_float8x8 tiles over
+// 16-key blocks, an online softmax per row between them. Buffers as paged_attention.
+struct PagedAttentionPrefillArgs {
+  PagedAttentionArgs attn;
+  int max_query_len;  // longest query chunk of the step: sizes the grid
+};
+
 struct PagedAttentionReduceArgs {
   int num_tokens;
   int num_heads;
@@ -138,5 +146,6 @@ ME_STATIC_ASSERT(sizeof(PagedAttentionArgs) == 40, "PagedAttentionArgs layout");
 ME_STATIC_ASSERT(sizeof(GatherRowsArgs) == 8, "GatherRowsArgs layout");
 ME_STATIC_ASSERT(sizeof(PagedAttentionSplitArgs) == 48, "PagedAttentionSplitArgs layout");
 ME_STATIC_ASSERT(sizeof(PagedAttentionReduceArgs) == 16, "PagedAttentionReduceArgs layout");
+ME_STATIC_ASSERT(sizeof(PagedAttentionPrefillArgs) == 44, "PagedAttentionPrefillArgs layout");
 
 }  // namespace metal_engine

@@ -45,6 +45,10 @@ void init_metal_sim(nb::module_& m) {
       .def_rw("attn", &PagedAttentionSplitArgs::attn)
       .def_rw("partition_size", &PagedAttentionSplitArgs::partition_size)
       .def_rw("max_partitions", &PagedAttentionSplitArgs::max_partitions);
+  nb::class_<PagedAttentionPrefillArgs>(sim, "PagedAttentionPrefillArgs")
+      .def(nb::init<>())
+      .def_rw("attn", &PagedAttentionPrefillArgs::attn)
+      .def_rw("max_query_len", &PagedAttentionPrefillArgs::max_query_len);
   nb::class_<PagedAttentionReduceArgs>(sim, "PagedAttentionReduceArgs")
       .def(nb::init<>())
       .def_rw("num_tokens", &PagedAttentionReduceArgs::num_tokens)
@@ -63,5 +67,6 @@ void init_metal_sim(nb::module_& m) {
   def_run<ArgmaxArgs>(sim);
   def_run<PagedAttentionSplitArgs>(sim);
   def_run<PagedAttentionReduceArgs>(sim);
+  def_run<PagedAttentionPrefillArgs>(sim);
   sim.def("matmul_kernel_prefix", [](const MatmulArgs& a) { return std::string(matmul_kernel_prefix(a)); });
 }

@@ -84,4 +84,17 @@ DispatchGeometry dispatch_geometry(const PagedAttentionReduceArgs& a) {
   return g;
 }
 
+DispatchGeometry dispatch_geometry(const PagedAttentionPrefillArgs& a) {
+  check_attention_limits(a.attn);
+  if (a.attn.head_dim % 8 != 0)
+    throw std::invalid_argument("the Metal prefill attention kernel takes head_dim a multiple of 8 (got " +
+                                std::to_string(a.attn.head_dim) + ")");
+  DispatchGeometry g;
+  g.groups[0] = uint32_t(std::max(1, (a.max_query_len + 15) / 16));
+  g.groups[1] = uint32_t(std::max(a.attn.num_seqs, 1));
+  g.groups[2] = uint32_t(a.attn.num_heads);
+  g.threads[0] = 128;
+  return g;
+}
+
 }  // namespace metal_engine

@@ -28,5 +28,7 @@ DispatchGeometry dispatch_geometry(const MatmulArgs& a);
 DispatchGeometry dispatch_geometry(const PagedAttentionArgs& a);
 DispatchGeometry dispatch_geometry(const PagedAttentionSplitArgs& a);   // (row, KV head, partition)
 DispatchGeometry dispatch_geometry(const PagedAttentionReduceArgs& a);  // (row, query head)
+// (16 query rows, sequence, query head); head_dim a multiple of 8, at most 128
+DispatchGeometry dispatch_geometry(const PagedAttentionPrefillArgs& a);
 
 }  // namespace metal_engine

@@ -123,5 +123,7 @@ TEST(MetalSimKernelsSanitized, PagedAttention) {
           {q.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(), pmax.data(), psum.data(), pout.data()});
       run("paged_attention_reduce", PagedAttentionReduceArgs{T, H, HD, P},
           {pmax.data(), psum.data(), pout.data(), out.data()});
+      run(std::string("paged_attention_prefill_") + dt, PagedAttentionPrefillArgs{attn, 13},
+          {q.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(), out.data()});
     }
 }

@@ -265,6 +265,45 @@ def test_paged_attention_split_and_reduce(dtype, q_lens, seq_lens, heads, kv_hea
         g_.check_guards()
 
 
+PREFILL_CASES = ATTENTION_CASES[1:] + [  # (the 8-dim single-token case is covered above)
+    ([40], [40], 4, 2, 16, 16, 0),
+    ([17, 33], [17, 60], 6, 2, 128, 16, 9),
+]
+
+
+@ORDERS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_lens,seq_lens,heads,kv_heads,hd,bs,window", PREFILL_CASES)
+def test_paged_attention_prefill(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, reverse):
+    rng = np.random.default_rng(sum(seq_lens) * 3 + hd)
+    S, T = len(q_lens), sum(q_lens)
+    nblocks = [-(-n // bs) for n in seq_lens]
+    num_blocks = sum(nblocks) + 1
+    perm = rng.permutation(num_blocks).astype(np.int32)
+    width = max(nblocks)
+    bt = np.zeros((S, width), np.int32)
+    i = 0
+    for s_, n in enumerate(nblocks):
+        bt[s_, :n] = perm[i : i + n]
+        i += n
+    kc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
+    vc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
+    q = rng.standard_normal((T, heads * hd)).astype(np.float32)
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    lens = np.array(seq_lens, np.int32)
+    attn = args("PagedAttentionArgs", num_seqs=S, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+                block_size=bs, block_table_width=width, q_stride=heads * hd, sliding_window=window,
+                scale=1.0 / np.sqrt(hd), num_tokens=T)
+    ref = np.zeros((T, heads * hd), np.float32)
+    cpu(f"paged_attention_{dtype}", attn, [q, kc, vc, bt, qsl, lens, ref])
+    pre = _core.metal_sim.PagedAttentionPrefillArgs()
+    pre.attn, pre.max_query_len = attn, max(q_lens)
+    out = Guarded((T, heads * hd))
+    sim(f"paged_attention_prefill_{dtype}", pre, [q, kc, vc, bt, qsl, lens, out.array], reverse)
+    np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=3e-5)
+    out.check_guards()
+
+
 def test_paged_attention_limits_are_refused():
     a = args("PagedAttentionArgs", num_seqs=1, num_heads=2, num_kv_heads=1, head_dim=256, block_size=16,
              block_table_width=1, q_stride=512, sliding_window=0, scale=1.0, num_tokens=1)
@@ -285,6 +324,7 @@ def test_every_kernel_is_registered_and_tested_here():
         "paged_attention_f32", "paged_attention_f16", "paged_attention_bf16",
         "paged_attention_split_f32", "paged_attention_split_f16", "paged_attention_split_bf16",
         "paged_attention_reduce",
+        "paged_attention_prefill_f32", "paged_attention_prefill_f16", "paged_attention_prefill_bf16",
         "rms_norm_f32", "rms_norm_f16", "rms_norm_bf16",
         "rope",
         "silu_mul",
