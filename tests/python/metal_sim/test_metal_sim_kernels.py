@@ -154,6 +154,34 @@ def test_matmul(dtype, m, n, k, bias, reverse):
     y.check_guards()
 
 
+def attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, seed):
+    """Inputs of one attention step over shuffled, non-contiguous blocks, and the cpu op's output.
+    Returns (args, [q, k_cache, v_cache, block_tables, query_start_loc, seq_lens], reference)."""
+    rng = np.random.default_rng(seed)
+    S, T = len(q_lens), sum(q_lens)
+    nblocks = [-(-n // bs) for n in seq_lens]
+    num_blocks = sum(nblocks) + 3
+    perm = rng.permutation(num_blocks).astype(np.int32)
+    width = max(nblocks) + 1
+    bt = np.full((S, width), -1, np.int32)
+    i = 0
+    for s_, n in enumerate(nblocks):
+        bt[s_, :n] = perm[i : i + n]
+        i += n
+    kc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
+    vc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
+    q = rng.standard_normal((T, heads * hd)).astype(np.float32)
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    lens = np.array(seq_lens, np.int32)
+    a = args("PagedAttentionArgs", num_seqs=S, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, block_size=bs,
+             block_table_width=width, q_stride=heads * hd, sliding_window=window, scale=1.0 / np.sqrt(hd),
+             num_tokens=T)
+    inputs = [q, kc, vc, bt, qsl, lens]
+    ref = np.zeros((T, heads * hd), np.float32)
+    cpu(f"paged_attention_{dtype}", a, inputs + [ref])
+    return a, inputs, ref
+
+
 ATTENTION_CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, window)
     ([1], [1], 1, 1, 8, 1, 0),                    # smallest
     ([5, 1, 1], [5, 9, 33], 4, 2, 16, 4, 0),      # a prefill and two decode rows in one step
@@ -170,31 +198,10 @@ ATTENTION_CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("q_lens,seq_lens,heads,kv_heads,hd,bs,window", ATTENTION_CASES)
 def test_paged_attention(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, reverse):
-    rng = np.random.default_rng(sum(seq_lens) + hd)
-    S, T = len(q_lens), sum(q_lens)
-    nblocks = [-(-n // bs) for n in seq_lens]
-    num_blocks = sum(nblocks) + 3
-    perm = rng.permutation(num_blocks).astype(np.int32)  # shuffled, non-contiguous physical blocks
-    width = max(nblocks) + 1
-    bt = np.full((S, width), -1, np.int32)
-    i = 0
-    for s_, n in enumerate(nblocks):
-        bt[s_, :n] = perm[i : i + n]
-        i += n
-    storage = to_storage(np.zeros(1), dtype).dtype
-    kc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
-    vc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
-    assert kc.dtype == storage
-    q = rng.standard_normal((T, heads * hd)).astype(np.float32)
-    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    lens = np.array(seq_lens, np.int32)
-    a = args("PagedAttentionArgs", num_seqs=S, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, block_size=bs,
-             block_table_width=width, q_stride=heads * hd, sliding_window=window, scale=1.0 / np.sqrt(hd),
-             num_tokens=T)
-    ref = np.zeros((T, heads * hd), np.float32)
-    cpu(f"paged_attention_{dtype}", a, [q, kc, vc, bt, qsl, lens, ref])
+    a, inputs, ref = attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, sum(seq_lens) + hd)
+    T = sum(q_lens)
     out = Guarded((T, heads * hd))
-    sim(f"paged_attention_{dtype}", a, [q, kc, vc, bt, qsl, lens, out.array], reverse)
+    sim(f"paged_attention_{dtype}", a, inputs + [out.array], reverse)
     np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=2e-5)
     out.check_guards()
 
@@ -228,34 +235,15 @@ SPLIT_CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, win
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("q_lens,seq_lens,heads,kv_heads,hd,bs,window,psize", SPLIT_CASES)
 def test_paged_attention_split_and_reduce(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, psize, reverse):
-    rng = np.random.default_rng(sum(seq_lens) + psize)
-    S, T = len(q_lens), sum(q_lens)
-    nblocks = [-(-n // bs) for n in seq_lens]
-    num_blocks = sum(nblocks) + 2
-    perm = rng.permutation(num_blocks).astype(np.int32)
-    width = max(nblocks)
-    bt = np.zeros((S, width), np.int32)
-    i = 0
-    for s_, n in enumerate(nblocks):
-        bt[s_, :n] = perm[i : i + n]
-        i += n
-    kc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
-    vc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
-    q = rng.standard_normal((T, heads * hd)).astype(np.float32)
-    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    lens = np.array(seq_lens, np.int32)
-    attn = args("PagedAttentionArgs", num_seqs=S, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
-                block_size=bs, block_table_width=width, q_stride=heads * hd, sliding_window=window,
-                scale=1.0 / np.sqrt(hd), num_tokens=T)
-    ref = np.zeros((T, heads * hd), np.float32)
-    cpu(f"paged_attention_{dtype}", attn, [q, kc, vc, bt, qsl, lens, ref])
+    attn, inputs, ref = attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window,
+                                       sum(seq_lens) + psize)
+    T = sum(q_lens)
     P = -(-max(seq_lens) // psize)
     split = _core.metal_sim.PagedAttentionSplitArgs()
     split.attn, split.partition_size, split.max_partitions = attn, psize, P
     pmax, psum = Guarded((T, heads, P)), Guarded((T, heads, P))
     pout = Guarded((T, heads, P, hd))
-    sim(f"paged_attention_split_{dtype}", split, [q, kc, vc, bt, qsl, lens, pmax.array, psum.array, pout.array],
-        reverse)
+    sim(f"paged_attention_split_{dtype}", split, inputs + [pmax.array, psum.array, pout.array], reverse)
     red = _core.metal_sim.PagedAttentionReduceArgs()
     red.num_tokens, red.num_heads, red.head_dim, red.max_partitions = T, heads, hd, P
     out = Guarded((T, heads * hd))
@@ -275,31 +263,13 @@ PREFILL_CASES = ATTENTION_CASES[1:] + [  # (the 8-dim single-token case is cover
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("q_lens,seq_lens,heads,kv_heads,hd,bs,window", PREFILL_CASES)
 def test_paged_attention_prefill(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, reverse):
-    rng = np.random.default_rng(sum(seq_lens) * 3 + hd)
-    S, T = len(q_lens), sum(q_lens)
-    nblocks = [-(-n // bs) for n in seq_lens]
-    num_blocks = sum(nblocks) + 1
-    perm = rng.permutation(num_blocks).astype(np.int32)
-    width = max(nblocks)
-    bt = np.zeros((S, width), np.int32)
-    i = 0
-    for s_, n in enumerate(nblocks):
-        bt[s_, :n] = perm[i : i + n]
-        i += n
-    kc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
-    vc = to_storage(rng.standard_normal((num_blocks, bs, kv_heads, hd)), dtype)
-    q = rng.standard_normal((T, heads * hd)).astype(np.float32)
-    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    lens = np.array(seq_lens, np.int32)
-    attn = args("PagedAttentionArgs", num_seqs=S, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
-                block_size=bs, block_table_width=width, q_stride=heads * hd, sliding_window=window,
-                scale=1.0 / np.sqrt(hd), num_tokens=T)
-    ref = np.zeros((T, heads * hd), np.float32)
-    cpu(f"paged_attention_{dtype}", attn, [q, kc, vc, bt, qsl, lens, ref])
+    attn, inputs, ref = attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window,
+                                       sum(seq_lens) * 3 + hd)
+    T = sum(q_lens)
     pre = _core.metal_sim.PagedAttentionPrefillArgs()
     pre.attn, pre.max_query_len = attn, max(q_lens)
     out = Guarded((T, heads * hd))
-    sim(f"paged_attention_prefill_{dtype}", pre, [q, kc, vc, bt, qsl, lens, out.array], reverse)
+    sim(f"paged_attention_prefill_{dtype}", pre, inputs + [out.array], reverse)
     np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=3e-5)
     out.check_guards()
 
