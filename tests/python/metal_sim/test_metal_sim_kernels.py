@@ -253,7 +253,7 @@ def test_paged_attention_split_and_reduce(dtype, q_lens, seq_lens, heads, kv_hea
         g_.check_guards()
 
 
-PREFILL_CASES = ATTENTION_CASES[1:] + [  # (the 8-dim single-token case is covered above)
+PREFILL_CASES = ATTENTION_CASES + [
     ([40], [40], 4, 2, 16, 16, 0),
     ([17, 33], [17, 60], 6, 2, 128, 16, 9),
 ]
