@@ -107,6 +107,7 @@ class LLMEngine:
         self.tokenizer: Optional[Tokenizer] = None
         if (self.model_path / "tokenizer.json").exists():
             self.tokenizer = Tokenizer.from_checkpoint(self.model_path)
+        self.eos_token_ids = self._eos_token_ids()  # resolved once, not per request
         bs, num_blocks = self.engine.block_size, self.engine.num_kv_blocks
         capacity = num_blocks * bs
         if config.max_model_len is None:
@@ -175,12 +176,9 @@ class LLMEngine:
         now = time.monotonic()
         parent = _Parent(request_id, text, ids, params, now)
         salt = None if self.config.enable_prefix_caching else f"req:{request_id}"
-        eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
-        if not eos:
-            eos = tuple(e for e in [self._config_eos()] if e is not None)
         for i in range(params.n):
             p = params if params.n == 1 else params.clone(n=1, seed=None if params.seed is None else params.seed + i)
-            req = Request(f"{request_id}#{i}", ids, p, arrival_time=now, eos_token_ids=eos,
+            req = Request(f"{request_id}#{i}", ids, p, arrival_time=now, eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len, cache_salt=salt, parent=parent, sample_index=i)
             if i > 0:
                 req.first_sibling = parent.samples[0].request
@@ -196,12 +194,15 @@ class LLMEngine:
             self.scheduler.add_request(s.request)
         return request_id
 
-    def _config_eos(self):
+    def _eos_token_ids(self) -> tuple:
+        """The tokenizer's end-of-sequence ids, else config.json's eos_token_id."""
+        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
+            return tuple(self.tokenizer.eos_token_ids)
         try:
             e = json.loads((self.model_path / "config.json").read_text()).get("eos_token_id")
         except (OSError, ValueError):
-            return None
-        return e[0] if isinstance(e, list) and e else e if isinstance(e, int) else None
+            return ()
+        return tuple(e) if isinstance(e, list) else (e,) if isinstance(e, int) else ()
 
     def abort_request(self, request_id: str):
         parent = self.parents.pop(request_id, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from typing import Literal, Optional, Union
@@ -277,8 +278,6 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
                 "total_tokens": sum(prompt_lens) + completion}
 
     def sse(obj) -> str:
-        import json
-
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     async def stream_events(starts, holdback: int, make_chunk, include_usage: bool, prompt_lens, final_chunk):
