@@ -153,7 +153,7 @@ def wait_idle(server, timeout=20.0):
 
 def test_disconnect_mid_stream_frees_blocks(server):
     body = {"model": MODEL, "prompt": "Hello world", "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
-            "stream": True}  # seconds of work: only an abort ends it early
+            "stream": True, "n": 16}  # 16 x 2000 tokens: seconds of work, only an abort ends it early
     aborted = server.metrics().get("metal_engine_requests_aborted_total", 0)
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
@@ -162,9 +162,10 @@ def test_disconnect_mid_stream_frees_blocks(server):
         assert server.metrics()["metal_engine_kv_blocks_used"] > 0
     m = wait_idle(server, timeout=2.0)
     assert m["metal_engine_requests_aborted_total"] == aborted + 1
-    # and a non-streaming client that hangs up
+    # and a non-streaming client that hangs up (one sample alone would take only ~0.5 s on the tiny model, too
+    # close to any client timeout: hence the 16 samples)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
     m = wait_idle(server, timeout=2.0)
     assert m["metal_engine_requests_aborted_total"] == aborted + 2
 
@@ -215,7 +216,7 @@ def test_waiting_bound_and_api_key(checkpoint):
 
         async def flood():
             async with httpx.AsyncClient(timeout=60, headers={"Authorization": "Bearer sekret"}) as c:
-                body = {"model": MODEL, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+                body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
                 return await asyncio.gather(*(c.post(s.url + "/v1/completions", json=body) for _ in range(8)))
 
         codes = sorted(r.status_code for r in asyncio.run(flood()))
