@@ -55,6 +55,8 @@ class Device {
                         std::initializer_list<BufferArg> buffers) = 0;
   virtual void submit() = 0;
   virtual void wait() = 0;
+  // Drops a step whose encoding failed (nothing of it runs), so the next begin_step() starts clean.
+  virtual void abandon_step() = 0;
 
   // Per-kernel timing of submitted steps, for profiling ("where does a step's time go"). Backends
   // that cannot time kernels leave the map empty.
@@ -71,7 +73,10 @@ class Device {
   }
 };
 
-// "cpu" today; throws std::invalid_argument naming the available backends otherwise.
+// The device of config.backend: "cpu", and "metal" (Apple) or "metal-sim" (Linux) where this build has the
+// Metal backend; throws std::invalid_argument naming the available backends otherwise.
 std::unique_ptr<Device> create_device(const EngineConfig& config);
+std::vector<std::string> available_backends();
+std::unique_ptr<Device> create_cpu_device(int num_threads);
 
 }  // namespace metal_engine

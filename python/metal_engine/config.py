@@ -89,16 +89,24 @@ class EngineConfig:
         return self
 
     def select_backend(self) -> str:
-        """auto: metal on Apple GPUs, cpu elsewhere. Metal backends arrive with the Metal issue."""
+        """auto: metal on Apple GPUs (where this build has it), cpu elsewhere. Strict mode raises instead of
+        falling back. An explicit backend this build lacks raises, naming what it has."""
+        from . import _core
+
+        available = list(_core.available_backends())
         apple = platform.system() == "Darwin" and platform.machine() == "arm64"
         backend = self.backend
         if backend == "auto":
+            if "metal" in available:
+                return "metal"
             if apple and self.strict:
                 raise RuntimeError(
                     f"{ENV_STRICT}=1: this is an Apple GPU but this build has no Metal backend; strict mode does "
                     "not fall back to the cpu backend (unset it, or pass backend='cpu')"
                 )
-            backend = "cpu"
-        if backend in ("metal", "metal-sim"):
-            raise ValueError(f"backend {backend!r} is not available in this build; use backend='cpu'")
+            return "cpu"
+        if backend not in available:
+            how = ("build on a Mac with Xcode" if backend == "metal" else
+                   "install clang-19, libobjc-12-dev and libblocksruntime-dev, then reinstall (README: metal-sim)")
+            raise ValueError(f"backend {backend!r} is not in this build (it has {', '.join(available)}); {how}")
         return backend

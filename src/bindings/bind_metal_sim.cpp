@@ -25,6 +25,7 @@ static void run_sim(const std::string& name, const Args& args, const std::vector
   void* ptrs[16] = {};
   ptrs[0] = const_cast<Args*>(&args);  // the argument struct at buffer(0), as setBytes binds it
   for (size_t i = 0; i < arrays.size(); ++i) ptrs[i + 1] = arrays[i] ? arrays[i]->data() : nullptr;
+  metal_sim::link_engine_kernels();
   const DispatchGeometry g = dispatch_geometry(args);
   metal_sim::DispatchOptions opt;
   opt.reverse_order = reverse;
@@ -55,7 +56,10 @@ void init_metal_sim(nb::module_& m) {
       .def_rw("num_heads", &PagedAttentionReduceArgs::num_heads)
       .def_rw("head_dim", &PagedAttentionReduceArgs::head_dim)
       .def_rw("max_partitions", &PagedAttentionReduceArgs::max_partitions);
-  sim.def("kernel_names", &metal_sim::kernel_names);
+  sim.def("kernel_names", [] {
+    metal_sim::link_engine_kernels();
+    return metal_sim::kernel_names();
+  });
   def_run<RmsNormArgs>(sim);
   def_run<SiluMulArgs>(sim);
   def_run<EmbeddingArgs>(sim);

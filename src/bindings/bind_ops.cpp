@@ -7,6 +7,7 @@
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstring>
 #include <optional>
 
 #include "../../metal/op_args.h"
@@ -20,33 +21,52 @@ using namespace metal_engine;
 
 using AnyArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
 
+// cpu: the arrays themselves are the buffers. Other backends: device buffers, copied in before and out after
+// (whole arrays, guard bands included, so an out-of-bounds write still shows).
 template <class Args>
 static void run_kernel(Device& d, const std::string& name, const Args& args,
                        const std::vector<std::optional<AnyArray>>& arrays) {
+  if (arrays.size() < 2 || arrays.size() > 9)
+    throw std::invalid_argument("kernels take 2 to 9 buffers, got " + std::to_string(arrays.size()));
   Kernel k = d.kernel(name);
-  std::vector<std::unique_ptr<Buffer>> wrapped;
-  std::vector<BufferArg> binds;
-  for (const auto& a : arrays) {
-    if (!a) { binds.push_back({}); continue; }
-    wrapped.push_back(d.wrap(a->data(), a->nbytes(), "op test array"));
-    binds.push_back(BufferArg{wrapped.back().get(), 0});
+  const bool copy = d.name() != "cpu";
+  std::vector<std::unique_ptr<Buffer>> buffers;
+  BufferArg b[9] = {};
+  for (size_t i = 0; i < arrays.size(); ++i) {
+    const auto& a = arrays[i];
+    if (!a) continue;
+    if (copy) {
+      buffers.push_back(d.allocate(a->nbytes(), "op test array " + std::to_string(i)));
+      std::memcpy(buffers.back()->data(), a->data(), a->nbytes());
+    } else {
+      buffers.push_back(d.wrap(a->data(), a->nbytes(), "op test array"));
+    }
+    b[i] = BufferArg{buffers.back().get(), 0};
   }
-  while (binds.size() < 8) binds.push_back({});
-  if (arrays.size() > 8) throw std::invalid_argument("at most 8 buffers");
-  d.begin_step();
-  // The Device API takes an initializer_list; kernels have at most 8 bindings.
-  const BufferArg* b = binds.data();
-  switch (arrays.size()) {
-    case 2: d.dispatch(k, args, {b[0], b[1]}); break;
-    case 3: d.dispatch(k, args, {b[0], b[1], b[2]}); break;
-    case 4: d.dispatch(k, args, {b[0], b[1], b[2], b[3]}); break;
-    case 5: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4]}); break;
-    case 6: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5]}); break;
-    case 7: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5], b[6]}); break;
-    default: throw std::invalid_argument("kernels take 2 to 7 buffers, got " + std::to_string(arrays.size()));
+  {
+    nb::gil_scoped_release release;
+    d.begin_step();
+    try {  // the Device API takes an initializer_list
+      switch (arrays.size()) {
+        case 2: d.dispatch(k, args, {b[0], b[1]}); break;
+        case 3: d.dispatch(k, args, {b[0], b[1], b[2]}); break;
+        case 4: d.dispatch(k, args, {b[0], b[1], b[2], b[3]}); break;
+        case 5: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4]}); break;
+        case 6: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5]}); break;
+        case 7: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5], b[6]}); break;
+        case 8: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]}); break;
+        default: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8]}); break;
+      }
+      d.submit();
+    } catch (...) {
+      d.abandon_step();
+      throw;
+    }
+    d.wait();
   }
-  d.submit();
-  d.wait();
+  if (copy)
+    for (size_t i = 0, j = 0; i < arrays.size(); ++i)
+      if (arrays[i]) std::memcpy(arrays[i]->data(), buffers[j++]->data(), arrays[i]->nbytes());
 }
 
 template <class Args>
@@ -67,6 +87,7 @@ void init_ops(nb::module_& m) {
         return create_device(c);
       },
       nb::arg("backend") = "cpu", nb::arg("num_threads") = 0);
+  m.def("available_backends", &available_backends, "The backends this build has: cpu, and metal or metal-sim.");
 
   m.def("cpu_read_bandwidth_gbps", &cpu::measure_read_bandwidth, nb::arg("bytes") = size_t(1) << 30,
         nb::arg("num_threads") = 0, nb::arg("repeats") = 5, nb::call_guard<nb::gil_scoped_release>(),
@@ -125,4 +146,7 @@ void init_ops(nb::module_& m) {
   def_run<PagedAttentionArgs>(ops);
   def_run<GatherRowsArgs>(ops);
   def_run<ArgmaxArgs>(ops);
+  def_run<PagedAttentionSplitArgs>(ops);    // Metal-only kernels (their arg classes live in _core.metal_sim)
+  def_run<PagedAttentionReduceArgs>(ops);
+  def_run<PagedAttentionPrefillArgs>(ops);
 }

@@ -400,8 +400,13 @@ void Engine::step(const StepInput& in, float* logits) {
   pool.begin(false);
   Device& d = *impl_->device;
   d.begin_step();
-  impl_->encode_forward(in, pool, &out);
-  d.submit();
+  try {
+    impl_->encode_forward(in, pool, &out);
+    d.submit();
+  } catch (...) {
+    d.abandon_step();  // nothing of a step that failed to encode runs; the engine stays usable
+    throw;
+  }
   d.wait();
   const size_t n = in.logits_indices.size() * size_t(impl_->model.vocab_size);
   if (n) std::memcpy(logits, pool.host_ptr(out), n * sizeof(float));

@@ -157,6 +157,11 @@ class CpuDevice : public Device {
     if (encoding_) throw std::logic_error("wait() inside a step's encode phase: submit() first");
   }
 
+  void abandon_step() override {
+    commands_.clear();
+    encoding_ = false;
+  }
+
  private:
   ThreadPool pool_;
   std::vector<KernelDef> table_;
@@ -169,9 +174,6 @@ class CpuDevice : public Device {
 }  // namespace
 }  // namespace cpu
 
-std::unique_ptr<Device> create_device(const EngineConfig& config) {
-  if (config.backend == "cpu") return std::make_unique<cpu::CpuDevice>(config.num_threads);
-  throw std::invalid_argument("unknown backend '" + config.backend + "': this build has 'cpu'");
-}
+std::unique_ptr<Device> create_cpu_device(int num_threads) { return std::make_unique<cpu::CpuDevice>(num_threads); }
 
 }  // namespace metal_engine
