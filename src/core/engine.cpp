@@ -21,6 +21,9 @@ namespace metal_engine {
 
 namespace {
 
+constexpr int kPrefillAttentionMinRows = 16;  // a chunk this long takes the tiled prefill attention (Metal)
+constexpr int kAttentionPartition = 256;      // keys per partition of the split attention (Metal)
+
 // A weight on the device: a binding plus what it holds.
 struct Weight {
   BufferArg arg;
@@ -97,6 +100,9 @@ struct Engine::Impl {
 
   struct Kernels {
     Kernel embedding, rms_norm, matmul, rope, silu_mul, kv_write, paged_attention, gather_rows;
+    // Metal only: the tiled prefill attention, and the split-and-reduce attention for long contexts
+    Kernel paged_attention_prefill, paged_attention_split, paged_attention_reduce;
+    bool has_prefill_attention = false, has_split_attention = false;
   } k;
 
   Weight load_weight(const std::string& name, std::vector<int64_t> expected, bool required);
@@ -239,6 +245,18 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   impl->k.kv_write = d.kernel("kv_write_" + w);
   impl->k.paged_attention = d.kernel("paged_attention_" + w);
   impl->k.gather_rows = d.kernel("gather_rows");
+  auto optional_kernel = [&](const std::string& name, Kernel& out) {
+    const std::vector<std::string> names = d.kernel_names();
+    if (std::find(names.begin(), names.end(), name) == names.end()) return false;
+    out = d.kernel(name);
+    return true;
+  };
+  const ModelConfig& mc = impl->model;
+  const bool attention_tiles = mc.head_dim % 8 == 0 && mc.head_dim <= 128;
+  impl->k.has_prefill_attention =
+      attention_tiles && optional_kernel("paged_attention_prefill_" + w, impl->k.paged_attention_prefill);
+  impl->k.has_split_attention = optional_kernel("paged_attention_split_" + w, impl->k.paged_attention_split) &&
+                                optional_kernel("paged_attention_reduce", impl->k.paged_attention_reduce);
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 
@@ -330,6 +348,20 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, Buffer
   BufferArg sel_res = pool.alloc(f * std::max(R, 1) * H, "selected residual");  // f32 [R, H]
   BufferArg sel_h = pool.alloc(f * std::max(R, 1) * H, "selected h");           // f32 [R, H]
   BufferArg logits = pool.alloc(f * size_t(std::max(R, 1)) * V, "logits");      // f32 [R, V]
+  // Attention: the tiled prefill kernel when a chunk has many rows; split into partitions of keys (and
+  // reduced) when a context is long; the one-threadgroup-per-row kernel otherwise (always, on cpu).
+  int max_query_len = 0, max_seq_len = 0;
+  for (int s = 0; s < S; ++s) {
+    max_query_len = std::max(max_query_len, in.query_start_loc[size_t(s) + 1] - in.query_start_loc[size_t(s)]);
+    max_seq_len = std::max(max_seq_len, in.seq_lens[size_t(s)]);
+  }
+  const bool prefill_attention = k.has_prefill_attention && max_query_len >= kPrefillAttentionMinRows;
+  const bool split_attention = !prefill_attention && k.has_split_attention && max_seq_len > kAttentionPartition;
+  const int partitions = (max_seq_len + kAttentionPartition - 1) / kAttentionPartition;
+  const size_t part_rows = split_attention ? size_t(T) * m.num_heads * partitions : 1;
+  BufferArg part_max = pool.alloc(f * part_rows, "attention partition max");      // f32 [T, heads, P]
+  BufferArg part_sum = pool.alloc(f * part_rows, "attention partition sum");      // f32 [T, heads, P]
+  BufferArg part_out = pool.alloc(f * part_rows * hd, "attention partition out"); // f32 [T, heads, P, hd]
   *logits_out = logits;
   if (!logits.buffer) return;  // measuring
 
@@ -370,7 +402,17 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, Buffer
                {kk, vv, slots, kv->key_cache(l), kv->value_cache(l)});
     const int window = m.layer_uses_sliding_window[size_t(l)] ? m.sliding_window : 0;
     PagedAttentionArgs pa{S, m.num_heads, m.num_kv_heads, hd, kv->block_size(), in.block_table_width, QD, window, scale, T};
-    d.dispatch(k.paged_attention, pa, {q, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, attn});
+    if (prefill_attention) {
+      d.dispatch(k.paged_attention_prefill, PagedAttentionPrefillArgs{pa, max_query_len},
+                 {q, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, attn});
+    } else if (split_attention) {
+      d.dispatch(k.paged_attention_split, PagedAttentionSplitArgs{pa, kAttentionPartition, partitions},
+                 {q, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, part_max, part_sum, part_out});
+      d.dispatch(k.paged_attention_reduce, PagedAttentionReduceArgs{T, m.num_heads, hd, partitions},
+                 {part_max, part_sum, part_out, attn});
+    } else {
+      d.dispatch(k.paged_attention, pa, {q, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, attn});
+    }
     matmul(attn, L.o_proj, L.o_bias, h, T);                                 // [T, H]
     // residual += h;  h = RMSNorm(residual)
     rms_norm(h, residual, L.post_attention_norm, h, T, true);

@@ -157,6 +157,7 @@ class MetalDevice : public Device {
       throw std::invalid_argument("kernel '" + e.spec.functions[size_t(plan.first)] + "' needs " +
                                   std::to_string(threads) + " threads per threadgroup; its pipeline allows " +
                                   std::to_string(p->maxTotalThreadsPerThreadgroup()));
+    if (profiling_) profile_[e.spec.functions[size_t(plan.first)]].calls += 1;
     encoder_->setComputePipelineState(p);
     encoder_->setBytes(args, args_size, 0);
     NS::UInteger index = 1;
@@ -192,6 +193,15 @@ class MetalDevice : public Device {
       failure = describe(command_buffer_->error());
     end_step();
     if (!failure.empty()) throw std::runtime_error("the Metal command buffer failed: " + failure);
+  }
+
+  // Profiling counts launches per MSL function (what ran); a step's kernels share one command buffer, so
+  // there are no per-kernel times.
+  void set_profiling(bool on) override { profiling_ = on; }
+  std::map<std::string, KernelTime> take_profile() override {
+    std::map<std::string, KernelTime> out;
+    out.swap(profile_);
+    return out;
   }
 
   void abandon_step() override {
@@ -273,6 +283,8 @@ class MetalDevice : public Device {
   MTL::CommandBuffer* command_buffer_ = nullptr;
   MTL::ComputeCommandEncoder* encoder_ = nullptr;
   bool encoding_ = false;
+  bool profiling_ = false;
+  std::map<std::string, KernelTime> profile_;
 };
 
 }  // namespace
