@@ -7,15 +7,30 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-# GoogleTest for the C++ tests (Debian/Ubuntu package; Homebrew's googletest on macOS).
-if ! { [ -f /usr/lib/x86_64-linux-gnu/libgtest.a ] || [ -f /usr/lib/aarch64-linux-gnu/libgtest.a ] || \
-       [ -f /usr/lib/libgtest.a ] || [ -f /opt/homebrew/lib/libgtest.a ] || [ -f /usr/local/lib/libgtest.a ]; }; then
+# System packages: GoogleTest for the C++ tests; clang, GCC's libobjc and BlocksRuntime for the metal-sim
+# backend (metal-cpp needs clang; metal-sim's Metal stand-in is Objective-C classes in libobjc). Debian/Ubuntu
+# packages; on macOS, Homebrew's googletest (the real Metal backend needs nothing more).
+have_gtest() {
+  for f in /usr/lib/x86_64-linux-gnu/libgtest.a /usr/lib/aarch64-linux-gnu/libgtest.a /usr/lib/libgtest.a \
+           /opt/homebrew/lib/libgtest.a /usr/local/lib/libgtest.a; do [ -f "$f" ] && return 0; done
+  return 1
+}
+need=()
+have_gtest || need+=(libgtest-dev)
+if [ "$(uname -s)" = Linux ]; then
+  command -v clang++-19 >/dev/null || need+=(clang-19)
+  [ -f "$(gcc -print-file-name=include)/objc/runtime.h" ] || need+=(libobjc-12-dev)
+  [ -f /usr/include/Block.h ] || need+=(libblocksruntime-dev)
+fi
+if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   elif command -v brew >/dev/null; then
     brew install googletest
-  else
+  elif ! have_gtest; then
     echo "GoogleTest is missing: install libgtest-dev (apt) or googletest (brew)" >&2; exit 1
+  else
+    echo "metal-sim backend skipped: missing ${need[*]}" >&2
   fi
 fi
 
