@@ -41,21 +41,6 @@ static void def_run(nb::module_& m) {
 
 void init_metal_sim(nb::module_& m) {
   nb::module_ sim = m.def_submodule("metal_sim", "metal-sim's kernel emulator: the .metal kernels run on the CPU");
-  nb::class_<PagedAttentionSplitArgs>(sim, "PagedAttentionSplitArgs")
-      .def(nb::init<>())
-      .def_rw("attn", &PagedAttentionSplitArgs::attn)
-      .def_rw("partition_size", &PagedAttentionSplitArgs::partition_size)
-      .def_rw("max_partitions", &PagedAttentionSplitArgs::max_partitions);
-  nb::class_<PagedAttentionPrefillArgs>(sim, "PagedAttentionPrefillArgs")
-      .def(nb::init<>())
-      .def_rw("attn", &PagedAttentionPrefillArgs::attn)
-      .def_rw("max_query_len", &PagedAttentionPrefillArgs::max_query_len);
-  nb::class_<PagedAttentionReduceArgs>(sim, "PagedAttentionReduceArgs")
-      .def(nb::init<>())
-      .def_rw("num_tokens", &PagedAttentionReduceArgs::num_tokens)
-      .def_rw("num_heads", &PagedAttentionReduceArgs::num_heads)
-      .def_rw("head_dim", &PagedAttentionReduceArgs::head_dim)
-      .def_rw("max_partitions", &PagedAttentionReduceArgs::max_partitions);
   sim.def("kernel_names", [] {
     metal_sim::link_engine_kernels();
     return metal_sim::kernel_names();
@@ -72,5 +57,4 @@ void init_metal_sim(nb::module_& m) {
   def_run<PagedAttentionSplitArgs>(sim);
   def_run<PagedAttentionReduceArgs>(sim);
   def_run<PagedAttentionPrefillArgs>(sim);
-  sim.def("matmul_kernel_prefix", [](const MatmulArgs& a) { return std::string(matmul_kernel_prefix(a)); });
 }

@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "../../metal/op_args.h"
+#include "../metal/dispatch_geometry.h"
 #include "../cpu/bandwidth.h"
 #include "../cpu/blas.h"
 #include "metal_engine/config.h"
@@ -137,6 +138,24 @@ void init_ops(nb::module_& m) {
       .def(nb::init<>())
       .def_rw("rows", &GatherRowsArgs::rows).def_rw("dim", &GatherRowsArgs::dim);
 
+  // the Metal-only attention kernels (split-and-reduce, tiled prefill)
+  nb::class_<PagedAttentionSplitArgs>(ops, "PagedAttentionSplitArgs")
+      .def(nb::init<>())
+      .def_rw("attn", &PagedAttentionSplitArgs::attn)
+      .def_rw("partition_size", &PagedAttentionSplitArgs::partition_size)
+      .def_rw("max_partitions", &PagedAttentionSplitArgs::max_partitions);
+  nb::class_<PagedAttentionPrefillArgs>(ops, "PagedAttentionPrefillArgs")
+      .def(nb::init<>())
+      .def_rw("attn", &PagedAttentionPrefillArgs::attn)
+      .def_rw("max_query_len", &PagedAttentionPrefillArgs::max_query_len);
+  nb::class_<PagedAttentionReduceArgs>(ops, "PagedAttentionReduceArgs")
+      .def(nb::init<>())
+      .def_rw("num_tokens", &PagedAttentionReduceArgs::num_tokens)
+      .def_rw("num_heads", &PagedAttentionReduceArgs::num_heads)
+      .def_rw("head_dim", &PagedAttentionReduceArgs::head_dim)
+      .def_rw("max_partitions", &PagedAttentionReduceArgs::max_partitions);
+  ops.def("metal_matmul_kernel_prefix", [](const MatmulArgs& a) { return std::string(matmul_kernel_prefix(a)); },
+          "Which Metal matmul kernel these arguments take: matmul_gemv or matmul_gemm.");
   def_run<EmbeddingArgs>(ops);
   def_run<RmsNormArgs>(ops);
   def_run<MatmulArgs>(ops);
@@ -146,7 +165,7 @@ void init_ops(nb::module_& m) {
   def_run<PagedAttentionArgs>(ops);
   def_run<GatherRowsArgs>(ops);
   def_run<ArgmaxArgs>(ops);
-  def_run<PagedAttentionSplitArgs>(ops);    // Metal-only kernels (their arg classes live in _core.metal_sim)
+  def_run<PagedAttentionSplitArgs>(ops);
   def_run<PagedAttentionReduceArgs>(ops);
   def_run<PagedAttentionPrefillArgs>(ops);
 }

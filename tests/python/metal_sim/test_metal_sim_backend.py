@@ -1,5 +1,5 @@
-"""backend="metal-sim": the metal-cpp backend (src/metal/metal_device.cpp) running the MSL kernels against
-metal-sim's stand-in for the Metal framework. Tiny random Llama, Mistral (sliding window) and Qwen2 (qkv
+"""The Metal backend (src/metal/metal_device.cpp) end to end: backend="metal-sim" here, running the MSL kernels
+against metal-sim's stand-in for the Metal framework; backend="metal" on a Mac. Tiny random Llama, Mistral (sliding window) and Qwen2 (qkv
 bias) checkpoints end to end, compared with the cpu backend: prefill (the tiled prefill attention, chunked
 and whole), decode (the per-row attention, and split-and-reduce over a context longer than a partition),
 batched and alone; and LLM(..., backend="metal-sim") generates the cpu backend's greedy text."""
@@ -14,7 +14,8 @@ from metal_engine.engine import Engine
 from engine_harness import Harness
 from tiny_models import ARCHS, make_tiny_checkpoint, make_tiny_text_checkpoint
 
-if "metal-sim" not in _core.available_backends():
+METAL = "metal" if "metal" in _core.available_backends() else "metal-sim"
+if METAL not in _core.available_backends():
     if os.environ.get("CI"):  # CI installs clang, libobjc and BlocksRuntime: the backend must be there
         raise RuntimeError("CI build has no metal-sim backend: " + str(_core.available_backends()))
     pytest.skip("this build has no metal-sim backend (needs clang, libobjc-12-dev, libblocksruntime-dev)",
@@ -54,7 +55,7 @@ def test_prefill_and_decode_match_cpu(checkpoints, arch, dtype):
     prompts = [rng.integers(0, 211, n).tolist() for n in (300, 21, 2)]
     ref = run(checkpoints[arch], "cpu", dtype, prompts, decode_steps=3)
     profile = {}
-    got = run(checkpoints[arch], "metal-sim", dtype, prompts, decode_steps=3, profile=profile)
+    got = run(checkpoints[arch], METAL, dtype, prompts, decode_steps=3, profile=profile)
     assert_same(ref, got, TOL[dtype])
     w = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
     for kernel in (f"paged_attention_prefill_{w}", f"paged_attention_split_{w}", "paged_attention_reduce",
@@ -69,7 +70,7 @@ def test_chunked_alone_and_short_contexts(checkpoints, arch):
     prompts = [rng.integers(0, 211, n).tolist() for n in (13, 6)]
     ref = run(checkpoints[arch], "cpu", "float32", prompts, decode_steps=4, batched=False, chunk=5)
     profile = {}
-    got = run(checkpoints[arch], "metal-sim", "float32", prompts, decode_steps=4, batched=False, chunk=5,
+    got = run(checkpoints[arch], METAL, "float32", prompts, decode_steps=4, batched=False, chunk=5,
               profile=profile)
     assert_same(ref, got, TOL["float32"])
     assert profile["paged_attention_f32"][0] > 0 and "paged_attention_prefill_f32" not in profile
@@ -78,8 +79,8 @@ def test_chunked_alone_and_short_contexts(checkpoints, arch):
 def test_batched_equals_alone_on_metal_sim(checkpoints):
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 211, n).tolist() for n in (17, 4, 9)]
-    batched = run(checkpoints["llama"], "metal-sim", "float32", prompts, decode_steps=3)
-    alone = run(checkpoints["llama"], "metal-sim", "float32", prompts, decode_steps=3, batched=False)
+    batched = run(checkpoints["llama"], METAL, "float32", prompts, decode_steps=3)
+    alone = run(checkpoints["llama"], METAL, "float32", prompts, decode_steps=3, batched=False)
     assert_same(batched, alone, 1e-5)
 
 
@@ -88,15 +89,16 @@ def test_llm_generates_the_cpu_text(tmp_path):
     prompts = ["Hello world", "def fibonacci(n):", "The quick brown fox"]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     texts = {}
-    for backend in ("cpu", "metal-sim"):
+    for backend in ("cpu", METAL):
         llm = LLM(str(path), backend=backend, dtype="float32", max_model_len=256)
         outs = llm.generate(prompts, params, use_tqdm=False)
         texts[backend] = [(o.outputs[0].text, o.outputs[0].token_ids) for o in outs]
         assert llm.llm_engine.engine.backend == backend
-    assert texts["metal-sim"] == texts["cpu"]
+    assert texts[METAL] == texts["cpu"]
     assert all(len(ids) == 12 for _, ids in texts["cpu"])
 
 
 def test_unknown_backend_names_what_the_build_has(checkpoints):
-    with pytest.raises(ValueError, match="metal-sim"):
-        Engine(checkpoints["llama"], backend="metal")
+    other = "metal-sim" if METAL == "metal" else "metal"
+    with pytest.raises(ValueError, match=f"this build has 'cpu', '{METAL}'"):
+        Engine(checkpoints["llama"], backend=other)

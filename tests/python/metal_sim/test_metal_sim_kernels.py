@@ -1,5 +1,6 @@
-"""The .metal kernels on metal-sim's CPU emulator against the cpu backend's op (the reference), over dtypes
-and odd shapes, with guard bands around outputs, with threads run first-to-last and last-to-first."""
+"""The .metal kernels against the cpu backend's op (the reference), over dtypes and odd shapes, with guard
+bands around outputs: on metal-sim's CPU emulator, with threads run first-to-last and last-to-first; on a
+Mac without the emulator, on the real Metal device through the Metal backend (the macOS workflow)."""
 
 import numpy as np
 import pytest
@@ -7,11 +8,23 @@ import pytest
 from metal_engine import _core
 from op_testing import DTYPES, Guarded, args, device, run, to_storage
 
-ORDERS = pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+# forward / reverse: metal-sim's emulator directly, threads first-to-last and last-to-first;
+# backend: through the Metal backend (metal-cpp, buffers copied in and out, one command buffer)
+_BACKEND = next((b for b in ("metal", "metal-sim") if b in _core.available_backends()), None)
+ORDERS = pytest.mark.parametrize("reverse", [False, True] + (["backend"] if _BACKEND else []),
+                                 ids=["forward", "reverse"] + (["backend"] if _BACKEND else []))
+
+
+EMULATOR = hasattr(_core, "metal_sim")
 
 
 def sim(kernel, a, buffers, reverse):
-    _core.metal_sim.run(kernel, a, buffers, reverse)
+    if reverse == "backend":
+        run(device(_BACKEND), kernel, a, buffers)
+    elif EMULATOR:
+        _core.metal_sim.run(kernel, a, buffers, reverse)
+    else:  # a Mac: the kernel on the GPU (the thread order is the GPU's own)
+        run(device("metal"), kernel, a, buffers)
 
 
 def cpu(kernel, a, buffers):
@@ -146,7 +159,7 @@ def test_matmul(dtype, m, n, k, bias, reverse):
     ref = np.zeros((m, n), np.float32)
     cpu(f"matmul_{dtype}", a, [x, w, b, ref])
     kernel = {"matmul_gemv": f"matmul_gemv_{dtype}", "matmul_gemm": f"matmul_gemm_{dtype}"}[
-        _core.metal_sim.matmul_kernel_prefix(a)]
+        _core.ops.metal_matmul_kernel_prefix(a)]
     assert kernel.startswith("matmul_gemv" if m <= 4 else "matmul_gemm")
     y = Guarded((m, n))
     sim(kernel, a, [x, w, b, y.array], reverse)
@@ -239,12 +252,12 @@ def test_paged_attention_split_and_reduce(dtype, q_lens, seq_lens, heads, kv_hea
                                        sum(seq_lens) + psize)
     T = sum(q_lens)
     P = -(-max(seq_lens) // psize)
-    split = _core.metal_sim.PagedAttentionSplitArgs()
+    split = _core.ops.PagedAttentionSplitArgs()
     split.attn, split.partition_size, split.max_partitions = attn, psize, P
     pmax, psum = Guarded((T, heads, P)), Guarded((T, heads, P))
     pout = Guarded((T, heads, P, hd))
     sim(f"paged_attention_split_{dtype}", split, inputs + [pmax.array, psum.array, pout.array], reverse)
-    red = _core.metal_sim.PagedAttentionReduceArgs()
+    red = _core.ops.PagedAttentionReduceArgs()
     red.num_tokens, red.num_heads, red.head_dim, red.max_partitions = T, heads, hd, P
     out = Guarded((T, heads * hd))
     sim("paged_attention_reduce", red, [pmax.array, psum.array, pout.array, out.array], reverse)
@@ -266,7 +279,7 @@ def test_paged_attention_prefill(dtype, q_lens, seq_lens, heads, kv_heads, hd, b
     attn, inputs, ref = attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window,
                                        sum(seq_lens) * 3 + hd)
     T = sum(q_lens)
-    pre = _core.metal_sim.PagedAttentionPrefillArgs()
+    pre = _core.ops.PagedAttentionPrefillArgs()
     pre.attn, pre.max_query_len = attn, max(q_lens)
     out = Guarded((T, heads * hd))
     sim(f"paged_attention_prefill_{dtype}", pre, inputs + [out.array], reverse)
@@ -282,6 +295,7 @@ def test_paged_attention_limits_are_refused():
         sim("paged_attention_f32", a, [z, z, z, z, z, z, z], False)
 
 
+@pytest.mark.skipif(not EMULATOR, reason="the emulator's registry")
 def test_every_kernel_is_registered_and_tested_here():
     """Every kernel of metal/*.metal, by the name the host dispatches; each has a test above."""
     assert set(_core.metal_sim.kernel_names()) == {
