@@ -114,6 +114,18 @@ struct PagedAttentionPrefillArgs {
   int max_query_len;  // longest query chunk of the step: sizes the grid
 };
 
+// paged_attention_decode_<kvdt>: kv_write and paged_attention in one kernel, for a step where every
+// sequence has exactly one new token (each threadgroup writes only its own row's k and v, so no row may need
+// another row's new key). Slots outside [0, num_slots) are not written.
+// buffers: q, k f32 [num_tokens, k_stride], v f32 [num_tokens, v_stride], slot_mapping i64 [num_tokens],
+//          k_cache, v_cache, block_tables, query_start_loc, seq_lens, out (as paged_attention)
+struct PagedAttentionDecodeArgs {
+  PagedAttentionArgs attn;
+  int k_stride;
+  int v_stride;
+  int num_slots;
+};
+
 struct PagedAttentionReduceArgs {
   int num_tokens;
   int num_heads;
@@ -147,5 +159,6 @@ ME_STATIC_ASSERT(sizeof(GatherRowsArgs) == 8, "GatherRowsArgs layout");
 ME_STATIC_ASSERT(sizeof(PagedAttentionSplitArgs) == 48, "PagedAttentionSplitArgs layout");
 ME_STATIC_ASSERT(sizeof(PagedAttentionReduceArgs) == 16, "PagedAttentionReduceArgs layout");
 ME_STATIC_ASSERT(sizeof(PagedAttentionPrefillArgs) == 44, "PagedAttentionPrefillArgs layout");
+ME_STATIC_ASSERT(sizeof(PagedAttentionDecodeArgs) == 52, "PagedAttentionDecodeArgs layout");
 
 }  // namespace metal_engine

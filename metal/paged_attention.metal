@@ -6,6 +6,9 @@
 //  - paged_attention_<kvdt>: one threadgroup per (query token, KV head) over all its keys;
 //  - paged_attention_split_<kvdt> + paged_attention_reduce: the keys cut into partitions (vLLM's v2), one
 //    threadgroup per (row, KV head, partition), for long contexts; the reduce kernel merges partitions.
+//  - paged_attention_decode_<kvdt>: paged_attention fused with the KV write of the new token, for steps
+//    where every sequence has one new token: the threadgroup of (row, KV head) writes that head's k and v
+//    into the row's slot, then (after a device-memory barrier) attends over them with the cached keys.
 // Limits (checked by the host): head_dim <= 128, num_heads / num_kv_heads <= 8.
 #include <metal_stdlib>
 #include "op_args.h"
@@ -143,6 +146,47 @@ kernel void paged_attention(constant PagedAttentionArgs& args [[buffer(0)]],
 }
 
 template <typename KV>
+kernel void paged_attention_decode(constant PagedAttentionDecodeArgs& args [[buffer(0)]],
+                                   device const float* q [[buffer(1)]],              // [num_tokens, q_stride]
+                                   device const float* k [[buffer(2)]],              // [num_tokens, k_stride]
+                                   device const float* v [[buffer(3)]],              // [num_tokens, v_stride]
+                                   device const long* slot_mapping [[buffer(4)]],    // [num_tokens]
+                                   device KV* k_cache [[buffer(5)]],                 // [blocks, block_size, kv_heads, hd]
+                                   device KV* v_cache [[buffer(6)]],
+                                   device const int* block_tables [[buffer(7)]],     // [num_seqs, block_table_width]
+                                   device const int* query_start_loc [[buffer(8)]],  // [num_seqs + 1]
+                                   device const int* seq_lens [[buffer(9)]],         // [num_seqs]
+                                   device float* out [[buffer(10)]],                 // [num_tokens, num_heads * hd]
+                                   uint3 tg [[threadgroup_position_in_grid]],
+                                   uint tid [[thread_index_in_threadgroup]],
+                                   uint lane [[thread_index_in_simdgroup]],
+                                   uint sg [[simdgroup_index_in_threadgroup]]) {
+  threadgroup float sg_max[kAttnSimdgroups * kMaxGroup];
+  threadgroup float sg_sum[kAttnSimdgroups * kMaxGroup];
+  threadgroup float sg_out[kAttnSimdgroups * kMaxGroup * kMaxHeadDim];
+  threadgroup float res_max[kMaxGroup];
+  threadgroup float res_sum[kMaxGroup];
+  threadgroup float res_out[kMaxGroup * kMaxHeadDim];
+  constant PagedAttentionArgs& a = args.attn;
+  const int t = int(tg.x), g = int(tg.y), hd = a.head_dim, group = a.num_heads / a.num_kv_heads;
+  const long slot = slot_mapping[t];
+  if (slot >= 0 && slot < long(args.num_slots)) {  // this KV head of the new token, into its slot
+    const long base = slot * long(a.num_kv_heads) * hd + long(g) * hd;
+    for (int d = int(tid); d < hd; d += kAttnSimdgroups * 32) {
+      k_cache[base + d] = KV(k[long(t) * args.k_stride + g * hd + d]);
+      v_cache[base + d] = KV(v[long(t) * args.v_stride + g * hd + d]);
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_device);  // the whole threadgroup sees the new key and value
+  const RowInfo r = row_info(a, query_start_loc, seq_lens, t);
+  device const int* bt = block_tables + long(r.seq) * a.block_table_width;
+  attend_range(a, q, k_cache, v_cache, bt, t, g, r.first, r.pos, sg_max, sg_sum, sg_out, res_max, res_sum,
+               res_out, tid, lane, sg);
+  for (int e = int(tid); e < group * hd; e += kAttnSimdgroups * 32)
+    out[long(t) * a.num_heads * hd + (g * group + e / hd) * hd + e % hd] = res_out[(e / hd) * kMaxHeadDim + e % hd];
+}
+
+template <typename KV>
 kernel void paged_attention_split(constant PagedAttentionSplitArgs& args [[buffer(0)]],
                                   device const float* q [[buffer(1)]],
                                   device const KV* k_cache [[buffer(2)]],
@@ -211,3 +255,6 @@ template [[host_name("paged_attention_bf16")]] kernel decltype(paged_attention<b
 template [[host_name("paged_attention_split_f32")]] kernel decltype(paged_attention_split<float>) paged_attention_split<float>;
 template [[host_name("paged_attention_split_f16")]] kernel decltype(paged_attention_split<half>) paged_attention_split<half>;
 template [[host_name("paged_attention_split_bf16")]] kernel decltype(paged_attention_split<bfloat>) paged_attention_split<bfloat>;
+template [[host_name("paged_attention_decode_f32")]] kernel decltype(paged_attention_decode<float>) paged_attention_decode<float>;
+template [[host_name("paged_attention_decode_f16")]] kernel decltype(paged_attention_decode<half>) paged_attention_decode<half>;
+template [[host_name("paged_attention_decode_bf16")]] kernel decltype(paged_attention_decode<bfloat>) paged_attention_decode<bfloat>;

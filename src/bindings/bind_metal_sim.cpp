@@ -57,4 +57,5 @@ void init_metal_sim(nb::module_& m) {
   def_run<PagedAttentionSplitArgs>(sim);
   def_run<PagedAttentionReduceArgs>(sim);
   def_run<PagedAttentionPrefillArgs>(sim);
+  def_run<PagedAttentionDecodeArgs>(sim);
 }

@@ -27,12 +27,12 @@ using AnyArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
 template <class Args>
 static void run_kernel(Device& d, const std::string& name, const Args& args,
                        const std::vector<std::optional<AnyArray>>& arrays) {
-  if (arrays.size() < 2 || arrays.size() > 9)
-    throw std::invalid_argument("kernels take 2 to 9 buffers, got " + std::to_string(arrays.size()));
+  if (arrays.size() < 2 || arrays.size() > 10)
+    throw std::invalid_argument("kernels take 2 to 10 buffers, got " + std::to_string(arrays.size()));
   Kernel k = d.kernel(name);
   const bool copy = d.name() != "cpu";
   std::vector<std::unique_ptr<Buffer>> buffers;
-  BufferArg b[9] = {};
+  BufferArg b[10] = {};
   for (size_t i = 0; i < arrays.size(); ++i) {
     const auto& a = arrays[i];
     if (!a) continue;
@@ -56,7 +56,8 @@ static void run_kernel(Device& d, const std::string& name, const Args& args,
         case 6: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5]}); break;
         case 7: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5], b[6]}); break;
         case 8: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]}); break;
-        default: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8]}); break;
+        case 9: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8]}); break;
+        default: d.dispatch(k, args, {b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9]}); break;
       }
       d.submit();
     } catch (...) {
@@ -148,6 +149,12 @@ void init_ops(nb::module_& m) {
       .def(nb::init<>())
       .def_rw("attn", &PagedAttentionPrefillArgs::attn)
       .def_rw("max_query_len", &PagedAttentionPrefillArgs::max_query_len);
+  nb::class_<PagedAttentionDecodeArgs>(ops, "PagedAttentionDecodeArgs")
+      .def(nb::init<>())
+      .def_rw("attn", &PagedAttentionDecodeArgs::attn)
+      .def_rw("k_stride", &PagedAttentionDecodeArgs::k_stride)
+      .def_rw("v_stride", &PagedAttentionDecodeArgs::v_stride)
+      .def_rw("num_slots", &PagedAttentionDecodeArgs::num_slots);
   nb::class_<PagedAttentionReduceArgs>(ops, "PagedAttentionReduceArgs")
       .def(nb::init<>())
       .def_rw("num_tokens", &PagedAttentionReduceArgs::num_tokens)
@@ -167,5 +174,6 @@ void init_ops(nb::module_& m) {
   def_run<ArgmaxArgs>(ops);
   def_run<PagedAttentionSplitArgs>(ops);
   def_run<PagedAttentionReduceArgs>(ops);
+  def_run<PagedAttentionDecodeArgs>(ops);
   def_run<PagedAttentionPrefillArgs>(ops);
 }

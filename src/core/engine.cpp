@@ -101,8 +101,8 @@ struct Engine::Impl {
   struct Kernels {
     Kernel embedding, rms_norm, matmul, rope, silu_mul, kv_write, paged_attention, gather_rows;
     // Metal only: the tiled prefill attention, and the split-and-reduce attention for long contexts
-    Kernel paged_attention_prefill, paged_attention_split, paged_attention_reduce;
-    bool has_prefill_attention = false, has_split_attention = false;
+    Kernel paged_attention_prefill, paged_attention_split, paged_attention_reduce, paged_attention_decode;
+    bool has_prefill_attention = false, has_split_attention = false, has_decode_attention = false;
   } k;
 
   Weight load_weight(const std::string& name, std::vector<int64_t> expected, bool required);
@@ -255,6 +255,7 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   const bool attention_tiles = mc.head_dim % 8 == 0 && mc.head_dim <= 128;
   impl->k.has_prefill_attention =
       attention_tiles && optional_kernel("paged_attention_prefill_" + w, impl->k.paged_attention_prefill);
+  impl->k.has_decode_attention = optional_kernel("paged_attention_decode_" + w, impl->k.paged_attention_decode);
   impl->k.has_split_attention = optional_kernel("paged_attention_split_" + w, impl->k.paged_attention_split) &&
                                 optional_kernel("paged_attention_reduce", impl->k.paged_attention_reduce);
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
@@ -357,6 +358,8 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, Buffer
   }
   const bool prefill_attention = k.has_prefill_attention && max_query_len >= kPrefillAttentionMinRows;
   const bool split_attention = !prefill_attention && k.has_split_attention && max_seq_len > kAttentionPartition;
+  // a pure decode step (one new token per sequence) writes K/V inside the attention kernel
+  const bool decode_attention = !prefill_attention && !split_attention && k.has_decode_attention && max_query_len == 1;
   const int partitions = (max_seq_len + kAttentionPartition - 1) / kAttentionPartition;
   const size_t part_rows = split_attention ? size_t(T) * m.num_heads * partitions : 1;
   BufferArg part_max = pool.alloc(f * part_rows, "attention partition max");      // f32 [T, heads, P]
@@ -398,11 +401,15 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, Buffer
     matmul(h, L.k_proj, L.k_bias, kk, T);                                   // [T, kv_heads*hd]
     matmul(h, L.v_proj, L.v_bias, vv, T);                                   // [T, kv_heads*hd]
     d.dispatch(k.rope, RopeArgs{T, m.num_heads, m.num_kv_heads, hd, QD, KD}, {positions, rope_inv_freq, q, kk});
-    d.dispatch(k.kv_write, KVWriteArgs{T, m.num_kv_heads, hd, kv->block_size(), int(kv->num_slots()), KD, KD},
-               {kk, vv, slots, kv->key_cache(l), kv->value_cache(l)});
     const int window = m.layer_uses_sliding_window[size_t(l)] ? m.sliding_window : 0;
     PagedAttentionArgs pa{S, m.num_heads, m.num_kv_heads, hd, kv->block_size(), in.block_table_width, QD, window, scale, T};
-    if (prefill_attention) {
+    if (!decode_attention)
+      d.dispatch(k.kv_write, KVWriteArgs{T, m.num_kv_heads, hd, kv->block_size(), int(kv->num_slots()), KD, KD},
+                 {kk, vv, slots, kv->key_cache(l), kv->value_cache(l)});
+    if (decode_attention) {
+      d.dispatch(k.paged_attention_decode, PagedAttentionDecodeArgs{pa, KD, KD, int(kv->num_slots())},
+                 {q, kk, vv, slots, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, attn});
+    } else if (prefill_attention) {
       d.dispatch(k.paged_attention_prefill, PagedAttentionPrefillArgs{pa, max_query_len},
                  {q, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, attn});
     } else if (split_attention) {

@@ -78,6 +78,8 @@ DispatchGeometry dispatch_geometry(const PagedAttentionSplitArgs& a) {
   return g;
 }
 
+DispatchGeometry dispatch_geometry(const PagedAttentionDecodeArgs& a) { return dispatch_geometry(a.attn); }
+
 DispatchGeometry dispatch_geometry(const PagedAttentionReduceArgs& a) {
   DispatchGeometry g = per_group(a.num_tokens, a.head_dim);
   g.groups[1] = uint32_t(std::max(a.num_heads, 1));

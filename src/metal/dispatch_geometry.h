@@ -27,6 +27,7 @@ DispatchGeometry dispatch_geometry(const MatmulArgs& a);
 // kernel's limits (head_dim <= 128, num_heads / num_kv_heads <= 8).
 DispatchGeometry dispatch_geometry(const PagedAttentionArgs& a);
 DispatchGeometry dispatch_geometry(const PagedAttentionSplitArgs& a);   // (row, KV head, partition)
+DispatchGeometry dispatch_geometry(const PagedAttentionDecodeArgs& a);  // (row, KV head), as paged_attention
 DispatchGeometry dispatch_geometry(const PagedAttentionReduceArgs& a);  // (row, query head)
 // (16 query rows, sequence, query head); head_dim a multiple of 8, at most 128
 DispatchGeometry dispatch_geometry(const PagedAttentionPrefillArgs& a);

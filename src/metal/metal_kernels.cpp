@@ -45,6 +45,7 @@ std::vector<std::pair<std::string, MetalKernelSpec>> table() {
     add("kv_write_" + s, one<KVWriteArgs>("kv_write_" + s, 5));
     add("paged_attention_" + s, one<PagedAttentionArgs>("paged_attention_" + s, 7));
     add("paged_attention_split_" + s, one<PagedAttentionSplitArgs>("paged_attention_split_" + s, 9));
+    add("paged_attention_decode_" + s, one<PagedAttentionDecodeArgs>("paged_attention_decode_" + s, 10));
     add("paged_attention_prefill_" + s, one<PagedAttentionPrefillArgs>("paged_attention_prefill_" + s, 7));
   }
   add("paged_attention_reduce", one<PagedAttentionReduceArgs>("paged_attention_reduce", 4));

@@ -65,7 +65,8 @@ def test_prefill_and_decode_match_cpu(checkpoints, arch, dtype):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chunked_alone_and_short_contexts(checkpoints, arch):
-    """Prefill in 5-token chunks (the per-row attention over cached pages), each sequence alone."""
+    """Prefill in 5-token chunks (the per-row attention over cached pages), then decode (the attention kernel
+    fused with the KV write), each sequence alone."""
     rng = np.random.default_rng(11)
     prompts = [rng.integers(0, 211, n).tolist() for n in (13, 6)]
     ref = run(checkpoints[arch], "cpu", "float32", prompts, decode_steps=4, batched=False, chunk=5)
@@ -74,6 +75,9 @@ def test_chunked_alone_and_short_contexts(checkpoints, arch):
               profile=profile)
     assert_same(ref, got, TOL["float32"])
     assert profile["paged_attention_f32"][0] > 0 and "paged_attention_prefill_f32" not in profile
+    # decode steps write K/V inside the attention kernel: kv_write runs only for the prefill chunks
+    assert profile["paged_attention_decode_f32"][0] > 0
+    assert profile["kv_write_f32"][0] == profile["paged_attention_f32"][0]
 
 
 def test_batched_equals_alone_on_metal_sim(checkpoints):

@@ -219,6 +219,49 @@ def test_paged_attention(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, windo
     out.check_guards()
 
 
+DECODE_CASES = [  # (seq_lens, heads, kv_heads, head_dim, block_size, window): one new token per sequence
+    ([1], 1, 1, 8, 1, 0),
+    ([9, 33, 2], 4, 2, 16, 4, 0),
+    ([40, 17], 9, 3, 64, 16, 5),      # sliding window
+    ([70], 2, 1, 128, 8, 0),
+    ([6, 6, 11], 3, 3, 24, 5, 0),     # MHA, odd sizes
+]
+
+
+@ORDERS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seq_lens,heads,kv_heads,hd,bs,window", DECODE_CASES)
+def test_paged_attention_decode_fuses_the_kv_write(dtype, seq_lens, heads, kv_heads, hd, bs, window, reverse):
+    """paged_attention_decode == kv_write of the new tokens, then paged_attention (the cpu ops)."""
+    T = len(seq_lens)
+    attn, (q, kc, vc, bt, qsl, lens), _ = attention_case(dtype, [1] * T, seq_lens, heads, kv_heads, hd, bs, window,
+                                                        sum(seq_lens) + 7 * hd)
+    rng = np.random.default_rng(hd + T)
+    stride = kv_heads * hd + 3  # k and v rows wider than the heads, as when they are views of a wider buffer
+    k = rng.standard_normal((T, stride)).astype(np.float32)
+    v = rng.standard_normal((T, stride)).astype(np.float32)
+    slots = np.array([bt[s_, (n - 1) // bs] * bs + (n - 1) % bs for s_, n in enumerate(seq_lens)], np.int64)
+    if T > 2:
+        slots[1] = -1  # not written: the row attends over what the cache holds
+    num_slots = kc.shape[0] * bs
+    write = args("KVWriteArgs", num_tokens=T, num_kv_heads=kv_heads, head_dim=hd, block_size=bs, num_slots=num_slots,
+                 k_stride=stride, v_stride=stride)
+    ref_k, ref_v = kc.copy(), vc.copy()
+    cpu(f"kv_write_{dtype}", write, [k, v, slots, ref_k, ref_v])
+    ref = np.zeros((T, heads * hd), np.float32)
+    cpu(f"paged_attention_{dtype}", attn, [q, ref_k, ref_v, bt, qsl, lens, ref])
+    dec = _core.ops.PagedAttentionDecodeArgs()
+    dec.attn, dec.k_stride, dec.v_stride, dec.num_slots = attn, stride, stride, num_slots
+    out = Guarded((T, heads * hd))
+    gk, gv = Guarded(kc.shape, dtype=kc.dtype, fill=kc), Guarded(vc.shape, dtype=vc.dtype, fill=vc)
+    sim(f"paged_attention_decode_{dtype}", dec, [q, k, v, slots, gk.array, gv.array, bt, qsl, lens, out.array], reverse)
+    np.testing.assert_array_equal(gk.array, ref_k)
+    np.testing.assert_array_equal(gv.array, ref_v)
+    np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=2e-5)
+    for g_ in (out, gk, gv):
+        g_.check_guards()
+
+
 @ORDERS
 @pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 7), (2, 49152), (4, 1000)])
 def test_argmax(rows, vocab, reverse):
@@ -308,6 +351,7 @@ def test_every_kernel_is_registered_and_tested_here():
         "paged_attention_f32", "paged_attention_f16", "paged_attention_bf16",
         "paged_attention_split_f32", "paged_attention_split_f16", "paged_attention_split_bf16",
         "paged_attention_reduce",
+        "paged_attention_decode_f32", "paged_attention_decode_f16", "paged_attention_decode_bf16",
         "paged_attention_prefill_f32", "paged_attention_prefill_f16", "paged_attention_prefill_bf16",
         "rms_norm_f32", "rms_norm_f16", "rms_norm_bf16",
         "rope",
