@@ -4,18 +4,20 @@
 using namespace metal;
 using namespace metal_engine;
 
-template <typename W>
+template <typename W, typename A>
 kernel void embedding(constant EmbeddingArgs& args [[buffer(0)]],
                       device const int* token_ids [[buffer(1)]],  // [num_tokens]
                       device const W* table [[buffer(2)]],        // [vocab, hidden]
-                      device float* out [[buffer(3)]],            // [num_tokens, hidden]
+                      device A* out [[buffer(3)]],                // [num_tokens, hidden]
                       uint t [[threadgroup_position_in_grid]],
                       uint tid [[thread_position_in_threadgroup]],
                       uint ntg [[threads_per_threadgroup]]) {
   device const W* row = table + long(token_ids[t]) * args.hidden;
-  for (int i = tid; i < args.hidden; i += ntg) out[long(t) * args.hidden + i] = float(row[i]);
+  for (int i = tid; i < args.hidden; i += ntg) out[long(t) * args.hidden + i] = A(float(row[i]));
 }
 
-template [[host_name("embedding_f32")]] kernel decltype(embedding<float>) embedding<float>;
-template [[host_name("embedding_f16")]] kernel decltype(embedding<half>) embedding<half>;
-template [[host_name("embedding_bf16")]] kernel decltype(embedding<bfloat>) embedding<bfloat>;
+template [[host_name("embedding_f32")]] kernel decltype(embedding<float, float>) embedding<float, float>;
+template [[host_name("embedding_f16")]] kernel decltype(embedding<half, float>) embedding<half, float>;
+template [[host_name("embedding_bf16")]] kernel decltype(embedding<bfloat, float>) embedding<bfloat, float>;
+template [[host_name("embedding_f16_act_f16")]] kernel decltype(embedding<half, half>) embedding<half, half>;
+template [[host_name("embedding_bf16_act_bf16")]] kernel decltype(embedding<bfloat, bfloat>) embedding<bfloat, bfloat>;

@@ -4,10 +4,10 @@
 using namespace metal;
 using namespace metal_engine;
 
-template <typename KV>
+template <typename KV, typename A>
 kernel void kv_write(constant KVWriteArgs& args [[buffer(0)]],
-                     device const float* k [[buffer(1)]],            // [num_tokens, k_stride]
-                     device const float* v [[buffer(2)]],            // [num_tokens, v_stride]
+                     device const A* k [[buffer(1)]],                // [num_tokens, k_stride]
+                     device const A* v [[buffer(2)]],                // [num_tokens, v_stride]
                      device const long* slot_mapping [[buffer(3)]],  // [num_tokens]
                      device KV* k_cache [[buffer(4)]],               // [num_blocks, block_size, kv_heads, hd]
                      device KV* v_cache [[buffer(5)]],
@@ -18,11 +18,13 @@ kernel void kv_write(constant KVWriteArgs& args [[buffer(0)]],
   if (slot < 0 || slot >= args.num_slots) return;
   const int row = args.num_kv_heads * args.head_dim;
   for (int i = tid; i < row; i += ntg) {
-    k_cache[slot * row + i] = KV(k[long(t) * args.k_stride + i]);
-    v_cache[slot * row + i] = KV(v[long(t) * args.v_stride + i]);
+    k_cache[slot * row + i] = KV(float(k[long(t) * args.k_stride + i]));
+    v_cache[slot * row + i] = KV(float(v[long(t) * args.v_stride + i]));
   }
 }
 
-template [[host_name("kv_write_f32")]] kernel decltype(kv_write<float>) kv_write<float>;
-template [[host_name("kv_write_f16")]] kernel decltype(kv_write<half>) kv_write<half>;
-template [[host_name("kv_write_bf16")]] kernel decltype(kv_write<bfloat>) kv_write<bfloat>;
+template [[host_name("kv_write_f32")]] kernel decltype(kv_write<float, float>) kv_write<float, float>;
+template [[host_name("kv_write_f16")]] kernel decltype(kv_write<half, float>) kv_write<half, float>;
+template [[host_name("kv_write_bf16")]] kernel decltype(kv_write<bfloat, float>) kv_write<bfloat, float>;
+template [[host_name("kv_write_f16_act_f16")]] kernel decltype(kv_write<half, half>) kv_write<half, half>;
+template [[host_name("kv_write_bf16_act_bf16")]] kernel decltype(kv_write<bfloat, bfloat>) kv_write<bfloat, bfloat>;

@@ -14,18 +14,18 @@ using namespace metal_engine;
 constant int kGemvRows = 4;         // rows of W per simdgroup
 constant int kGemvSimdgroups = 4;   // simdgroups per threadgroup
 
-template <typename W, typename W4>
+template <typename W, typename W4, typename A, typename A4, typename Y>
 kernel void matmul_gemv(constant MatmulArgs& args [[buffer(0)]],
-                        device const float* x [[buffer(1)]],   // [m, k]
+                        device const A* x [[buffer(1)]],       // [m, k]
                         device const W* w [[buffer(2)]],       // [n, k]
                         device const W* bias [[buffer(3)]],    // [n] (has_bias)
-                        device float* y [[buffer(4)]],         // [m, n]
+                        device Y* y [[buffer(4)]],             // [m, n]
                         uint3 tg [[threadgroup_position_in_grid]],
                         uint lane [[thread_index_in_simdgroup]],
                         uint sg [[simdgroup_index_in_threadgroup]]) {
   const int K = args.k;
   const int row0 = (int(tg.x) * kGemvSimdgroups + int(sg)) * kGemvRows;
-  device const float* xr = x + long(tg.y) * K;
+  device const A* xr = x + long(tg.y) * K;
   for (int r = 0; r < kGemvRows; ++r) {
     const int n = row0 + r;  // uniform across the simdgroup
     float acc = 0.0f;
@@ -33,22 +33,22 @@ kernel void matmul_gemv(constant MatmulArgs& args [[buffer(0)]],
       device const W* wr = w + long(n) * K;
       if ((K & 3) == 0) {
         for (int k = int(lane) * 4; k < K; k += 32 * 4)
-          acc += dot(*(device const float4*)(xr + k), float4(*(device const W4*)(wr + k)));
+          acc += dot(float4(*(device const A4*)(xr + k)), float4(*(device const W4*)(wr + k)));
       } else {
-        for (int k = int(lane); k < K; k += 32) acc += xr[k] * float(wr[k]);
+        for (int k = int(lane); k < K; k += 32) acc += float(xr[k]) * float(wr[k]);
       }
     }
     acc = simd_sum(acc);
-    if (lane == 0 && n < args.n) y[long(tg.y) * args.n + n] = acc + (args.has_bias ? float(bias[n]) : 0.0f);
+    if (lane == 0 && n < args.n) y[long(tg.y) * args.n + n] = Y(acc + (args.has_bias ? float(bias[n]) : 0.0f));
   }
 }
 
-template <typename W>
+template <typename W, typename A, typename Y>
 kernel void matmul_gemm(constant MatmulArgs& args [[buffer(0)]],
-                        device const float* x [[buffer(1)]],   // [m, k]
+                        device const A* x [[buffer(1)]],       // [m, k]
                         device const W* w [[buffer(2)]],       // [n, k]
                         device const W* bias [[buffer(3)]],    // [n] (has_bias)
-                        device float* y [[buffer(4)]],         // [m, n]
+                        device Y* y [[buffer(4)]],             // [m, n]
                         uint3 tg [[threadgroup_position_in_grid]],
                         uint tid [[thread_index_in_threadgroup]],
                         uint sg [[simdgroup_index_in_threadgroup]]) {
@@ -63,7 +63,7 @@ kernel void matmul_gemm(constant MatmulArgs& args [[buffer(0)]],
   for (int k0 = 0; k0 < args.k; k0 += 16) {
     for (int i = int(tid); i < 32 * 16; i += 128) {
       const int r = i / 16, gk = k0 + i % 16;
-      xs[i] = (m0 + r < args.m && gk < args.k) ? x[long(m0 + r) * args.k + gk] : 0.0f;
+      xs[i] = (m0 + r < args.m && gk < args.k) ? float(x[long(m0 + r) * args.k + gk]) : 0.0f;
       ws[i] = (n0 + r < args.n && gk < args.k) ? float(w[long(n0 + r) * args.k + gk]) : 0.0f;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -83,13 +83,23 @@ kernel void matmul_gemm(constant MatmulArgs& args [[buffer(0)]],
   for (int i = int(tid); i < 32 * 32; i += 128) {
     const int r = i / 32, c = i % 32;
     if (m0 + r < args.m && n0 + c < args.n)
-      y[long(m0 + r) * args.n + n0 + c] = cs[i] + (args.has_bias ? float(bias[n0 + c]) : 0.0f);
+      y[long(m0 + r) * args.n + n0 + c] = Y(cs[i] + (args.has_bias ? float(bias[n0 + c]) : 0.0f));
   }
 }
 
-template [[host_name("matmul_gemv_f32")]] kernel decltype(matmul_gemv<float, float4>) matmul_gemv<float, float4>;
-template [[host_name("matmul_gemv_f16")]] kernel decltype(matmul_gemv<half, half4>) matmul_gemv<half, half4>;
-template [[host_name("matmul_gemv_bf16")]] kernel decltype(matmul_gemv<bfloat, bfloat4>) matmul_gemv<bfloat, bfloat4>;
-template [[host_name("matmul_gemm_f32")]] kernel decltype(matmul_gemm<float>) matmul_gemm<float>;
-template [[host_name("matmul_gemm_f16")]] kernel decltype(matmul_gemm<half>) matmul_gemm<half>;
-template [[host_name("matmul_gemm_bf16")]] kernel decltype(matmul_gemm<bfloat>) matmul_gemm<bfloat>;
+// <name>: f32 x and y; <name>_act_<adt>: x and y in the 16-bit activation type; <name>_act_<adt>_logits: x in
+// it, y f32 (the LM head: logits stay f32)
+template [[host_name("matmul_gemv_f32")]] kernel decltype(matmul_gemv<float, float4, float, float4, float>) matmul_gemv<float, float4, float, float4, float>;
+template [[host_name("matmul_gemv_f16")]] kernel decltype(matmul_gemv<half, half4, float, float4, float>) matmul_gemv<half, half4, float, float4, float>;
+template [[host_name("matmul_gemv_bf16")]] kernel decltype(matmul_gemv<bfloat, bfloat4, float, float4, float>) matmul_gemv<bfloat, bfloat4, float, float4, float>;
+template [[host_name("matmul_gemv_f16_act_f16")]] kernel decltype(matmul_gemv<half, half4, half, half4, half>) matmul_gemv<half, half4, half, half4, half>;
+template [[host_name("matmul_gemv_bf16_act_bf16")]] kernel decltype(matmul_gemv<bfloat, bfloat4, bfloat, bfloat4, bfloat>) matmul_gemv<bfloat, bfloat4, bfloat, bfloat4, bfloat>;
+template [[host_name("matmul_gemv_f16_act_f16_logits")]] kernel decltype(matmul_gemv<half, half4, half, half4, float>) matmul_gemv<half, half4, half, half4, float>;
+template [[host_name("matmul_gemv_bf16_act_bf16_logits")]] kernel decltype(matmul_gemv<bfloat, bfloat4, bfloat, bfloat4, float>) matmul_gemv<bfloat, bfloat4, bfloat, bfloat4, float>;
+template [[host_name("matmul_gemm_f32")]] kernel decltype(matmul_gemm<float, float, float>) matmul_gemm<float, float, float>;
+template [[host_name("matmul_gemm_f16")]] kernel decltype(matmul_gemm<half, float, float>) matmul_gemm<half, float, float>;
+template [[host_name("matmul_gemm_bf16")]] kernel decltype(matmul_gemm<bfloat, float, float>) matmul_gemm<bfloat, float, float>;
+template [[host_name("matmul_gemm_f16_act_f16")]] kernel decltype(matmul_gemm<half, half, half>) matmul_gemm<half, half, half>;
+template [[host_name("matmul_gemm_bf16_act_bf16")]] kernel decltype(matmul_gemm<bfloat, bfloat, bfloat>) matmul_gemm<bfloat, bfloat, bfloat>;
+template [[host_name("matmul_gemm_f16_act_f16_logits")]] kernel decltype(matmul_gemm<half, half, float>) matmul_gemm<half, half, float>;
+template [[host_name("matmul_gemm_bf16_act_bf16_logits")]] kernel decltype(matmul_gemm<bfloat, bfloat, float>) matmul_gemm<bfloat, bfloat, float>;

@@ -42,8 +42,8 @@ inline RowInfo row_info(constant PagedAttentionArgs& a, device const int* query_
 
 // Keys [begin, end] of row t for KV head g; leaves this threadgroup's merged result for each query head h
 // of the group in part_max[h], part_sum[h] and part_out[h * kMaxHeadDim + d] (sum-normalised, 0 if no key).
-template <typename KV>
-inline void attend_range(constant PagedAttentionArgs& a, device const float* q, device const KV* k_cache,
+template <typename KV, typename A>
+inline void attend_range(constant PagedAttentionArgs& a, device const A* q, device const KV* k_cache,
                          device const KV* v_cache, device const int* bt, int t, int g, int begin, int end,
                          threadgroup float* sg_max, threadgroup float* sg_sum, threadgroup float* sg_out,
                          threadgroup float* part_max, threadgroup float* part_sum, threadgroup float* part_out,
@@ -59,7 +59,7 @@ inline void attend_range(constant PagedAttentionArgs& a, device const float* q, 
     l[h] = 0.0f;
     for (int i = 0; i < kMaxDimPerLane; ++i) {
       const int d = int(lane) + 32 * i;
-      qv[h][i] = d < hd ? q[long(t) * a.q_stride + (g * group + h) * hd + d] : 0.0f;
+      qv[h][i] = d < hd ? float(q[long(t) * a.q_stride + (g * group + h) * hd + d]) : 0.0f;
       o[h][i] = 0.0f;
     }
   }
@@ -117,15 +117,15 @@ inline void attend_range(constant PagedAttentionArgs& a, device const float* q, 
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
-template <typename KV>
+template <typename KV, typename A>
 kernel void paged_attention(constant PagedAttentionArgs& args [[buffer(0)]],
-                            device const float* q [[buffer(1)]],              // [num_tokens, q_stride]
+                            device const A* q [[buffer(1)]],                  // [num_tokens, q_stride]
                             device const KV* k_cache [[buffer(2)]],           // [blocks, block_size, kv_heads, hd]
                             device const KV* v_cache [[buffer(3)]],
                             device const int* block_tables [[buffer(4)]],     // [num_seqs, block_table_width]
                             device const int* query_start_loc [[buffer(5)]],  // [num_seqs + 1]
                             device const int* seq_lens [[buffer(6)]],         // [num_seqs]
-                            device float* out [[buffer(7)]],                  // [num_tokens, num_heads * hd]
+                            device A* out [[buffer(7)]],                      // [num_tokens, num_heads * hd]
                             uint3 tg [[threadgroup_position_in_grid]],
                             uint tid [[thread_index_in_threadgroup]],
                             uint lane [[thread_index_in_simdgroup]],
@@ -142,21 +142,21 @@ kernel void paged_attention(constant PagedAttentionArgs& args [[buffer(0)]],
   attend_range(args, q, k_cache, v_cache, bt, t, g, r.first, r.pos, sg_max, sg_sum, sg_out, res_max, res_sum,
                res_out, tid, lane, sg);
   for (int e = int(tid); e < group * hd; e += kAttnSimdgroups * 32)
-    out[long(t) * args.num_heads * hd + (g * group + e / hd) * hd + e % hd] = res_out[(e / hd) * kMaxHeadDim + e % hd];
+    out[long(t) * args.num_heads * hd + (g * group + e / hd) * hd + e % hd] = A(res_out[(e / hd) * kMaxHeadDim + e % hd]);
 }
 
-template <typename KV>
+template <typename KV, typename A>
 kernel void paged_attention_decode(constant PagedAttentionDecodeArgs& args [[buffer(0)]],
-                                   device const float* q [[buffer(1)]],              // [num_tokens, q_stride]
-                                   device const float* k [[buffer(2)]],              // [num_tokens, k_stride]
-                                   device const float* v [[buffer(3)]],              // [num_tokens, v_stride]
+                                   device const A* q [[buffer(1)]],                  // [num_tokens, q_stride]
+                                   device const A* k [[buffer(2)]],                  // [num_tokens, k_stride]
+                                   device const A* v [[buffer(3)]],                  // [num_tokens, v_stride]
                                    device const long* slot_mapping [[buffer(4)]],    // [num_tokens]
                                    device KV* k_cache [[buffer(5)]],                 // [blocks, block_size, kv_heads, hd]
                                    device KV* v_cache [[buffer(6)]],
                                    device const int* block_tables [[buffer(7)]],     // [num_seqs, block_table_width]
                                    device const int* query_start_loc [[buffer(8)]],  // [num_seqs + 1]
                                    device const int* seq_lens [[buffer(9)]],         // [num_seqs]
-                                   device float* out [[buffer(10)]],                 // [num_tokens, num_heads * hd]
+                                   device A* out [[buffer(10)]],                     // [num_tokens, num_heads * hd]
                                    uint3 tg [[threadgroup_position_in_grid]],
                                    uint tid [[thread_index_in_threadgroup]],
                                    uint lane [[thread_index_in_simdgroup]],
@@ -173,8 +173,8 @@ kernel void paged_attention_decode(constant PagedAttentionDecodeArgs& args [[buf
   if (slot >= 0 && slot < long(args.num_slots)) {  // this KV head of the new token, into its slot
     const long base = slot * long(a.num_kv_heads) * hd + long(g) * hd;
     for (int d = int(tid); d < hd; d += kAttnSimdgroups * 32) {
-      k_cache[base + d] = KV(k[long(t) * args.k_stride + g * hd + d]);
-      v_cache[base + d] = KV(v[long(t) * args.v_stride + g * hd + d]);
+      k_cache[base + d] = KV(float(k[long(t) * args.k_stride + g * hd + d]));
+      v_cache[base + d] = KV(float(v[long(t) * args.v_stride + g * hd + d]));
     }
   }
   threadgroup_barrier(mem_flags::mem_device);  // the whole threadgroup sees the new key and value
@@ -183,12 +183,12 @@ kernel void paged_attention_decode(constant PagedAttentionDecodeArgs& args [[buf
   attend_range(a, q, k_cache, v_cache, bt, t, g, r.first, r.pos, sg_max, sg_sum, sg_out, res_max, res_sum,
                res_out, tid, lane, sg);
   for (int e = int(tid); e < group * hd; e += kAttnSimdgroups * 32)
-    out[long(t) * a.num_heads * hd + (g * group + e / hd) * hd + e % hd] = res_out[(e / hd) * kMaxHeadDim + e % hd];
+    out[long(t) * a.num_heads * hd + (g * group + e / hd) * hd + e % hd] = A(res_out[(e / hd) * kMaxHeadDim + e % hd]);
 }
 
-template <typename KV>
+template <typename KV, typename A>
 kernel void paged_attention_split(constant PagedAttentionSplitArgs& args [[buffer(0)]],
-                                  device const float* q [[buffer(1)]],
+                                  device const A* q [[buffer(1)]],
                                   device const KV* k_cache [[buffer(2)]],
                                   device const KV* v_cache [[buffer(3)]],
                                   device const int* block_tables [[buffer(4)]],
@@ -226,11 +226,12 @@ kernel void paged_attention_split(constant PagedAttentionSplitArgs& args [[buffe
   }
 }
 
+template <typename A>
 kernel void paged_attention_reduce(constant PagedAttentionReduceArgs& args [[buffer(0)]],
                                    device const float* part_max [[buffer(1)]],
                                    device const float* part_sum [[buffer(2)]],
                                    device const float* part_out [[buffer(3)]],
-                                   device float* out [[buffer(4)]],  // [num_tokens, num_heads * head_dim]
+                                   device A* out [[buffer(4)]],      // [num_tokens, num_heads * head_dim]
                                    uint3 tg [[threadgroup_position_in_grid]],
                                    uint tid [[thread_position_in_threadgroup]],
                                    uint ntg [[threads_per_threadgroup]]) {
@@ -245,16 +246,26 @@ kernel void paged_attention_reduce(constant PagedAttentionReduceArgs& args [[buf
       num += part_out[(row + p) * hd + d] * w;
       den += w;
     }
-    out[(long(t) * args.num_heads + h) * hd + d] = num / den;
+    out[(long(t) * args.num_heads + h) * hd + d] = A(num / den);
   }
 }
 
-template [[host_name("paged_attention_f32")]] kernel decltype(paged_attention<float>) paged_attention<float>;
-template [[host_name("paged_attention_f16")]] kernel decltype(paged_attention<half>) paged_attention<half>;
-template [[host_name("paged_attention_bf16")]] kernel decltype(paged_attention<bfloat>) paged_attention<bfloat>;
-template [[host_name("paged_attention_split_f32")]] kernel decltype(paged_attention_split<float>) paged_attention_split<float>;
-template [[host_name("paged_attention_split_f16")]] kernel decltype(paged_attention_split<half>) paged_attention_split<half>;
-template [[host_name("paged_attention_split_bf16")]] kernel decltype(paged_attention_split<bfloat>) paged_attention_split<bfloat>;
-template [[host_name("paged_attention_decode_f32")]] kernel decltype(paged_attention_decode<float>) paged_attention_decode<float>;
-template [[host_name("paged_attention_decode_f16")]] kernel decltype(paged_attention_decode<half>) paged_attention_decode<half>;
-template [[host_name("paged_attention_decode_bf16")]] kernel decltype(paged_attention_decode<bfloat>) paged_attention_decode<bfloat>;
+// <kvdt>: f32 activations (q, k, v, out); <kvdt>_act_<adt>: activations in the 16-bit type of the cache
+template [[host_name("paged_attention_f32")]] kernel decltype(paged_attention<float, float>) paged_attention<float, float>;
+template [[host_name("paged_attention_f16")]] kernel decltype(paged_attention<half, float>) paged_attention<half, float>;
+template [[host_name("paged_attention_bf16")]] kernel decltype(paged_attention<bfloat, float>) paged_attention<bfloat, float>;
+template [[host_name("paged_attention_f16_act_f16")]] kernel decltype(paged_attention<half, half>) paged_attention<half, half>;
+template [[host_name("paged_attention_bf16_act_bf16")]] kernel decltype(paged_attention<bfloat, bfloat>) paged_attention<bfloat, bfloat>;
+template [[host_name("paged_attention_split_f32")]] kernel decltype(paged_attention_split<float, float>) paged_attention_split<float, float>;
+template [[host_name("paged_attention_split_f16")]] kernel decltype(paged_attention_split<half, float>) paged_attention_split<half, float>;
+template [[host_name("paged_attention_split_bf16")]] kernel decltype(paged_attention_split<bfloat, float>) paged_attention_split<bfloat, float>;
+template [[host_name("paged_attention_split_f16_act_f16")]] kernel decltype(paged_attention_split<half, half>) paged_attention_split<half, half>;
+template [[host_name("paged_attention_split_bf16_act_bf16")]] kernel decltype(paged_attention_split<bfloat, bfloat>) paged_attention_split<bfloat, bfloat>;
+template [[host_name("paged_attention_decode_f32")]] kernel decltype(paged_attention_decode<float, float>) paged_attention_decode<float, float>;
+template [[host_name("paged_attention_decode_f16")]] kernel decltype(paged_attention_decode<half, float>) paged_attention_decode<half, float>;
+template [[host_name("paged_attention_decode_bf16")]] kernel decltype(paged_attention_decode<bfloat, float>) paged_attention_decode<bfloat, float>;
+template [[host_name("paged_attention_decode_f16_act_f16")]] kernel decltype(paged_attention_decode<half, half>) paged_attention_decode<half, half>;
+template [[host_name("paged_attention_decode_bf16_act_bf16")]] kernel decltype(paged_attention_decode<bfloat, bfloat>) paged_attention_decode<bfloat, bfloat>;
+template [[host_name("paged_attention_reduce")]] kernel decltype(paged_attention_reduce<float>) paged_attention_reduce<float>;
+template [[host_name("paged_attention_reduce_act_f16")]] kernel decltype(paged_attention_reduce<half>) paged_attention_reduce<half>;
+template [[host_name("paged_attention_reduce_act_bf16")]] kernel decltype(paged_attention_reduce<bfloat>) paged_attention_reduce<bfloat>;

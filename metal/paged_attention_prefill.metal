@@ -12,15 +12,15 @@ using namespace metal_engine;
 constant int kRows = 16;  // query rows per threadgroup
 constant int kKeys = 16;  // keys per block
 
-template <typename KV>
+template <typename KV, typename A>
 kernel void paged_attention_prefill(constant PagedAttentionPrefillArgs& args [[buffer(0)]],
-                                    device const float* q [[buffer(1)]],
+                                    device const A* q [[buffer(1)]],
                                     device const KV* k_cache [[buffer(2)]],
                                     device const KV* v_cache [[buffer(3)]],
                                     device const int* block_tables [[buffer(4)]],
                                     device const int* query_start_loc [[buffer(5)]],
                                     device const int* seq_lens [[buffer(6)]],
-                                    device float* out [[buffer(7)]],
+                                    device A* out [[buffer(7)]],
                                     uint3 tg [[threadgroup_position_in_grid]],
                                     uint tid [[thread_index_in_threadgroup]],
                                     uint sg [[simdgroup_index_in_threadgroup]]) {
@@ -47,7 +47,7 @@ kernel void paged_attention_prefill(constant PagedAttentionPrefillArgs& args [[b
 
   for (int e = int(tid); e < kRows * hd; e += 128) {
     const int r = e / hd, d = e % hd;
-    qs[e] = r < rows ? q[long(q_begin + r0 + r) * a.q_stride + h * hd + d] : 0.0f;
+    qs[e] = r < rows ? float(q[long(q_begin + r0 + r) * a.q_stride + h * hd + d]) : 0.0f;
     os[e] = 0.0f;
   }
   if (tid < uint(kRows)) {
@@ -130,10 +130,12 @@ kernel void paged_attention_prefill(constant PagedAttentionPrefillArgs& args [[b
   }
   for (int e = int(tid); e < rows * hd; e += 128) {
     const int r = e / hd, d = e % hd;
-    out[long(q_begin + r0 + r) * a.num_heads * hd + h * hd + d] = os[r * hd + d] / row_sum[r];
+    out[long(q_begin + r0 + r) * a.num_heads * hd + h * hd + d] = A(os[r * hd + d] / row_sum[r]);
   }
 }
 
-template [[host_name("paged_attention_prefill_f32")]] kernel decltype(paged_attention_prefill<float>) paged_attention_prefill<float>;
-template [[host_name("paged_attention_prefill_f16")]] kernel decltype(paged_attention_prefill<half>) paged_attention_prefill<half>;
-template [[host_name("paged_attention_prefill_bf16")]] kernel decltype(paged_attention_prefill<bfloat>) paged_attention_prefill<bfloat>;
+template [[host_name("paged_attention_prefill_f32")]] kernel decltype(paged_attention_prefill<float, float>) paged_attention_prefill<float, float>;
+template [[host_name("paged_attention_prefill_f16")]] kernel decltype(paged_attention_prefill<half, float>) paged_attention_prefill<half, float>;
+template [[host_name("paged_attention_prefill_bf16")]] kernel decltype(paged_attention_prefill<bfloat, float>) paged_attention_prefill<bfloat, float>;
+template [[host_name("paged_attention_prefill_f16_act_f16")]] kernel decltype(paged_attention_prefill<half, half>) paged_attention_prefill<half, half>;
+template [[host_name("paged_attention_prefill_bf16_act_bf16")]] kernel decltype(paged_attention_prefill<bfloat, bfloat>) paged_attention_prefill<bfloat, bfloat>;

@@ -5,12 +5,12 @@
 using namespace metal;
 using namespace metal_engine;
 
-template <typename W>
+template <typename W, typename A>
 kernel void rms_norm(constant RmsNormArgs& args [[buffer(0)]],
-                     device float* x [[buffer(1)]],            // [rows, dim]; may alias out
-                     device float* residual [[buffer(2)]],     // [rows, dim], in/out when add_residual
+                     device A* x [[buffer(1)]],                // [rows, dim]; may alias out
+                     device A* residual [[buffer(2)]],         // [rows, dim], in/out when add_residual
                      device const W* weight [[buffer(3)]],     // [dim]
-                     device float* out [[buffer(4)]],          // [rows, dim]
+                     device A* out [[buffer(4)]],              // [rows, dim]
                      uint row [[threadgroup_position_in_grid]],
                      uint tid [[thread_position_in_threadgroup]],
                      uint ntg [[threads_per_threadgroup]],
@@ -19,14 +19,14 @@ kernel void rms_norm(constant RmsNormArgs& args [[buffer(0)]],
   threadgroup float partial[32];
   threadgroup float total[1];
   const int dim = args.dim;
-  device float* xr = x + row * dim;
-  device float* src = xr;
-  if (args.add_residual) {
+  device A* xr = x + row * dim;
+  device A* src = xr;
+  if (args.add_residual) {  // the sum rounds to A, as the residual stream is stored
     src = residual + row * dim;
-    for (int i = tid; i < dim; i += ntg) src[i] += xr[i];
+    for (int i = tid; i < dim; i += ntg) src[i] = A(float(src[i]) + float(xr[i]));
   }
   float ss = 0.0f;
-  for (int i = tid; i < dim; i += ntg) ss += src[i] * src[i];
+  for (int i = tid; i < dim; i += ntg) ss += float(src[i]) * float(src[i]);
   ss = simd_sum(ss);
   if (lane == 0) partial[sg] = ss;
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -37,10 +37,12 @@ kernel void rms_norm(constant RmsNormArgs& args [[buffer(0)]],
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   const float inv = rsqrt(total[0] / float(dim) + args.eps);
-  device float* o = out + row * dim;
-  for (int i = tid; i < dim; i += ntg) o[i] = float(weight[i]) * (src[i] * inv);
+  device A* o = out + row * dim;
+  for (int i = tid; i < dim; i += ntg) o[i] = A(float(weight[i]) * (float(src[i]) * inv));
 }
 
-template [[host_name("rms_norm_f32")]] kernel decltype(rms_norm<float>) rms_norm<float>;
-template [[host_name("rms_norm_f16")]] kernel decltype(rms_norm<half>) rms_norm<half>;
-template [[host_name("rms_norm_bf16")]] kernel decltype(rms_norm<bfloat>) rms_norm<bfloat>;
+template [[host_name("rms_norm_f32")]] kernel decltype(rms_norm<float, float>) rms_norm<float, float>;
+template [[host_name("rms_norm_f16")]] kernel decltype(rms_norm<half, float>) rms_norm<half, float>;
+template [[host_name("rms_norm_bf16")]] kernel decltype(rms_norm<bfloat, float>) rms_norm<bfloat, float>;
+template [[host_name("rms_norm_f16_act_f16")]] kernel decltype(rms_norm<half, half>) rms_norm<half, half>;
+template [[host_name("rms_norm_bf16_act_bf16")]] kernel decltype(rms_norm<bfloat, bfloat>) rms_norm<bfloat, bfloat>;

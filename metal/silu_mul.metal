@@ -4,12 +4,17 @@
 using namespace metal;
 using namespace metal_engine;
 
+template <typename A>
 kernel void silu_mul(constant SiluMulArgs& args [[buffer(0)]],
-                     device const float* gate [[buffer(1)]],   // [rows, dim]
-                     device const float* up [[buffer(2)]],     // [rows, dim]
-                     device float* out [[buffer(3)]],          // [rows, dim]
+                     device const A* gate [[buffer(1)]],   // [rows, dim]
+                     device const A* up [[buffer(2)]],     // [rows, dim]
+                     device A* out [[buffer(3)]],          // [rows, dim]
                      uint i [[thread_position_in_grid]]) {
   if (i >= uint(args.rows * args.dim)) return;
-  const float g = gate[i];
-  out[i] = g / (1.0f + exp(-g)) * up[i];
+  const float g = float(gate[i]);
+  out[i] = A(g / (1.0f + exp(-g)) * float(up[i]));
 }
+
+template [[host_name("silu_mul")]] kernel decltype(silu_mul<float>) silu_mul<float>;
+template [[host_name("silu_mul_act_f16")]] kernel decltype(silu_mul<half>) silu_mul<half>;
+template [[host_name("silu_mul_act_bf16")]] kernel decltype(silu_mul<bfloat>) silu_mul<bfloat>;

@@ -9,8 +9,11 @@
 namespace metal_engine {
 
 struct EngineConfig {
-  std::string backend = "cpu";       // "cpu" (Metal backends arrive with their own issue)
+  std::string backend = "cpu";       // "cpu", and "metal" (Apple) or "metal-sim" (Linux) where built
   std::string dtype = "auto";        // weights + KV cache: auto (the checkpoint's) | float32 | float16 | bfloat16
+  // activations (the residual stream, q/k/v, MLP): auto = the 16-bit dtype of the weights on Metal backends,
+  // float32 on cpu (its reference); or float32, or the weights' 16-bit dtype (Metal backends only)
+  std::string activation_dtype = "auto";
   int block_size = 16;               // tokens per KV-cache block
   size_t kv_cache_memory_mb = 256;   // budget for K and V of all layers; sets the number of blocks
   int num_kv_blocks = 0;             // > 0 overrides kv_cache_memory_mb

@@ -23,6 +23,7 @@ class Engine {
   const ModelConfig& model_config() const;
   const EngineConfig& engine_config() const;
   DType dtype() const;  // weights and KV cache
+  DType activation_dtype() const;  // residual stream and every activation (logits are always f32)
   Device& device();
   PagedKVCache& kv_cache();
   ScratchPool& scratch_pool();

@@ -44,6 +44,7 @@ def _env_flag(name: str) -> Optional[bool]:
 class EngineConfig:
     model: Optional[str] = None           # checkpoint folder or .gguf file; None = the default model
     dtype: str = "auto"                   # auto: float16 for float32/float16 checkpoints, bfloat16 for bfloat16
+    activation_dtype: str = "auto"        # auto: the weights' 16-bit dtype on Metal, float32 on cpu; or float32
     backend: str = "auto"                 # auto | cpu | metal | metal-sim
     max_model_len: Optional[int] = None   # default: the model's max_position_embeddings, capped at 4096
     block_size: int = 16

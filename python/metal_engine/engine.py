@@ -23,6 +23,7 @@ class Engine:
         model: str | os.PathLike,
         *,
         dtype: str = "auto",
+        activation_dtype: str = "auto",
         backend: str = "cpu",
         block_size: int = 16,
         kv_cache_memory_mb: int = 256,
@@ -39,6 +40,7 @@ class Engine:
         cfg = _core.EngineConfig()
         cfg.backend = backend
         cfg.dtype = str(dtype).replace("torch.", "")
+        cfg.activation_dtype = str(activation_dtype).replace("torch.", "")
         cfg.block_size = int(block_size)
         cfg.kv_cache_memory_mb = int(kv_cache_memory_mb)
         cfg.num_kv_blocks = int(num_kv_blocks)
@@ -58,6 +60,11 @@ class Engine:
     @property
     def dtype(self) -> str:
         return self._engine.dtype
+
+    @property
+    def activation_dtype(self) -> str:
+        """The residual stream's and every activation's dtype (logits are always float32)."""
+        return self._engine.activation_dtype
 
     @property
     def backend(self) -> str:

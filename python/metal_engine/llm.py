@@ -29,13 +29,15 @@ class StreamDelta:
 
 
 class LLM:
-    def __init__(self, model: Optional[str] = None, *, dtype: str = "auto", max_model_len: Optional[int] = None,
+    def __init__(self, model: Optional[str] = None, *, dtype: str = "auto", activation_dtype: str = "auto",
+                 max_model_len: Optional[int] = None,
                  backend: str = "auto", block_size: int = 16, kv_cache_memory: int = 256 << 20,
                  num_kv_blocks: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: Optional[int] = None, enable_prefix_caching: bool = True, seed: int = 0,
                  scratch_pool_mb: Optional[int] = None, num_threads: int = 0, strict: Optional[bool] = None,
                  progress: bool = True):
-        config = EngineConfig(model=None if model is None else str(model), dtype=dtype, backend=backend,
+        config = EngineConfig(model=None if model is None else str(model), dtype=dtype,
+                              activation_dtype=activation_dtype, backend=backend,
                               max_model_len=max_model_len, block_size=block_size, kv_cache_memory=kv_cache_memory,
                               num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,

@@ -95,6 +95,7 @@ class LLMEngine:
         self.engine = Engine(
             self.model_path,
             dtype=dtype,
+            activation_dtype=config.activation_dtype,
             backend=backend,
             block_size=config.block_size,
             kv_cache_memory_mb=max(1, config.kv_cache_memory >> 20),

@@ -15,6 +15,7 @@ void init_config(nb::module_& m) {
       .def(nb::init<>())
       .def_rw("backend", &EngineConfig::backend)
       .def_rw("dtype", &EngineConfig::dtype)
+      .def_rw("activation_dtype", &EngineConfig::activation_dtype)
       .def_rw("block_size", &EngineConfig::block_size)
       .def_rw("kv_cache_memory_mb", &EngineConfig::kv_cache_memory_mb)
       .def_rw("num_kv_blocks", &EngineConfig::num_kv_blocks)

@@ -87,6 +87,7 @@ struct Engine::Impl {
   EngineConfig config;
   ModelConfig model;
   DType dtype = DType::F32;  // weights and KV cache
+  DType act = DType::F32;    // activations
   std::unique_ptr<Device> device;
   std::unique_ptr<SafetensorsCheckpoint> checkpoint;
   std::vector<std::unique_ptr<Buffer>> file_buffers;   // mmap'ed checkpoint files, wrapped without copy
@@ -99,7 +100,7 @@ struct Engine::Impl {
   std::unique_ptr<ScratchPool> scratch;
 
   struct Kernels {
-    Kernel embedding, rms_norm, matmul, rope, silu_mul, kv_write, paged_attention, gather_rows;
+    Kernel embedding, rms_norm, matmul, lm_head, rope, silu_mul, kv_write, paged_attention, gather_rows;
     // Metal only: the tiled prefill attention, and the split-and-reduce attention for long contexts
     Kernel paged_attention_prefill, paged_attention_split, paged_attention_reduce, paged_attention_decode;
     bool has_prefill_attention = false, has_split_attention = false, has_decode_attention = false;
@@ -215,6 +216,19 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   impl->model = ModelConfig::from_json(read_text_file(dir + "/config.json"), dir + "/config.json");
   impl->dtype = config.dtype == "auto" ? impl->model.checkpoint_dtype : dtype_from_string(config.dtype);
   impl->device = create_device(config);
+  const bool on_cpu = impl->device->name() == "cpu";
+  if (config.activation_dtype == "auto") {
+    impl->act = !on_cpu && impl->dtype != DType::F32 ? impl->dtype : DType::F32;
+  } else {
+    impl->act = dtype_from_string(config.activation_dtype);
+    if (impl->act != DType::F32 && on_cpu)
+      throw std::invalid_argument("activation_dtype '" + config.activation_dtype +
+                                  "': the cpu backend computes activations in float32 (use 'auto' or 'float32')");
+    if (impl->act != DType::F32 && impl->act != impl->dtype)
+      throw std::invalid_argument("activation_dtype '" + config.activation_dtype + "' with " +
+                                  dtype_name(impl->dtype) + " weights: 16-bit activations take the weights' dtype "
+                                  "(use 'auto', 'float32' or the weights' dtype)");
+  }
   impl->checkpoint = SafetensorsCheckpoint::open(dir);
   impl->load_weights();
   if (!impl->weights_in_place) {  // every weight was converted: the mapped files are no longer needed
@@ -234,17 +248,20 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   impl->kv = std::make_unique<PagedKVCache>(*impl->device, kvs);
   impl->scratch = std::make_unique<ScratchPool>(*impl->device, config.scratch_pool_mb << 20);
 
-  // Every kernel the model needs, resolved once.
+  // Every kernel the model needs, resolved once: <op>_<weight dtype> with f32 activations,
+  // <op>_<weight dtype>_act_<weight dtype> with 16-bit ones.
   Device& d = *impl->device;
   const std::string w = dtype_name(impl->dtype);
-  impl->k.embedding = d.kernel("embedding_" + w);
-  impl->k.rms_norm = d.kernel("rms_norm_" + w);
-  impl->k.matmul = d.kernel("matmul_" + w);
-  impl->k.rope = d.kernel("rope");
-  impl->k.silu_mul = d.kernel("silu_mul");
-  impl->k.kv_write = d.kernel("kv_write_" + w);
-  impl->k.paged_attention = d.kernel("paged_attention_" + w);
-  impl->k.gather_rows = d.kernel("gather_rows");
+  const std::string ax = impl->act == DType::F32 ? "" : "_act_" + w;
+  impl->k.embedding = d.kernel("embedding_" + w + ax);
+  impl->k.rms_norm = d.kernel("rms_norm_" + w + ax);
+  impl->k.matmul = d.kernel("matmul_" + w + ax);
+  impl->k.lm_head = d.kernel("matmul_" + w + ax + (ax.empty() ? "" : "_logits"));  // logits stay f32
+  impl->k.rope = d.kernel("rope" + ax);
+  impl->k.silu_mul = d.kernel("silu_mul" + ax);
+  impl->k.kv_write = d.kernel("kv_write_" + w + ax);
+  impl->k.paged_attention = d.kernel("paged_attention_" + w + ax);
+  impl->k.gather_rows = d.kernel("gather_rows" + ax);
   auto optional_kernel = [&](const std::string& name, Kernel& out) {
     const std::vector<std::string> names = d.kernel_names();
     if (std::find(names.begin(), names.end(), name) == names.end()) return false;
@@ -254,10 +271,12 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   const ModelConfig& mc = impl->model;
   const bool attention_tiles = mc.head_dim % 8 == 0 && mc.head_dim <= 128;
   impl->k.has_prefill_attention =
-      attention_tiles && optional_kernel("paged_attention_prefill_" + w, impl->k.paged_attention_prefill);
-  impl->k.has_decode_attention = optional_kernel("paged_attention_decode_" + w, impl->k.paged_attention_decode);
-  impl->k.has_split_attention = optional_kernel("paged_attention_split_" + w, impl->k.paged_attention_split) &&
-                                optional_kernel("paged_attention_reduce", impl->k.paged_attention_reduce);
+      attention_tiles && optional_kernel("paged_attention_prefill_" + w + ax, impl->k.paged_attention_prefill);
+  impl->k.has_decode_attention =
+      optional_kernel("paged_attention_decode_" + w + ax, impl->k.paged_attention_decode);
+  impl->k.has_split_attention =
+      optional_kernel("paged_attention_split_" + w + ax, impl->k.paged_attention_split) &&
+      optional_kernel("paged_attention_reduce" + ax, impl->k.paged_attention_reduce);
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 
@@ -267,6 +286,7 @@ Engine::~Engine() = default;
 const ModelConfig& Engine::model_config() const { return impl_->model; }
 const EngineConfig& Engine::engine_config() const { return impl_->config; }
 DType Engine::dtype() const { return impl_->dtype; }
+DType Engine::activation_dtype() const { return impl_->act; }
 Device& Engine::device() { return *impl_->device; }
 PagedKVCache& Engine::kv_cache() { return *impl_->kv; }
 ScratchPool& Engine::scratch_pool() { return *impl_->scratch; }
@@ -330,6 +350,7 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, Buffer
   const int H = m.hidden_size, I = m.intermediate_size, V = m.vocab_size, hd = m.head_dim;
   const int QD = m.num_heads * hd, KD = m.num_kv_heads * hd;
   const size_t f = sizeof(float), i32 = sizeof(int32_t);
+  const size_t a = dtype_size(act);  // activations: f32, or the weights' 16-bit type
 
   BufferArg token_ids = pool.alloc(i32 * T, "token_ids");                                 // i32 [T]
   BufferArg positions = pool.alloc(i32 * T, "positions");                                 // i32 [T]
@@ -338,16 +359,16 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, Buffer
   BufferArg seq_lens = pool.alloc(i32 * S, "seq_lens");                                   // i32 [S]
   BufferArg block_tables = pool.alloc(i32 * in.block_tables.size(), "block_tables");      // i32 [S, W]
   BufferArg logit_rows = pool.alloc(i32 * std::max(R, 1), "logits_indices");              // i32 [R]
-  BufferArg residual = pool.alloc(f * T * H, "residual");  // f32 [T, H]  the residual stream
-  BufferArg h = pool.alloc(f * T * H, "h");                // f32 [T, H]  normed input / block output
-  BufferArg q = pool.alloc(f * T * QD, "q");               // f32 [T, heads * hd]
-  BufferArg kk = pool.alloc(f * T * KD, "k");              // f32 [T, kv_heads * hd]
-  BufferArg vv = pool.alloc(f * T * KD, "v");              // f32 [T, kv_heads * hd]
-  BufferArg attn = pool.alloc(f * T * QD, "attn");         // f32 [T, heads * hd]
-  BufferArg gate = pool.alloc(f * T * I, "gate");          // f32 [T, I]
-  BufferArg up = pool.alloc(f * T * I, "up");              // f32 [T, I]
-  BufferArg sel_res = pool.alloc(f * std::max(R, 1) * H, "selected residual");  // f32 [R, H]
-  BufferArg sel_h = pool.alloc(f * std::max(R, 1) * H, "selected h");           // f32 [R, H]
+  BufferArg residual = pool.alloc(a * T * H, "residual");  // act [T, H]  the residual stream
+  BufferArg h = pool.alloc(a * T * H, "h");                // act [T, H]  normed input / block output
+  BufferArg q = pool.alloc(a * T * QD, "q");               // act [T, heads * hd]
+  BufferArg kk = pool.alloc(a * T * KD, "k");              // act [T, kv_heads * hd]
+  BufferArg vv = pool.alloc(a * T * KD, "v");              // act [T, kv_heads * hd]
+  BufferArg attn = pool.alloc(a * T * QD, "attn");         // act [T, heads * hd]
+  BufferArg gate = pool.alloc(a * T * I, "gate");          // act [T, I]
+  BufferArg up = pool.alloc(a * T * I, "up");              // act [T, I]
+  BufferArg sel_res = pool.alloc(a * std::max(R, 1) * H, "selected residual");  // act [R, H]
+  BufferArg sel_h = pool.alloc(a * std::max(R, 1) * H, "selected h");           // act [R, H]
   BufferArg logits = pool.alloc(f * size_t(std::max(R, 1)) * V, "logits");      // f32 [R, V]
   // Attention: the tiled prefill kernel when a chunk has many rows; split into partitions of keys (and
   // reduced) when a context is long; the one-threadgroup-per-row kernel otherwise (always, on cpu).
@@ -436,7 +457,7 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, Buffer
   d.dispatch(k.gather_rows, GatherRowsArgs{R, H}, {residual, logit_rows, sel_res});
   d.dispatch(k.gather_rows, GatherRowsArgs{R, H}, {h, logit_rows, sel_h});
   rms_norm(sel_h, sel_res, final_norm, sel_h, R, true);                     // [R, H]
-  matmul(sel_h, lm_head, Weight{}, logits, R);                              // [R, V]
+  d.dispatch(k.lm_head, MatmulArgs{R, V, H, 0}, {sel_h, lm_head.arg, BufferArg{}, logits});  // f32 [R, V]
 }
 
 void Engine::step(const StepInput& in, float* logits) {

@@ -34,24 +34,38 @@ const char* const kWeightTypes[] = {"f32", "f16", "bf16"};
 std::vector<std::pair<std::string, MetalKernelSpec>> table() {
   std::vector<std::pair<std::string, MetalKernelSpec>> t;
   auto add = [&](const std::string& name, MetalKernelSpec s) { t.emplace_back(name, std::move(s)); };
+  // Per weight / KV-cache type: <op>_<wdt> with f32 activations, and for the 16-bit types also
+  // <op>_<wdt>_act_<wdt> with activations in that type (the matmul's _logits variant writes f32 logits).
   for (const char* w : kWeightTypes) {
     const std::string s = w;
-    add("embedding_" + s, one<EmbeddingArgs>("embedding_" + s, 3));
-    add("rms_norm_" + s, one<RmsNormArgs>("rms_norm_" + s, 4));
-    // matmul: the GEMV kernel for a few rows of x (decode), the simdgroup-matrix GEMM beyond (prefill)
-    add("matmul_" + s, MetalKernelSpec{sizeof(MatmulArgs), 4, {"matmul_gemv_" + s, "matmul_gemm_" + s}, &plan_matmul});
-    add("matmul_gemv_" + s, one<MatmulArgs>("matmul_gemv_" + s, 4));
-    add("matmul_gemm_" + s, one<MatmulArgs>("matmul_gemm_" + s, 4));
-    add("kv_write_" + s, one<KVWriteArgs>("kv_write_" + s, 5));
-    add("paged_attention_" + s, one<PagedAttentionArgs>("paged_attention_" + s, 7));
-    add("paged_attention_split_" + s, one<PagedAttentionSplitArgs>("paged_attention_split_" + s, 9));
-    add("paged_attention_decode_" + s, one<PagedAttentionDecodeArgs>("paged_attention_decode_" + s, 10));
-    add("paged_attention_prefill_" + s, one<PagedAttentionPrefillArgs>("paged_attention_prefill_" + s, 7));
+    std::vector<std::string> suffixes{s};
+    if (s != "f32") suffixes.push_back(s + "_act_" + s);
+    for (const std::string& x : suffixes) {
+      add("embedding_" + x, one<EmbeddingArgs>("embedding_" + x, 3));
+      add("rms_norm_" + x, one<RmsNormArgs>("rms_norm_" + x, 4));
+      std::vector<std::string> matmuls{x};
+      if (x != s) matmuls.push_back(x + "_logits");
+      for (const std::string& mx : matmuls) {
+        // the GEMV kernel for a few rows of x (decode), the simdgroup-matrix GEMM beyond (prefill)
+        add("matmul_" + mx, MetalKernelSpec{sizeof(MatmulArgs), 4, {"matmul_gemv_" + mx, "matmul_gemm_" + mx},
+                                            &plan_matmul});
+        add("matmul_gemv_" + mx, one<MatmulArgs>("matmul_gemv_" + mx, 4));
+        add("matmul_gemm_" + mx, one<MatmulArgs>("matmul_gemm_" + mx, 4));
+      }
+      add("kv_write_" + x, one<KVWriteArgs>("kv_write_" + x, 5));
+      add("paged_attention_" + x, one<PagedAttentionArgs>("paged_attention_" + x, 7));
+      add("paged_attention_split_" + x, one<PagedAttentionSplitArgs>("paged_attention_split_" + x, 9));
+      add("paged_attention_decode_" + x, one<PagedAttentionDecodeArgs>("paged_attention_decode_" + x, 10));
+      add("paged_attention_prefill_" + x, one<PagedAttentionPrefillArgs>("paged_attention_prefill_" + x, 7));
+    }
   }
-  add("paged_attention_reduce", one<PagedAttentionReduceArgs>("paged_attention_reduce", 4));
-  add("rope", one<RopeArgs>("rope", 4));
-  add("silu_mul", one<SiluMulArgs>("silu_mul", 3));
-  add("gather_rows", one<GatherRowsArgs>("gather_rows", 3));
+  // Activation-only kernels: <op> (f32) and <op>_act_<adt>
+  for (const std::string x : {"", "_act_f16", "_act_bf16"}) {
+    add("paged_attention_reduce" + x, one<PagedAttentionReduceArgs>("paged_attention_reduce" + x, 4));
+    add("rope" + x, one<RopeArgs>("rope" + x, 4));
+    add("silu_mul" + x, one<SiluMulArgs>("silu_mul" + x, 3));
+    add("gather_rows" + x, one<GatherRowsArgs>("gather_rows" + x, 3));
+  }
   add("argmax", one<ArgmaxArgs>("argmax", 2));
   return t;
 }

@@ -66,9 +66,11 @@ class Harness:
             seq.num_cached += n
         return out
 
-    def prefill_and_decode(self, prompts, decode_steps: int, batched: bool = True, chunk: int = 0):
+    def prefill_and_decode(self, prompts, decode_steps: int, batched: bool = True, chunk: int = 0, forced=None):
         """Prefills every prompt (in chunks of `chunk` tokens if > 0; logits at every prompt position),
-        then decodes greedily. Returns per prompt (logits [len(prompt) + decode_steps - 1... ], tokens)."""
+        then decodes greedily, or feeds forced[i] (decode_steps tokens per prompt: teacher forcing, so two
+        engines that break a near-tie differently still see the same inputs). Returns per prompt
+        (logits [len(prompt) + decode_steps - 1... ], tokens)."""
         seqs = [Seq(tokens=list(p)) for p in prompts]
         logits = [[] for _ in prompts]
 
@@ -87,7 +89,11 @@ class Harness:
             # decode
             for _ in range(decode_steps):
                 for s in group:
-                    s.tokens.append(int(np.argmax(logits[seqs.index(s)][-1][-1])))
+                    i = seqs.index(s)
+                    if forced is not None:
+                        s.tokens.append(int(forced[i][len(s.tokens) - len(prompts[i])]))
+                    else:
+                        s.tokens.append(int(np.argmax(logits[i][-1][-1])))
                 outs = self.step([(s, 1) for s in group], all_logits=True)
                 for s, o in zip(group, outs):
                     logits[seqs.index(s)].append(o)

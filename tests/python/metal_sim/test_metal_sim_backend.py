@@ -21,8 +21,9 @@ if METAL not in _core.available_backends():
     pytest.skip("this build has no metal-sim backend (needs clang, libobjc-12-dev, libblocksruntime-dev)",
                 allow_module_level=True)
 
-# logits are O(1..10); the two backends differ in reduction order (and in half/bfloat rounding of the cache)
-TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
+# logits are O(1..10); the backends differ in reduction order; with 16-bit weights the Metal backend also keeps
+# activations in that type (the cpu backend, the reference, keeps them in f32)
+TOL = {"float32": 2e-5, "float16": 1.5e-2, "bfloat16": 8e-2}
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,12 @@ def checkpoints(tmp_path_factory):
     return {arch: make_tiny_checkpoint(root / arch, arch, seed=3, max_position_embeddings=1024) for arch in ARCHS}
 
 
-def run(path, backend, dtype, prompts, decode_steps, batched=True, chunk=0, profile=None):
-    engine = Engine(path, backend=backend, dtype=dtype, num_kv_blocks=96)
+def run(path, backend, dtype, prompts, decode_steps, batched=True, chunk=0, profile=None, forced=None,
+        activation_dtype="auto"):
+    engine = Engine(path, backend=backend, dtype=dtype, activation_dtype=activation_dtype, num_kv_blocks=96)
     if profile is not None:
         engine._engine.set_profiling(True)
-    out = Harness(engine).prefill_and_decode(prompts, decode_steps, batched=batched, chunk=chunk)
+    out = Harness(engine).prefill_and_decode(prompts, decode_steps, batched=batched, chunk=chunk, forced=forced)
     if profile is not None:
         profile.update(engine._engine.take_profile())
     return out
@@ -47,6 +49,11 @@ def assert_same(a, b, tol):
         assert ta == tb
 
 
+def decoded(result, prompts):
+    """The decode tokens of a run, to force on another (near-ties break differently at 16-bit precision)."""
+    return [tokens[len(p):] for (_, tokens), p in zip(result, prompts)]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefill_and_decode_match_cpu(checkpoints, arch, dtype):
@@ -55,29 +62,48 @@ def test_prefill_and_decode_match_cpu(checkpoints, arch, dtype):
     prompts = [rng.integers(0, 211, n).tolist() for n in (300, 21, 2)]
     ref = run(checkpoints[arch], "cpu", dtype, prompts, decode_steps=3)
     profile = {}
-    got = run(checkpoints[arch], METAL, dtype, prompts, decode_steps=3, profile=profile)
+    got = run(checkpoints[arch], METAL, dtype, prompts, decode_steps=3, profile=profile,
+              forced=decoded(ref, prompts))
     assert_same(ref, got, TOL[dtype])
     w = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
-    for kernel in (f"paged_attention_prefill_{w}", f"paged_attention_split_{w}", "paged_attention_reduce",
-                   f"matmul_gemm_{w}", f"matmul_gemv_{w}", f"kv_write_{w}", "rope", "silu_mul"):
+    x = "" if w == "f32" else f"_act_{w}"  # 16-bit weights: 16-bit activations on Metal
+    for kernel in (f"paged_attention_prefill_{w}{x}", f"paged_attention_split_{w}{x}", f"paged_attention_reduce{x}",
+                   f"matmul_gemm_{w}{x}", f"matmul_gemv_{w}{x}", f"kv_write_{w}{x}", f"rope{x}", f"silu_mul{x}",
+                   f"embedding_{w}{x}", f"rms_norm_{w}{x}", f"gather_rows{x}"):
         assert profile.get(kernel, (0, 0))[0] > 0, f"{kernel} never ran: {sorted(profile)}"
+    if x:  # the LM head reads 16-bit activations and writes f32 logits
+        assert profile[f"matmul_gemm_{w}{x}_logits"][0] + profile.get(f"matmul_gemv_{w}{x}_logits", (0, 0))[0] > 0
 
 
+@pytest.mark.parametrize("dtype,activation_dtype", [("float32", "auto"), ("float16", "auto"),
+                                                    ("bfloat16", "float32")])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_chunked_alone_and_short_contexts(checkpoints, arch):
+def test_chunked_alone_and_short_contexts(checkpoints, arch, dtype, activation_dtype):
     """Prefill in 5-token chunks (the per-row attention over cached pages), then decode (the attention kernel
-    fused with the KV write), each sequence alone."""
+    fused with the KV write), each sequence alone; 16-bit weights with 16-bit or (asked for) f32 activations."""
     rng = np.random.default_rng(11)
     prompts = [rng.integers(0, 211, n).tolist() for n in (13, 6)]
-    ref = run(checkpoints[arch], "cpu", "float32", prompts, decode_steps=4, batched=False, chunk=5)
+    ref = run(checkpoints[arch], "cpu", dtype, prompts, decode_steps=4, batched=False, chunk=5)
     profile = {}
-    got = run(checkpoints[arch], METAL, "float32", prompts, decode_steps=4, batched=False, chunk=5,
-              profile=profile)
-    assert_same(ref, got, TOL["float32"])
-    assert profile["paged_attention_f32"][0] > 0 and "paged_attention_prefill_f32" not in profile
+    got = run(checkpoints[arch], METAL, dtype, prompts, decode_steps=4, batched=False, chunk=5, profile=profile,
+              forced=decoded(ref, prompts), activation_dtype=activation_dtype)
+    tol = TOL["float32"] if dtype == "float32" else TOL[dtype] if activation_dtype == "auto" else 2e-3
+    assert_same(ref, got, tol)
+    w = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
+    x = f"_act_{w}" if activation_dtype == "auto" and w != "f32" else ""
+    assert profile[f"paged_attention_{w}{x}"][0] > 0 and f"paged_attention_prefill_{w}{x}" not in profile
     # decode steps write K/V inside the attention kernel: kv_write runs only for the prefill chunks
-    assert profile["paged_attention_decode_f32"][0] > 0
-    assert profile["kv_write_f32"][0] == profile["paged_attention_f32"][0]
+    assert profile[f"paged_attention_decode_{w}{x}"][0] > 0
+    assert profile[f"kv_write_{w}{x}"][0] == profile[f"paged_attention_{w}{x}"][0]
+
+
+def test_activation_dtype_is_checked(checkpoints):
+    assert Engine(checkpoints["llama"], backend=METAL, dtype="bfloat16").activation_dtype == "bf16"
+    assert Engine(checkpoints["llama"], backend="cpu", dtype="bfloat16").activation_dtype == "f32"
+    with pytest.raises(ValueError, match="cpu backend computes activations in float32"):
+        Engine(checkpoints["llama"], backend="cpu", dtype="float16", activation_dtype="float16")
+    with pytest.raises(ValueError, match="16-bit activations take the weights' dtype"):
+        Engine(checkpoints["llama"], backend=METAL, dtype="float16", activation_dtype="bfloat16")
 
 
 def test_batched_equals_alone_on_metal_sim(checkpoints):
