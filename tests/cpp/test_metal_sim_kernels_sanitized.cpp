@@ -127,3 +127,71 @@ TEST(MetalSimKernelsSanitized, PagedAttention) {
           {q.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(), out.data()});
     }
 }
+
+TEST(MetalSimKernelsSanitized, DecodeAttentionFusedWithKVWrite) {
+  // three sequences, one new token each, written into their slots, then attended
+  const int S = 3, H = 4, KVH = 2, HD = 32, BS = 8, W = 3, NB = 6, KS = KVH * HD + 5;
+  std::vector<int32_t> bt = {5, 1, -1, 0, 2, 3, 4, -1, -1}, qsl = {0, 1, 2, 3}, lens = {9, 20, 1};
+  std::vector<int64_t> slots = {1 * BS + 0, 3 * BS + 3, -1};
+  auto q = randn(S * H * HD), k = randn(size_t(S) * KS), v = randn(size_t(S) * KS), out = randn(S * H * HD);
+  for (const char* dt : kDtypes) {
+    Weights kc(dt, size_t(NB) * BS * KVH * HD), vc(dt, size_t(NB) * BS * KVH * HD);
+    const PagedAttentionArgs attn{S, H, KVH, HD, BS, W, H * HD, 0, 0.125f, S};
+    run(std::string("paged_attention_decode_") + dt, PagedAttentionDecodeArgs{attn, KS, KS, NB * BS},
+        {q.data(), k.data(), v.data(), slots.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(),
+         out.data()});
+  }
+}
+
+// The 16-bit-activation variants: activations as 16-bit patterns too.
+TEST(MetalSimKernelsSanitized, SixteenBitActivations) {
+  for (const std::string dt : {"f16", "bf16"}) {
+    const std::string x = dt + "_act_" + dt, ax = "_act_" + dt;
+    const int rows = 5, dim = 300;
+    auto h = randh(size_t(rows) * dim), res = randh(size_t(rows) * dim), out = randh(size_t(rows) * dim);
+    auto w = randh(size_t(dim)), table = randh(size_t(11) * dim);
+    run("rms_norm_" + x, RmsNormArgs{rows, dim, 1e-5f, 1}, {h.data(), res.data(), w.data(), out.data()});
+    run("rms_norm_" + x, RmsNormArgs{rows, dim, 1e-5f, 0}, {h.data(), nullptr, w.data(), out.data()});
+    std::vector<int32_t> ids = {3, 0, 10, 4, 4};
+    run("embedding_" + x, EmbeddingArgs{rows, dim, 11}, {ids.data(), table.data(), out.data()});
+    run("silu_mul" + ax, SiluMulArgs{rows, dim}, {h.data(), res.data(), out.data()});
+    std::vector<int32_t> idx = {2, 0, 1};
+    run("gather_rows" + ax, GatherRowsArgs{3, dim}, {h.data(), idx.data(), out.data()});
+    for (auto [m, n, k] : {std::tuple{1, 17, 8}, {3, 31, 130}, {7, 40, 33}, {33, 65, 48}}) {
+      auto xa = randh(size_t(m) * k), ya = randh(size_t(m) * n), wt = randh(size_t(n) * k), b = randh(size_t(n));
+      std::vector<float> logits(size_t(m) * n);
+      const MatmulArgs a{m, n, k, 1};
+      const std::string kern = std::string(matmul_kernel_prefix(a)) + "_" + x;
+      run(kern, a, {xa.data(), wt.data(), b.data(), ya.data()});
+      run(kern + "_logits", a, {xa.data(), wt.data(), b.data(), logits.data()});
+    }
+    const int S = 2, H = 9, KVH = 3, HD = 64, BS = 16, W = 3, T = 14, NB = 5;
+    std::vector<int32_t> pos(T, 7), bt = {4, 0, -1, 2, 1, 3}, qsl = {0, 13, 14}, lens = {13, 40};
+    std::vector<float> inv(HD / 2, 0.01f);
+    auto q = randh(size_t(T) * H * HD), kk = randh(size_t(T) * KVH * HD), vv = randh(size_t(T) * KVH * HD);
+    auto o = randh(size_t(T) * H * HD), kc = randh(size_t(NB) * BS * KVH * HD), vc = randh(size_t(NB) * BS * KVH * HD);
+    run("rope" + ax, RopeArgs{T, H, KVH, HD, H * HD, KVH * HD}, {pos.data(), inv.data(), q.data(), kk.data()});
+    std::vector<int64_t> slots(T, -1);
+    slots[0] = 5;
+    slots[13] = 3 * BS + 7;
+    run("kv_write_" + x, KVWriteArgs{T, KVH, HD, BS, NB * BS, KVH * HD, KVH * HD},
+        {kk.data(), vv.data(), slots.data(), kc.data(), vc.data()});
+    const PagedAttentionArgs attn{S, H, KVH, HD, BS, W, H * HD, 5, 0.125f, T};
+    run("paged_attention_" + x, attn, {q.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(), o.data()});
+    run("paged_attention_prefill_" + x, PagedAttentionPrefillArgs{attn, 13},
+        {q.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(), o.data()});
+    const int P = 3;
+    std::vector<float> pmax(size_t(T) * H * P), psum(size_t(T) * H * P), pout(size_t(T) * H * P * HD);
+    run("paged_attention_split_" + x, PagedAttentionSplitArgs{attn, 16, P},
+        {q.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(), pmax.data(), psum.data(), pout.data()});
+    run("paged_attention_reduce" + ax, PagedAttentionReduceArgs{T, H, HD, P},
+        {pmax.data(), psum.data(), pout.data(), o.data()});
+    // decode: one new token per sequence
+    std::vector<int32_t> dqsl = {0, 1, 2}, dlens = {13, 40};
+    std::vector<int64_t> dslots = {12, 3 * BS + 7};
+    const PagedAttentionArgs dattn{S, H, KVH, HD, BS, W, H * HD, 0, 0.125f, S};
+    run("paged_attention_decode_" + x, PagedAttentionDecodeArgs{dattn, KVH * HD, KVH * HD, NB * BS},
+        {q.data(), kk.data(), vv.data(), dslots.data(), kc.data(), vc.data(), bt.data(), dqsl.data(), dlens.data(),
+         o.data()});
+  }
+}
