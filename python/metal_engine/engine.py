@@ -91,17 +91,20 @@ class Engine:
         block_tables,
         slot_mapping,
         logits_indices: Optional[np.ndarray] = None,
+        greedy: bool = False,
     ) -> np.ndarray:
         """One forward. Shapes: token_ids, positions, slot_mapping [num_tokens]; query_start_loc
         [num_seqs + 1]; seq_lens [num_seqs]; block_tables [num_seqs, width]; logits_indices [rows]
-        (default: the last token of every sequence). Returns float32 [rows, vocab_size]."""
+        (default: the last token of every sequence). Returns float32 [rows, vocab_size]; with greedy=True,
+        each row's greedy token instead (argmax on the device, int32 [rows]), without reading logits back."""
         qsl = np.ascontiguousarray(query_start_loc, dtype=np.int32)
         if logits_indices is None:
             logits_indices = qsl[1:] - 1
         bt = np.ascontiguousarray(block_tables, dtype=np.int32)
         if bt.ndim != 2:
             raise ValueError(f"block_tables must be 2-D [num_seqs, width], got shape {bt.shape}")
-        return self._engine.step(
+        run = self._engine.step_greedy if greedy else self._engine.step
+        return run(
             np.ascontiguousarray(token_ids, dtype=np.int32),
             np.ascontiguousarray(positions, dtype=np.int32),
             qsl,

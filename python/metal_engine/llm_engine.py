@@ -18,7 +18,7 @@ from metal_engine.engine import Engine
 from metal_engine.kv_cache_manager import KVCacheManager
 from metal_engine.outputs import CompletionOutput, RequestOutput
 from metal_engine.request import Request
-from metal_engine.sampler import log_softmax, sample_row, top_logprobs
+from metal_engine.sampler import log_softmax, plain_greedy, sample_row, top_logprobs
 from metal_engine.sampling_params import SamplingParams
 from metal_engine.scheduler import Scheduler
 from metal_engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -259,8 +259,11 @@ class LLMEngine:
         bt = np.zeros((len(tables), width), dtype=np.int32)
         for i, t in enumerate(tables):
             bt[i, : len(t)] = t
+        # When every row picks a plain greedy token (no logprobs, penalties or banned tokens), the device
+        # chooses it and only the token ids come back.
+        greedy = bool(row_owner) and all(kind == "sample" and plain_greedy(req) for req, kind, _ in row_owner)
         logits = self.engine.step(np.asarray(toks, dtype=np.int32), np.concatenate(pos), qsl, lens, bt,
-                                  np.concatenate(slots), np.asarray(rows, dtype=np.int32))
+                                  np.concatenate(slots), np.asarray(rows, dtype=np.int32), greedy=greedy)
         self.stats["num_steps"] += 1
         self.stats["num_tokens"] += len(toks)
         for req, n in sched.scheduled:
@@ -274,7 +277,7 @@ class LLMEngine:
                 if req.sample_index == 0 and len(parent.prompt_logprobs) == i + 1:  # not again after preemption
                     self._record_prompt_logprob(parent, logits[r], req.prompt_token_ids[i + 1])
                 continue
-            token, raw = sample_row(logits[r], req, self.rng)
+            token, raw = (int(logits[r]), None) if greedy else sample_row(logits[r], req, self.rng)
             self._append_token(parent.samples[req.sample_index], token, raw, now)
             changed[parent.request_id] = parent
         outputs = []

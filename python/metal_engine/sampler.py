@@ -58,6 +58,14 @@ def filter_logits(logits: np.ndarray, top_k: int, top_p: float, min_p: float) ->
     return logits
 
 
+def plain_greedy(req: Request) -> bool:
+    """The next token of `req` is the argmax of its raw logits: greedy, no logprobs, no penalties, and no
+    token banned by min_tokens."""
+    p = req.params
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0 and len(req.output_token_ids) >= p.min_tokens)
+
+
 def sample_row(logits: np.ndarray, req: Request, rng: np.random.Generator) -> tuple[int, Optional[np.ndarray]]:
     """Picks the next token of `req` from its raw logits [vocab]. Returns (token, raw logprobs or None)."""
     p = req.params

@@ -18,6 +18,23 @@ static std::vector<T> to_vector(const Vec<T>& a) {
   return std::vector<T>(a.data(), a.data() + a.shape(0));
 }
 
+using Table = nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+static StepInput step_input(const Vec<int32_t>& token_ids, const Vec<int32_t>& positions,
+                            const Vec<int32_t>& query_start_loc, const Vec<int32_t>& seq_lens, const Table& block_tables,
+                            const Vec<int64_t>& slot_mapping, const Vec<int32_t>& logits_indices) {
+  StepInput in;
+  in.token_ids = to_vector(token_ids);
+  in.positions = to_vector(positions);
+  in.query_start_loc = to_vector(query_start_loc);
+  in.seq_lens = to_vector(seq_lens);
+  in.block_table_width = int32_t(block_tables.shape(1));
+  in.block_tables.assign(block_tables.data(), block_tables.data() + block_tables.size());
+  in.slot_mapping = to_vector(slot_mapping);
+  in.logits_indices = to_vector(logits_indices);
+  return in;
+}
+
 void init_engine(nb::module_& m) {
   nb::class_<Engine>(m, "Engine")
       .def_static("from_checkpoint", &Engine::from_checkpoint, nb::arg("path"), nb::arg("config") = EngineConfig{},
@@ -45,17 +62,9 @@ void init_engine(nb::module_& m) {
       .def(
           "step",
           [](Engine& e, Vec<int32_t> token_ids, Vec<int32_t> positions, Vec<int32_t> query_start_loc,
-             Vec<int32_t> seq_lens, nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> block_tables,
-             Vec<int64_t> slot_mapping, Vec<int32_t> logits_indices) {
-            StepInput in;
-            in.token_ids = to_vector(token_ids);
-            in.positions = to_vector(positions);
-            in.query_start_loc = to_vector(query_start_loc);
-            in.seq_lens = to_vector(seq_lens);
-            in.block_table_width = int32_t(block_tables.shape(1));
-            in.block_tables.assign(block_tables.data(), block_tables.data() + block_tables.size());
-            in.slot_mapping = to_vector(slot_mapping);
-            in.logits_indices = to_vector(logits_indices);
+             Vec<int32_t> seq_lens, Table block_tables, Vec<int64_t> slot_mapping, Vec<int32_t> logits_indices) {
+            const StepInput in = step_input(token_ids, positions, query_start_loc, seq_lens, block_tables,
+                                            slot_mapping, logits_indices);
             const size_t rows = in.logits_indices.size(), vocab = size_t(e.model_config().vocab_size);
             float* out = new float[std::max<size_t>(rows * vocab, 1)];
             nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<float*>(p); });
@@ -67,5 +76,23 @@ void init_engine(nb::module_& m) {
           },
           nb::arg("token_ids"), nb::arg("positions"), nb::arg("query_start_loc"), nb::arg("seq_lens"),
           nb::arg("block_tables"), nb::arg("slot_mapping"), nb::arg("logits_indices"),
-          "One forward over a flattened batch; returns fp32 logits [len(logits_indices), vocab].");
+          "One forward over a flattened batch; returns fp32 logits [len(logits_indices), vocab].")
+      .def(
+          "step_greedy",
+          [](Engine& e, Vec<int32_t> token_ids, Vec<int32_t> positions, Vec<int32_t> query_start_loc,
+             Vec<int32_t> seq_lens, Table block_tables, Vec<int64_t> slot_mapping, Vec<int32_t> logits_indices) {
+            const StepInput in = step_input(token_ids, positions, query_start_loc, seq_lens, block_tables,
+                                            slot_mapping, logits_indices);
+            const size_t rows = in.logits_indices.size();
+            int32_t* out = new int32_t[std::max<size_t>(rows, 1)];
+            nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+            {
+              nb::gil_scoped_release release;
+              e.step_greedy(in, out);
+            }
+            return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(out, {rows}, owner);
+          },
+          nb::arg("token_ids"), nb::arg("positions"), nb::arg("query_start_loc"), nb::arg("seq_lens"),
+          nb::arg("block_tables"), nb::arg("slot_mapping"), nb::arg("logits_indices"),
+          "The same forward; returns each requested row's greedy token (argmax on the device), int32 [rows].");
 }

@@ -100,7 +100,7 @@ struct Engine::Impl {
   std::unique_ptr<ScratchPool> scratch;
 
   struct Kernels {
-    Kernel embedding, rms_norm, matmul, lm_head, rope, silu_mul, kv_write, paged_attention, gather_rows;
+    Kernel embedding, rms_norm, matmul, lm_head, rope, silu_mul, kv_write, paged_attention, gather_rows, argmax;
     // Metal only: the tiled prefill attention, and the split-and-reduce attention for long contexts
     Kernel paged_attention_prefill, paged_attention_split, paged_attention_reduce, paged_attention_decode;
     bool has_prefill_attention = false, has_split_attention = false, has_decode_attention = false;
@@ -109,7 +109,10 @@ struct Engine::Impl {
   Weight load_weight(const std::string& name, std::vector<int64_t> expected, bool required);
   void load_weights();
   void build_rope_table();
-  void encode_forward(const StepInput& in, ScratchPool& pool, BufferArg* logits_out);
+  // Lays out the step in `pool` and (unless measuring) encodes it; with `greedy`, ends with argmax of the logits.
+  void encode_forward(const StepInput& in, ScratchPool& pool, bool greedy, BufferArg* logits_out,
+                      BufferArg* tokens_out);
+  void run_step(const StepInput& in, bool greedy, BufferArg* logits, BufferArg* tokens);
 };
 
 Weight Engine::Impl::load_weight(const std::string& name, std::vector<int64_t> expected, bool required) {
@@ -262,6 +265,7 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   impl->k.kv_write = d.kernel("kv_write_" + w + ax);
   impl->k.paged_attention = d.kernel("paged_attention_" + w + ax);
   impl->k.gather_rows = d.kernel("gather_rows" + ax);
+  impl->k.argmax = d.kernel("argmax");
   auto optional_kernel = [&](const std::string& name, Kernel& out) {
     const std::vector<std::string> names = d.kernel_names();
     if (std::find(names.begin(), names.end(), name) == names.end()) return false;
@@ -344,7 +348,8 @@ void Engine::validate(const StepInput& in) const {
 }
 
 // Lays out the step's buffers in `pool` and, unless the pool is only measuring, encodes the forward.
-void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, BufferArg* logits_out) {
+void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, bool greedy, BufferArg* logits_out,
+                                  BufferArg* tokens_out) {
   const ModelConfig& m = model;
   const int T = in.num_tokens(), S = in.num_seqs(), R = int(in.logits_indices.size());
   const int H = m.hidden_size, I = m.intermediate_size, V = m.vocab_size, hd = m.head_dim;
@@ -370,6 +375,7 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, Buffer
   BufferArg sel_res = pool.alloc(a * std::max(R, 1) * H, "selected residual");  // act [R, H]
   BufferArg sel_h = pool.alloc(a * std::max(R, 1) * H, "selected h");           // act [R, H]
   BufferArg logits = pool.alloc(f * size_t(std::max(R, 1)) * V, "logits");      // f32 [R, V]
+  BufferArg tokens = pool.alloc(i32 * std::max(R, 1), "greedy tokens");         // i32 [R]
   // Attention: the tiled prefill kernel when a chunk has many rows; split into partitions of keys (and
   // reduced) when a context is long; the one-threadgroup-per-row kernel otherwise (always, on cpu).
   int max_query_len = 0, max_seq_len = 0;
@@ -387,6 +393,7 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, Buffer
   BufferArg part_sum = pool.alloc(f * part_rows, "attention partition sum");      // f32 [T, heads, P]
   BufferArg part_out = pool.alloc(f * part_rows * hd, "attention partition out"); // f32 [T, heads, P, hd]
   *logits_out = logits;
+  *tokens_out = tokens;
   if (!logits.buffer) return;  // measuring
 
   auto upload = [&](BufferArg dst, const void* src, size_t bytes) {
@@ -458,28 +465,41 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, Buffer
   d.dispatch(k.gather_rows, GatherRowsArgs{R, H}, {h, logit_rows, sel_h});
   rms_norm(sel_h, sel_res, final_norm, sel_h, R, true);                     // [R, H]
   d.dispatch(k.lm_head, MatmulArgs{R, V, H, 0}, {sel_h, lm_head.arg, BufferArg{}, logits});  // f32 [R, V]
+  if (greedy) d.dispatch(k.argmax, ArgmaxArgs{R, V}, {logits, tokens});                 // i32 [R]
 }
 
-void Engine::step(const StepInput& in, float* logits) {
-  validate(in);
-  ScratchPool& pool = *impl_->scratch;
-  BufferArg out;
+void Engine::Impl::run_step(const StepInput& in, bool greedy, BufferArg* logits, BufferArg* tokens) {
+  ScratchPool& pool = *scratch;
   pool.begin(/*measuring=*/true);
-  impl_->encode_forward(in, pool, &out);
+  encode_forward(in, pool, greedy, logits, tokens);
   pool.require(pool.used());
   pool.begin(false);
-  Device& d = *impl_->device;
+  Device& d = *device;
   d.begin_step();
   try {
-    impl_->encode_forward(in, pool, &out);
+    encode_forward(in, pool, greedy, logits, tokens);
     d.submit();
   } catch (...) {
     d.abandon_step();  // nothing of a step that failed to encode runs; the engine stays usable
     throw;
   }
   d.wait();
+}
+
+void Engine::step(const StepInput& in, float* logits) {
+  validate(in);
+  BufferArg out, tokens;
+  impl_->run_step(in, false, &out, &tokens);
   const size_t n = in.logits_indices.size() * size_t(impl_->model.vocab_size);
-  if (n) std::memcpy(logits, pool.host_ptr(out), n * sizeof(float));
+  if (n) std::memcpy(logits, impl_->scratch->host_ptr(out), n * sizeof(float));
+}
+
+void Engine::step_greedy(const StepInput& in, int32_t* tokens) {
+  validate(in);
+  BufferArg logits, out;
+  impl_->run_step(in, true, &logits, &out);
+  const size_t n = in.logits_indices.size();
+  if (n) std::memcpy(tokens, impl_->scratch->host_ptr(out), n * sizeof(int32_t));
 }
 
 std::vector<float> Engine::step(const StepInput& in) {

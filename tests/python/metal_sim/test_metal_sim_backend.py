@@ -132,3 +132,22 @@ def test_unknown_backend_names_what_the_build_has(checkpoints):
     other = "metal-sim" if METAL == "metal" else "metal"
     with pytest.raises(ValueError, match=f"this build has 'cpu', '{METAL}'"):
         Engine(checkpoints["llama"], backend=other)
+
+
+@pytest.mark.parametrize("backend", ["cpu", METAL])
+def test_greedy_step_picks_on_the_device(checkpoints, backend):
+    """step(greedy=True) returns each row's argmax, chosen by the argmax kernel, without reading logits back."""
+    path = checkpoints["qwen2"]
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(0, 211, 9).astype(np.int32)
+    rows = np.arange(9, dtype=np.int32)
+    call = dict(token_ids=prompt, positions=np.arange(9, dtype=np.int32),
+                query_start_loc=np.array([0, 9], np.int32), seq_lens=np.array([9], np.int32),
+                block_tables=np.array([[0]], np.int32), slot_mapping=np.arange(9, dtype=np.int64), logits_indices=rows)
+    logits = Engine(path, backend=backend, dtype="float32", num_kv_blocks=4).step(**call)
+    engine = Engine(path, backend=backend, dtype="float32", num_kv_blocks=4)
+    engine._engine.set_profiling(True)
+    tokens = engine.step(**call, greedy=True)
+    assert tokens.dtype == np.int32 and tokens.shape == (9,)
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+    assert engine._engine.take_profile()["argmax"][0] == 1
