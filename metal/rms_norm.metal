@@ -1,9 +1,13 @@
 // rms_norm_<wdt>: one threadgroup per row. residual += x (if asked), then
 // out = residual * rsqrt(mean(residual^2) + eps) * weight. Host: src/metal/dispatch_geometry.cpp.
+// Whether to add the residual is a function constant (one pipeline each, the branch compiled away); the host
+// sets it from RmsNormArgs::add_residual (src/metal/metal_kernels.cpp).
 #include <metal_stdlib>
 #include "op_args.h"
 using namespace metal;
 using namespace metal_engine;
+
+constant bool kAddResidual [[function_constant(0)]];
 
 template <typename W, typename A>
 kernel void rms_norm(constant RmsNormArgs& args [[buffer(0)]],
@@ -21,7 +25,7 @@ kernel void rms_norm(constant RmsNormArgs& args [[buffer(0)]],
   const int dim = args.dim;
   device A* xr = x + row * dim;
   device A* src = xr;
-  if (args.add_residual) {  // the sum rounds to A, as the residual stream is stored
+  if (kAddResidual) {  // the sum rounds to A, as the residual stream is stored
     src = residual + row * dim;
     for (int i = tid; i < dim; i += ntg) src[i] = A(float(src[i]) + float(xr[i]));
   }

@@ -1,6 +1,7 @@
 """metal-sim's pre-pass: turns a .metal file into C++ that compiles against src/metal_sim/include.
 
-What a header cannot do is done here: `[[...]]` attributes are stripped; `threadgroup T x[N];` locals
+What a header cannot do is done here: `constant T name [[function_constant(i)]];` becomes a file global that
+every kernel of the file registers as its constant i (set by each dispatch); `[[...]]` attributes are stripped; `threadgroup T x[N];` locals
 become `static thread_local` (one copy per threadgroup, since a threadgroup's threads run as fibers on one
 OS thread); each `kernel` and each `template [[host_name("...")]]` instantiation gets an entry point that
 binds `[[buffer(n)]]` parameters and thread-position builtins by attribute (types come from the function's
@@ -108,6 +109,9 @@ def embed(args_header, sources):
             f'const char* const metal_engine::kMetalKernelSource = R"ME_MSL({text})ME_MSL";\n')
 
 
+FUNCTION_CONSTANT = re.compile(r"constant\s+(\w+)\s+(\w+)\s*\[\[\s*function_constant\(\s*(\d+)\s*\)\s*\]\]\s*;")
+
+
 def convert(src):
     entries = []
     # template [[host_name("x")]] kernel decltype(f<T>) f<T>;
@@ -120,7 +124,16 @@ def convert(src):
     for m in re.finditer(r"kernel\s+void\s+(\w+)\s*\(", src):
         if m.group(1) not in templated:
             entries.append(entry(m.group(1), m.group(1), kernel_params(src, m.group(1))))
-    out = inst.sub("", src)
+    constants = [(m.group(2), int(m.group(3))) for m in FUNCTION_CONSTANT.finditer(src)]
+    hosts = [m.group(1) for m in inst.finditer(src)]
+    hosts += [m.group(1) for m in re.finditer(r"kernel\s+void\s+(\w+)\s*\(", src) if m.group(1) not in templated]
+    for name, index in constants:
+        for host in hosts:
+            ident = re.sub(r"\W", "_", host)
+            entries.append(f"static const bool me_sim_constant_{ident}_{index} = metal_sim::register_function_constant("
+                           f"\"{host}\", {index}, &{name}, sizeof({name}));\n")
+    out = FUNCTION_CONSTANT.sub(lambda m: f"static {m.group(1)} {m.group(2)};", src)
+    out = inst.sub("", out)
     out = re.sub(r"\[\[[^\]]*\]\]", "", out)
     out = re.sub(r"(?m)^(\s*)threadgroup\s+([^;(]+\[[^;]*\]\s*;)", r"\1static thread_local \2", out)
     out = re.sub(r"\b(\d+\.\d*)h\b", r"half(\1f)", out)

@@ -11,6 +11,7 @@
 #include <stdexcept>
 
 #include "../metal/dispatch_geometry.h"
+#include "../metal/metal_kernels.h"
 #include "../metal_sim/runtime.h"
 
 namespace nb = nanobind;
@@ -26,9 +27,14 @@ static void run_sim(const std::string& name, const Args& args, const std::vector
   ptrs[0] = const_cast<Args*>(&args);  // the argument struct at buffer(0), as setBytes binds it
   for (size_t i = 0; i < arrays.size(); ++i) ptrs[i + 1] = arrays[i] ? arrays[i]->data() : nullptr;
   metal_sim::link_engine_kernels();
-  const DispatchGeometry g = dispatch_geometry(args);
+  // the grid and function constants the Metal backend would use for this MSL function and these arguments
+  const MetalKernelSpec spec = metal_kernel_spec(name);
+  const auto plan = spec.plan(&args);
+  const DispatchGeometry& g = plan.second;
   metal_sim::DispatchOptions opt;
   opt.reverse_order = reverse;
+  for (const auto& c : spec.pipelines[size_t(plan.first)].constants)
+    opt.constants.push_back(metal_sim::FunctionConstant{c.first, {static_cast<unsigned char>(c.second)}});
   nb::gil_scoped_release release;
   metal_sim::dispatch(name, ptrs, {g.groups[0], g.groups[1], g.groups[2]}, {g.threads[0], g.threads[1], g.threads[2]},
                       opt);

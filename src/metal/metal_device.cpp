@@ -127,7 +127,7 @@ class MetalDevice : public Device {
     for (size_t i = 0; i < kernels_.size(); ++i)
       if (kernels_[i].name == name) return Kernel{int(i), name};
     Entry e{name, metal_kernel_spec(name), {}};
-    for (const std::string& f : e.spec.functions) e.pipelines.push_back(pipeline(f));
+    for (const MetalPipelineKey& key : e.spec.pipelines) e.pipelines.push_back(pipeline(key));
     kernels_.push_back(std::move(e));
     return Kernel{int(kernels_.size() - 1), name};
   }
@@ -154,10 +154,11 @@ class MetalDevice : public Device {
     const DispatchGeometry& g = plan.second;
     const size_t threads = size_t(g.threads[0]) * g.threads[1] * g.threads[2];
     if (threads > p->maxTotalThreadsPerThreadgroup())
-      throw std::invalid_argument("kernel '" + e.spec.functions[size_t(plan.first)] + "' needs " +
+      throw std::invalid_argument("kernel '" + e.spec.pipelines[size_t(plan.first)].function + "' needs " +
                                   std::to_string(threads) + " threads per threadgroup; its pipeline allows " +
                                   std::to_string(p->maxTotalThreadsPerThreadgroup()));
-    if (profiling_) profile_[e.spec.functions[size_t(plan.first)]].calls += 1;
+    const std::string& function = e.spec.pipelines[size_t(plan.first)].function;
+    if (profiling_) profile_[function].calls += 1;
     encoder_->setComputePipelineState(p);
     encoder_->setBytes(args, args_size, 0);
     NS::UInteger index = 1;
@@ -252,21 +253,35 @@ class MetalDevice : public Device {
     library_origin_ = "the embedded MSL source";
   }
 
-  // The pipeline cache: one pipeline per function, built on first use (the engine resolves every kernel
-  // it needs at load time, so no step ever builds one).
-  MTL::ComputePipelineState* pipeline(const std::string& function) {
-    auto it = pipelines_.find(function);
+  // The pipeline cache, keyed by function name and function constants: built on first use (the engine
+  // resolves every kernel it needs, with all its specialisations, at load time, so no step builds one).
+  MTL::ComputePipelineState* pipeline(const MetalPipelineKey& key) {
+    const std::string function = key.function;
+    auto it = pipelines_.find(key.key());
     if (it != pipelines_.end()) return it->second;
     MTL::ComputePipelineState* p = with_pool([&]() -> MTL::ComputePipelineState* {
-      MTL::Function* f = library_->newFunction(ns_string(function));
-      if (!f) throw std::runtime_error("the Metal library (" + library_origin_ + ") has no function '" + function + "'");
       NS::Error* error = nullptr;
+      MTL::Function* f = nullptr;
+      if (key.constants.empty()) {
+        f = library_->newFunction(ns_string(function));
+      } else {
+        MTL::FunctionConstantValues* values = MTL::FunctionConstantValues::alloc()->init();
+        for (const auto& c : key.constants) {
+          const bool v = c.second;
+          values->setConstantValue(&v, MTL::DataTypeBool, NS::UInteger(c.first));
+        }
+        f = library_->newFunction(ns_string(function), values, &error);
+        values->release();
+      }
+      if (!f)
+        throw std::runtime_error("the Metal library (" + library_origin_ + ") has no function '" + key.key() + "'" +
+                                 (error ? ": " + describe(error) : std::string()));
       MTL::ComputePipelineState* ps = device_->newComputePipelineState(f, &error);
       f->release();
       if (!ps) throw std::runtime_error("could not build the Metal pipeline for '" + function + "': " + describe(error));
       return ps;
     });
-    pipelines_[function] = p;
+    pipelines_[key.key()] = p;
     return p;
   }
 
@@ -277,7 +292,7 @@ class MetalDevice : public Device {
   MTL::CommandQueue* queue_ = nullptr;
   MTL::Library* library_ = nullptr;
   MTL::Buffer* dummy_ = nullptr;
-  std::map<std::string, MTL::ComputePipelineState*> pipelines_;
+  std::map<std::string, MTL::ComputePipelineState*> pipelines_;  // by MetalPipelineKey::key()
   std::vector<Entry> kernels_;
   NS::AutoreleasePool* step_pool_ = nullptr;
   MTL::CommandBuffer* command_buffer_ = nullptr;

@@ -24,9 +24,14 @@ std::pair<int, DispatchGeometry> plan_matmul(const void* args) {
   return {a.m <= kMetalGemvMaxRows ? 0 : 1, dispatch_geometry(a)};
 }
 
+std::pair<int, DispatchGeometry> plan_rms_norm(const void* args) {
+  const RmsNormArgs a = load<RmsNormArgs>(args);
+  return {a.add_residual ? 1 : 0, dispatch_geometry(a)};
+}
+
 template <class Args>
 MetalKernelSpec one(const std::string& function, int num_buffers) {
-  return MetalKernelSpec{sizeof(Args), num_buffers, {function}, &plan_one<Args>};
+  return MetalKernelSpec{sizeof(Args), num_buffers, {MetalPipelineKey{function, {}}}, &plan_one<Args>};
 }
 
 const char* const kWeightTypes[] = {"f32", "f16", "bf16"};
@@ -42,12 +47,18 @@ std::vector<std::pair<std::string, MetalKernelSpec>> table() {
     if (s != "f32") suffixes.push_back(s + "_act_" + s);
     for (const std::string& x : suffixes) {
       add("embedding_" + x, one<EmbeddingArgs>("embedding_" + x, 3));
-      add("rms_norm_" + x, one<RmsNormArgs>("rms_norm_" + x, 4));
+      // function constant 0: add the residual
+      add("rms_norm_" + x, MetalKernelSpec{sizeof(RmsNormArgs), 4,
+                                           {MetalPipelineKey{"rms_norm_" + x, {{0, false}}},
+                                            MetalPipelineKey{"rms_norm_" + x, {{0, true}}}},
+                                           &plan_rms_norm});
       std::vector<std::string> matmuls{x};
       if (x != s) matmuls.push_back(x + "_logits");
       for (const std::string& mx : matmuls) {
         // the GEMV kernel for a few rows of x (decode), the simdgroup-matrix GEMM beyond (prefill)
-        add("matmul_" + mx, MetalKernelSpec{sizeof(MatmulArgs), 4, {"matmul_gemv_" + mx, "matmul_gemm_" + mx},
+        add("matmul_" + mx, MetalKernelSpec{sizeof(MatmulArgs), 4,
+                                            {MetalPipelineKey{"matmul_gemv_" + mx, {}},
+                                             MetalPipelineKey{"matmul_gemm_" + mx, {}}},
                                             &plan_matmul});
         add("matmul_gemv_" + mx, one<MatmulArgs>("matmul_gemv_" + mx, 4));
         add("matmul_gemm_" + mx, one<MatmulArgs>("matmul_gemm_" + mx, 4));
@@ -76,6 +87,12 @@ const std::vector<std::pair<std::string, MetalKernelSpec>>& specs() {
 }
 
 }  // namespace
+
+std::string MetalPipelineKey::key() const {
+  std::string k = function;
+  for (const auto& c : constants) k += "|" + std::to_string(c.first) + "=" + (c.second ? "1" : "0");
+  return k;
+}
 
 MetalKernelSpec metal_kernel_spec(const std::string& name) {
   for (const auto& kv : specs())

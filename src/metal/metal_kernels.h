@@ -13,11 +13,19 @@
 
 namespace metal_engine {
 
+// A pipeline: an MSL function specialised by bool function constants ([[function_constant(index)]]).
+// The pipeline cache is keyed by key().
+struct MetalPipelineKey {
+  std::string function;
+  std::vector<std::pair<int, bool>> constants;  // (index, value)
+  std::string key() const;
+};
+
 struct MetalKernelSpec {
-  size_t args_size = 0;                 // bytes of the argument struct bound at buffer(0)
-  int num_buffers = 0;                  // bound at 1 .. num_buffers
-  std::vector<std::string> functions;   // the MSL functions it may launch
-  // For one launch's argument struct: which of `functions` runs, and its grid.
+  size_t args_size = 0;                     // bytes of the argument struct bound at buffer(0)
+  int num_buffers = 0;                      // bound at 1 .. num_buffers
+  std::vector<MetalPipelineKey> pipelines;  // every pipeline it may launch (all built when it is resolved)
+  // For one launch's argument struct: which of `pipelines` runs, and its grid.
   std::pair<int, DispatchGeometry> (*plan)(const void* args) = nullptr;
 };
 

@@ -69,6 +69,15 @@ std::map<std::string, KernelEntry>& registry() {
   return r;
 }
 
+struct ConstantSlot {
+  void* storage;
+  size_t size;
+};
+std::map<std::string, std::map<int, ConstantSlot>>& constant_registry() {
+  static std::map<std::string, std::map<int, ConstantSlot>> r;
+  return r;
+}
+
 enum class State { Runnable, AtBarrier, AtCollective, Done };
 
 struct Fiber {
@@ -210,6 +219,19 @@ bool register_kernel(const char* name, KernelEntry entry) {
   return true;
 }
 
+bool register_function_constant(const char* kernel, int index, void* storage, size_t size) {
+  constant_registry()[kernel][index] = ConstantSlot{storage, size};
+  return true;
+}
+
+std::vector<int> function_constant_indices(const std::string& kernel) {
+  std::vector<int> v;
+  auto it = constant_registry().find(kernel);
+  if (it != constant_registry().end())
+    for (const auto& kv : it->second) v.push_back(kv.first);
+  return v;
+}
+
 std::vector<std::string> kernel_names() {
   std::vector<std::string> v;
   for (const auto& kv : registry()) v.push_back(kv.first);
@@ -225,6 +247,22 @@ void dispatch(const std::string& name, void* const* buffers, Dim3 groups, Dim3 t
   if (per_group > uint64_t(opt.max_threads_per_threadgroup))
     throw std::invalid_argument("metal-sim: " + std::to_string(per_group) + " threads per threadgroup for '" + name +
                                 "' exceed the pipeline's maximum of " + std::to_string(opt.max_threads_per_threadgroup));
+  auto cs = constant_registry().find(name);
+  if (cs != constant_registry().end()) {
+    for (const auto& kv : cs->second) {
+      const FunctionConstant* given = nullptr;
+      for (const FunctionConstant& c : opt.constants)
+        if (c.index == kv.first) given = &c;
+      if (!given)
+        throw std::invalid_argument("metal-sim: function constant " + std::to_string(kv.first) + " of '" + name +
+                                    "' is not set");
+      if (given->value.size() != kv.second.size)
+        throw std::invalid_argument("metal-sim: function constant " + std::to_string(kv.first) + " of '" + name +
+                                    "' takes " + std::to_string(kv.second.size) + " bytes, got " +
+                                    std::to_string(given->value.size()));
+      std::memcpy(kv.second.storage, given->value.data(), kv.second.size);
+    }
+  }
   Group g;
   g.entry = it->second;
   g.fibers.resize(per_group);

@@ -38,9 +38,21 @@ bool register_kernel(const char* name, KernelEntry entry);
 void link_engine_kernels();
 std::vector<std::string> kernel_names();
 
+// A function constant's value, by its [[function_constant(index)]].
+struct FunctionConstant {
+  int index = 0;
+  std::vector<unsigned char> value;
+};
+
+// A kernel file's `constant T name [[function_constant(i)]];` is a global of that file; the pre-pass
+// registers it for every kernel of the file, and each dispatch sets it before any thread runs.
+bool register_function_constant(const char* kernel, int index, void* storage, size_t size);
+std::vector<int> function_constant_indices(const std::string& kernel);
+
 struct DispatchOptions {
   bool reverse_order = false;  // run threads last-to-first: exposes missing barriers
   int max_threads_per_threadgroup = 1024;
+  std::vector<FunctionConstant> constants;  // every constant the kernel declares must be given
 };
 
 // Runs `name` over `groups` threadgroups of `threads` threads. Throws std::invalid_argument for an unknown

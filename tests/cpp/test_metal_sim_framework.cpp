@@ -220,6 +220,53 @@ TEST_F(MetalSimFramework, AKernelThatFailsFailsItsCommandBuffer) {
   lib->release();
 }
 
+TEST_F(MetalSimFramework, FunctionConstantsSpecialiseAPipeline) {
+  // rms_norm's [[function_constant(0)]] says whether to add the residual: no pipeline without it
+  NS::Error* error = nullptr;
+  MTL::Function* plain = library_->newFunction(str("rms_norm_f32"));
+  ASSERT_NE(plain, nullptr);
+  EXPECT_EQ(device_->newComputePipelineState(plain, &error), nullptr);
+  ASSERT_NE(error, nullptr);
+  EXPECT_NE(std::string(error->localizedDescription()->utf8String()).find("function constant 0"), std::string::npos);
+  plain->release();
+  const int rows = 2, dim = 40;
+  for (bool add : {false, true}) {
+    MTL::FunctionConstantValues* values = MTL::FunctionConstantValues::alloc()->init();
+    values->setConstantValue(&add, MTL::DataTypeBool, NS::UInteger(0));
+    MTL::Function* f = library_->newFunction(str("rms_norm_f32"), values, &error);
+    values->release();
+    ASSERT_NE(f, nullptr);
+    MTL::ComputePipelineState* p = device_->newComputePipelineState(f, &error);
+    ASSERT_NE(p, nullptr);
+    MTL::Buffer *x = filled(rows * dim, -1.0f), *res = filled(rows * dim, 0.5f), *w = filled(dim, 1.0f);
+    MTL::Buffer* out = filled(rows * dim, 0.0f);
+    const metal_engine::RmsNormArgs a{rows, dim, 1e-6f, 0};  // the field is ignored: the constant decides
+    MTL::CommandBuffer* cb = queue_->commandBuffer();
+    MTL::ComputeCommandEncoder* enc = cb->computeCommandEncoder();
+    enc->setComputePipelineState(p);
+    enc->setBytes(&a, sizeof(a), 0);
+    enc->setBuffer(x, 0, 1);
+    enc->setBuffer(res, 0, 2);
+    enc->setBuffer(w, 0, 3);
+    enc->setBuffer(out, 0, 4);
+    enc->dispatchThreadgroups(MTL::Size(rows, 1, 1), MTL::Size(64, 1, 1));
+    enc->endEncoding();
+    cb->commit();
+    cb->waitUntilCompleted();
+    const float* xs = static_cast<float*>(x->contents());
+    const float* rs = static_cast<float*>(res->contents());
+    const float* src = add ? rs : xs;  // after the kernel: residual += x when adding
+    double ss = 0;
+    for (int i = 0; i < dim; ++i) ss += double(src[i]) * src[i];
+    const double inv = 1.0 / std::sqrt(ss / dim + 1e-6);
+    EXPECT_NEAR(static_cast<float*>(out->contents())[3], src[3] * inv * static_cast<float*>(w->contents())[3], 1e-4);
+    EXPECT_NEAR(rs[0], add ? 0.5f + -1.0f : 0.5f, 1e-6f);
+    for (MTL::Buffer* b : {x, res, w, out}) b->release();
+    p->release();
+    f->release();
+  }
+}
+
 TEST_F(MetalSimFramework, AnUnimplementedSelectorAbortsWithItsName) {
   EXPECT_DEATH(device_->newSharedEvent(), "newSharedEvent");
 }

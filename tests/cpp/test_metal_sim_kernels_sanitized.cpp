@@ -10,6 +10,7 @@
 
 #include "../../metal/op_args.h"
 #include "metal/dispatch_geometry.h"
+#include "metal/metal_kernels.h"
 #include "metal_sim/runtime.h"
 
 using namespace metal_engine;
@@ -31,13 +32,18 @@ std::vector<uint16_t> randh(size_t n) {  // f16/bf16 bit patterns of small numbe
   return v;
 }
 
+// Runs an MSL function with the grid and function constants the Metal backend would give these arguments.
 template <class Args>
 void run(const std::string& name, const Args& a, std::vector<void*> buffers) {
   buffers.insert(buffers.begin(), const_cast<Args*>(&a));
-  const DispatchGeometry g = dispatch_geometry(a);
+  const MetalKernelSpec spec = metal_kernel_spec(name);
+  const auto plan = spec.plan(&a);
+  const DispatchGeometry& g = plan.second;
   for (bool reverse : {false, true}) {
     metal_sim::DispatchOptions opt;
     opt.reverse_order = reverse;
+    for (const auto& c : spec.pipelines[size_t(plan.first)].constants)
+      opt.constants.push_back(metal_sim::FunctionConstant{c.first, {static_cast<unsigned char>(c.second)}});
     metal_sim::dispatch(name, buffers.data(), {g.groups[0], g.groups[1], g.groups[2]},
                         {g.threads[0], g.threads[1], g.threads[2]}, opt);
   }

@@ -147,7 +147,7 @@ struct URLImpl : Impl {
 
 // ---- device, buffers, library, functions, pipelines -----------------------------------------------------
 
-Class g_device, g_buffer, g_library, g_function, g_pipeline, g_queue, g_command_buffer, g_encoder;
+Class g_device, g_buffer, g_library, g_function, g_pipeline, g_queue, g_command_buffer, g_encoder, g_constants;
 
 struct BufferImpl : Impl {
   void* data = nullptr;
@@ -162,11 +162,16 @@ struct BufferImpl : Impl {
 struct LibraryImpl : Impl {
   std::set<std::string> functions;
 };
+struct ConstantValuesImpl : Impl {
+  std::vector<FunctionConstant> values;
+};
 struct FunctionImpl : Impl {
   std::string name;
+  std::vector<FunctionConstant> constants;
 };
 struct PipelineImpl : Impl {
   std::string function;
+  std::vector<FunctionConstant> constants;
   NSUInteger max_threads = kMaxThreadsPerThreadgroup;
 };
 
@@ -221,6 +226,7 @@ struct Binding {
 
 struct Dispatch {
   std::string function;
+  std::vector<FunctionConstant> constants;
   std::vector<Binding> bindings;  // [kMaxBufferArguments]
   MTLSize groups{}, threads{};
 };
@@ -267,6 +273,7 @@ void run_command_buffer(CommandBufferImpl& cb) {
     }
     DispatchOptions opt;
     opt.max_threads_per_threadgroup = int(kMaxThreadsPerThreadgroup);
+    opt.constants = d.constants;
     opt.reverse_order = std::getenv("METAL_SIM_REVERSE_ORDER") && std::getenv("METAL_SIM_REVERSE_ORDER")[0] == '1';
     try {
       dispatch(d.function, ptrs.data(), {uint32_t(d.groups.width), uint32_t(d.groups.height), uint32_t(d.groups.depth)},
@@ -406,8 +413,18 @@ id device_new_pipeline(id, SEL, id function, id* error) {
     set_error_out(error, 4, "newComputePipelineStateWithFunction: with a nil function");
     return nil;
   }
+  for (int index : function_constant_indices(f->name)) {  // as Metal: a specialised function or none
+    bool given = false;
+    for (const FunctionConstant& c : f->constants) given |= c.index == index;
+    if (!given) {
+      set_error_out(error, 5, "function constant " + std::to_string(index) + " of '" + f->name +
+                                  "' is not set (use newFunctionWithName:constantValues:error:)");
+      return nil;
+    }
+  }
   auto* p = new PipelineImpl;
   p->function = f->name;
+  p->constants = f->constants;
   return make(g_pipeline, p);
 }
 id device_new_queue(id, SEL) { return make(g_queue, new Impl); }
@@ -431,6 +448,42 @@ id library_new_function(id self, SEL, id name) {
   f->name = n;
   return make(g_function, f);
 }
+id library_new_function_constants(id self, SEL sel, id name, id values, id* error) {
+  id f = library_new_function(self, sel, name);
+  if (!f) {
+    set_error_out(error, 6, "the library has no function '" + string_of(name) + "'");
+    return nil;
+  }
+  if (values) impl_of<FunctionImpl>(f)->constants = impl_of<ConstantValuesImpl>(values)->values;
+  return f;
+}
+
+// MTLFunctionConstantValues
+id constants_init(id self, SEL) {
+  hdr(self)->impl = new ConstantValuesImpl;
+  return self;
+}
+void constants_set(id self, SEL, const void* value, NSUInteger type, NSUInteger index) {
+  size_t size = 0;
+  switch (type) {  // MTLDataType
+    case 53: case 45: case 49: size = 1; break;                   // bool, char, uchar
+    case 16: case 37: case 41: size = 2; break;                   // half, short, ushort
+    case 3: case 29: case 33: size = 4; break;                    // float, int, uint
+    default: refuse("setConstantValue:type:atIndex: with MTLDataType " + std::to_string(type) +
+                    " (metal-sim takes scalar bool, char, short, half, int, uint and float constants)");
+  }
+  auto& values = impl_of<ConstantValuesImpl>(self)->values;
+  FunctionConstant c;
+  c.index = int(index);
+  c.value.assign(static_cast<const unsigned char*>(value), static_cast<const unsigned char*>(value) + size);
+  for (FunctionConstant& v : values)
+    if (v.index == c.index) {
+      v = c;
+      return;
+    }
+  values.push_back(c);
+}
+
 id function_name(id self, SEL) { return autorelease(make_string(impl_of<FunctionImpl>(self)->name)); }
 NSUInteger pipeline_max_threads(id self, SEL) { return impl_of<PipelineImpl>(self)->max_threads; }
 NSUInteger pipeline_execution_width(id, SEL) { return kSimdWidth; }
@@ -531,6 +584,7 @@ void encoder_dispatch(id self, SEL, MTLSize groups, MTLSize threads) {
   CommandBufferImpl* cb = impl_of<CommandBufferImpl>(e->command_buffer);
   Dispatch d;
   d.function = p->function;
+  d.constants = p->constants;
   d.bindings = e->bindings;
   d.groups = groups;
   d.threads = threads;
@@ -649,7 +703,13 @@ void register_classes() {
 
   g_library = subclass("MTLSimLibrary");
   add(g_library, "newFunctionWithName:", reinterpret_cast<void*>(library_new_function));
+  add(g_library, "newFunctionWithName:constantValues:error:", reinterpret_cast<void*>(library_new_function_constants));
   objc_registerClassPair(g_library);
+
+  g_constants = subclass("MTLFunctionConstantValues");
+  add(g_constants, "init", reinterpret_cast<void*>(constants_init));
+  add(g_constants, "setConstantValue:type:atIndex:", reinterpret_cast<void*>(constants_set));
+  objc_registerClassPair(g_constants);
 
   g_function = subclass("MTLSimFunction");
   add(g_function, "name", reinterpret_cast<void*>(function_name));
