@@ -2,7 +2,7 @@
 
 What a header cannot do is done here: `constant T name [[function_constant(i)]];` becomes a file global that
 every kernel of the file registers as its constant i (set by each dispatch); `[[...]]` attributes are stripped; `threadgroup T x[N];` locals
-become `static thread_local` (one copy per threadgroup, since a threadgroup's threads run as fibers on one
+become `static thread_local`, declared to the runtime (which holds their total to 32 KB) (one copy per threadgroup, since a threadgroup's threads run as fibers on one
 OS thread); each `kernel` and each `template [[host_name("...")]]` instantiation gets an entry point that
 binds `[[buffer(n)]]` parameters and thread-position builtins by attribute (types come from the function's
 own type), registered by name with the runtime.
@@ -135,7 +135,10 @@ def convert(src):
     out = FUNCTION_CONSTANT.sub(lambda m: f"static {m.group(1)} {m.group(2)};", src)
     out = inst.sub("", out)
     out = re.sub(r"\[\[[^\]]*\]\]", "", out)
-    out = re.sub(r"(?m)^(\s*)threadgroup\s+([^;(]+\[[^;]*\]\s*;)", r"\1static thread_local \2", out)
+    # threadgroup arrays: one copy per OS thread (a threadgroup's fibers share it), declared to the runtime,
+    # which holds their total to the device's threadgroup memory
+    out = re.sub(r"(?m)^(\s*)threadgroup\s+([^;(]+?)\s+(\w+)\s*(\[[^;]*\])\s*;",
+                 r"\1static thread_local \2 \3\4; metal_sim::declare_threadgroup_memory(\3, sizeof(\3));", out)
     out = re.sub(r"\b(\d+\.\d*)h\b", r"half(\1f)", out)
     return out + "\n// --- metal-sim entry points ---\n" + "\n".join(entries)
 

@@ -99,6 +99,8 @@ struct Group {
   void* scheduler_sp = nullptr;
   std::vector<Fiber> fibers;
   KernelEntry entry = nullptr;
+  std::vector<const void*> tg_arrays;  // threadgroup arrays declared so far (each counted once)
+  size_t tg_bytes = 0;
 };
 
 thread_local Group* g_group = nullptr;
@@ -285,8 +287,23 @@ void dispatch(const std::string& name, void* const* buffers, Dim3 groups, Dim3 t
               tc.thread_index_in_simdgroup = index % kSimdWidth;
               tc.simdgroup_index_in_threadgroup = index / kSimdWidth;
             }
+        g.tg_arrays.clear();
+        g.tg_bytes = 0;
         run_group(g, stacks, opt);
+        if (g.tg_bytes + opt.dynamic_threadgroup_memory > opt.max_threadgroup_memory)
+          throw std::runtime_error("metal-sim: '" + name + "' uses " + std::to_string(g.tg_bytes) +
+                                   " bytes of threadgroup arrays and " + std::to_string(opt.dynamic_threadgroup_memory) +
+                                   " of dynamic threadgroup memory; the device has " +
+                                   std::to_string(opt.max_threadgroup_memory));
       }
+}
+
+void declare_threadgroup_memory(const void* array, size_t bytes) {
+  Group* g = g_group;
+  if (!g) return;
+  if (std::find(g->tg_arrays.begin(), g->tg_arrays.end(), array) != g->tg_arrays.end()) return;
+  g->tg_arrays.push_back(array);
+  g->tg_bytes += bytes;
 }
 
 void barrier() {

@@ -53,6 +53,8 @@ struct DispatchOptions {
   bool reverse_order = false;  // run threads last-to-first: exposes missing barriers
   int max_threads_per_threadgroup = 1024;
   std::vector<FunctionConstant> constants;  // every constant the kernel declares must be given
+  size_t dynamic_threadgroup_memory = 0;     // bytes set with setThreadgroupMemoryLength
+  size_t max_threadgroup_memory = 32768;     // an Apple GPU's
 };
 
 // Runs `name` over `groups` threadgroups of `threads` threads. Throws std::invalid_argument for an unknown
@@ -62,6 +64,9 @@ void dispatch(const std::string& name, void* const* buffers, Dim3 groups, Dim3 t
 
 // --- used by the compatibility headers (metal_stdlib) -------------------------------------------
 void barrier();                                // threadgroup_barrier
+// A kernel's threadgroup array (the pre-pass calls it after each declaration): the dispatch fails when the
+// arrays and the dynamic threadgroup memory exceed the device's, as a Metal pipeline would not build.
+void declare_threadgroup_memory(const void* array, size_t bytes);
 const ThreadContext& current();                // the running thread's context
 // A simd-group collective: every lane contributes `bytes` bytes at `value`; when the simdgroup's live
 // lanes have all arrived, `combine(values, lane_count, lane, out)` computes each lane's result.

@@ -44,3 +44,14 @@ kernel void collectives(device const float* in [[buffer(0)]],
   out[4 * i + 3] = simd_shuffle_xor(x, ushort(1));
   (void)lane;
 }
+
+// 36 KB of threadgroup arrays: more than an Apple GPU's 32 KB, refused.
+kernel void too_much_threadgroup_memory(device float* out [[buffer(0)]],
+                                        uint i [[thread_position_in_threadgroup]]) {
+  threadgroup float big[4096];
+  threadgroup float more[5120];
+  big[i] = 1.0f;
+  more[i] = 2.0f;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = big[i] + more[i];
+}

@@ -8,6 +8,7 @@
 #include "metal_sim/runtime.h"
 
 using metal_sim::dispatch;
+using metal_sim::DispatchOptions;
 
 static std::vector<float> rotate(const char* kernel, int n, bool reverse) {
   std::vector<float> in(static_cast<size_t>(n)), out(static_cast<size_t>(n), -1.f);
@@ -44,6 +45,25 @@ TEST(MetalSimRuntime, RefusesTooManyThreadsAndUnknownKernels) {
   void* bufs[] = {a.data(), b.data()};
   EXPECT_THROW(dispatch("rotate_with_barrier", bufs, {1, 1, 1}, {2048, 1, 1}), std::invalid_argument);
   EXPECT_THROW(dispatch("no_such_kernel", bufs, {1, 1, 1}, {1, 1, 1}), std::invalid_argument);
+}
+
+TEST(MetalSimRuntime, RefusesMoreThreadgroupMemoryThanTheDevice) {
+  std::vector<float> out(64);
+  void* bufs[] = {out.data()};
+  try {
+    dispatch("too_much_threadgroup_memory", bufs, {1, 1, 1}, {64, 1, 1});
+    ADD_FAILURE() << "36 KB of threadgroup arrays were accepted";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("36864 bytes of threadgroup arrays"), std::string::npos) << e.what();
+  }
+  // rotate_with_barrier's 4 KB tile plus 30000 bytes of dynamic memory: past the limit
+  std::vector<float> a(64), b(64);
+  void* bufs2[] = {a.data(), b.data()};
+  DispatchOptions opt;
+  opt.dynamic_threadgroup_memory = 30000;
+  EXPECT_THROW(dispatch("rotate_with_barrier", bufs2, {1, 1, 1}, {64, 1, 1}, opt), std::runtime_error);
+  opt.dynamic_threadgroup_memory = 0;
+  EXPECT_NO_THROW(dispatch("rotate_with_barrier", bufs2, {1, 1, 1}, {64, 1, 1}, opt));
 }
 
 TEST(MetalSimRuntime, SimdCollectives) {

@@ -227,6 +227,7 @@ struct Binding {
 struct Dispatch {
   std::string function;
   std::vector<FunctionConstant> constants;
+  NSUInteger threadgroup_memory = 0;  // dynamic, setThreadgroupMemoryLength
   std::vector<Binding> bindings;  // [kMaxBufferArguments]
   MTLSize groups{}, threads{};
 };
@@ -274,6 +275,8 @@ void run_command_buffer(CommandBufferImpl& cb) {
     DispatchOptions opt;
     opt.max_threads_per_threadgroup = int(kMaxThreadsPerThreadgroup);
     opt.constants = d.constants;
+    opt.dynamic_threadgroup_memory = d.threadgroup_memory;
+    opt.max_threadgroup_memory = kMaxThreadgroupMemory;
     opt.reverse_order = std::getenv("METAL_SIM_REVERSE_ORDER") && std::getenv("METAL_SIM_REVERSE_ORDER")[0] == '1';
     try {
       dispatch(d.function, ptrs.data(), {uint32_t(d.groups.width), uint32_t(d.groups.height), uint32_t(d.groups.depth)},
@@ -585,6 +588,7 @@ void encoder_dispatch(id self, SEL, MTLSize groups, MTLSize threads) {
   Dispatch d;
   d.function = p->function;
   d.constants = p->constants;
+  d.threadgroup_memory = tg_memory;
   d.bindings = e->bindings;
   d.groups = groups;
   d.threads = threads;
