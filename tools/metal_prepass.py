@@ -1,7 +1,7 @@
 """metal-sim's pre-pass: turns a .metal file into C++ that compiles against src/metal_sim/include.
 
 What a header cannot do is done here: `constant T name [[function_constant(i)]];` becomes a file global that
-every kernel of the file registers as its constant i (set by each dispatch); `[[...]]` attributes are stripped; `threadgroup T x[N];` locals
+every kernel of the file registers as its constant i (a thread_local, set by each dispatch); `[[...]]` attributes are stripped; `threadgroup T x[N];` locals
 become `static thread_local`, declared to the runtime (which holds their total to 32 KB) (one copy per threadgroup, since a threadgroup's threads run as fibers on one
 OS thread); each `kernel` and each `template [[host_name("...")]]` instantiation gets an entry point that
 binds `[[buffer(n)]]` parameters and thread-position builtins by attribute (types come from the function's
@@ -128,11 +128,13 @@ def convert(src):
     hosts = [m.group(1) for m in inst.finditer(src)]
     hosts += [m.group(1) for m in re.finditer(r"kernel\s+void\s+(\w+)\s*\(", src) if m.group(1) not in templated]
     for name, index in constants:
+        # thread_local (a dispatch runs on one OS thread): set through a function, so each thread sets its own
+        entries.append(f"static void me_sim_set_{name}(const void* v) {{ std::memcpy(&{name}, v, sizeof({name})); }}\n")
         for host in hosts:
             ident = re.sub(r"\W", "_", host)
             entries.append(f"static const bool me_sim_constant_{ident}_{index} = metal_sim::register_function_constant("
-                           f"\"{host}\", {index}, &{name}, sizeof({name}));\n")
-    out = FUNCTION_CONSTANT.sub(lambda m: f"static {m.group(1)} {m.group(2)};", src)
+                           f"\"{host}\", {index}, me_sim_set_{name}, sizeof({name}));\n")
+    out = FUNCTION_CONSTANT.sub(lambda m: f"static thread_local {m.group(1)} {m.group(2)};", src)
     out = inst.sub("", out)
     out = re.sub(r"\[\[[^\]]*\]\]", "", out)
     # threadgroup arrays: one copy per OS thread (a threadgroup's fibers share it), declared to the runtime,

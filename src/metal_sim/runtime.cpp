@@ -70,7 +70,7 @@ std::map<std::string, KernelEntry>& registry() {
 }
 
 struct ConstantSlot {
-  void* storage;
+  ConstantSetter set;
   size_t size;
 };
 std::map<std::string, std::map<int, ConstantSlot>>& constant_registry() {
@@ -221,8 +221,8 @@ bool register_kernel(const char* name, KernelEntry entry) {
   return true;
 }
 
-bool register_function_constant(const char* kernel, int index, void* storage, size_t size) {
-  constant_registry()[kernel][index] = ConstantSlot{storage, size};
+bool register_function_constant(const char* kernel, int index, ConstantSetter set, size_t size) {
+  constant_registry()[kernel][index] = ConstantSlot{set, size};
   return true;
 }
 
@@ -262,7 +262,7 @@ void dispatch(const std::string& name, void* const* buffers, Dim3 groups, Dim3 t
         throw std::invalid_argument("metal-sim: function constant " + std::to_string(kv.first) + " of '" + name +
                                     "' takes " + std::to_string(kv.second.size) + " bytes, got " +
                                     std::to_string(given->value.size()));
-      std::memcpy(kv.second.storage, given->value.data(), kv.second.size);
+      kv.second.set(given->value.data());
     }
   }
   Group g;

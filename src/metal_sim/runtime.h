@@ -46,7 +46,8 @@ struct FunctionConstant {
 
 // A kernel file's `constant T name [[function_constant(i)]];` is a global of that file; the pre-pass
 // registers it for every kernel of the file, and each dispatch sets it before any thread runs.
-bool register_function_constant(const char* kernel, int index, void* storage, size_t size);
+using ConstantSetter = void (*)(const void* value);  // sets the calling thread's copy of the constant
+bool register_function_constant(const char* kernel, int index, ConstantSetter set, size_t size);
 std::vector<int> function_constant_indices(const std::string& kernel);
 
 struct DispatchOptions {

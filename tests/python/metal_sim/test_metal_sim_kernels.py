@@ -364,3 +364,37 @@ def test_every_kernel_is_registered_and_tested_here():
         "rope",
         "silu_mul",
     }
+
+
+@pytest.mark.skipif(not EMULATOR, reason="the emulator's function constants")
+def test_function_constants_are_per_thread():
+    """rms_norm's residual add is a function constant: two threads dispatching it at once with different
+    values each get their own (metal-sim keeps a dispatch's constants in its own thread)."""
+    import threading
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 300)).astype(np.float32)
+    res0 = rng.standard_normal((64, 300)).astype(np.float32)
+    w = to_storage(np.ones(300), "f32")
+    results, errors = {}, []
+
+    def worker(add):
+        try:
+            a = args("RmsNormArgs", rows=64, dim=300, eps=1e-5, add_residual=int(add))
+            for _ in range(20):
+                res, out = res0.copy(), np.zeros_like(x)
+                _core.metal_sim.run("rms_norm_f32", a, [x, res if add else None, w, out], False)
+                src = res0 + x if add else x
+                ref = src / np.sqrt((src.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)
+                np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+            results[add] = True
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(add,)) for add in (False, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert results == {False: True, True: True}
