@@ -5,6 +5,8 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/unique_ptr.h>
 
+#include <algorithm>
+
 #include "metal_engine/engine.h"
 
 namespace nb = nanobind;
@@ -19,6 +21,20 @@ static std::vector<T> to_vector(const Vec<T>& a) {
 }
 
 using Table = nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// A new numpy array of `shape` that fill(data) writes with the GIL released (while the engine steps).
+template <class T, size_t D, class F>
+static nb::ndarray<nb::numpy, T, nb::ndim<D>> filled_array(const size_t (&shape)[D], F&& fill) {
+  size_t n = 1;
+  for (size_t d : shape) n *= d;
+  T* data = new T[std::max<size_t>(n, 1)];
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  {
+    nb::gil_scoped_release release;
+    fill(data);
+  }
+  return nb::ndarray<nb::numpy, T, nb::ndim<D>>(data, D, shape, owner);
+}
 
 static StepInput step_input(const Vec<int32_t>& token_ids, const Vec<int32_t>& positions,
                             const Vec<int32_t>& query_start_loc, const Vec<int32_t>& seq_lens, const Table& block_tables,
@@ -65,14 +81,8 @@ void init_engine(nb::module_& m) {
              Vec<int32_t> seq_lens, Table block_tables, Vec<int64_t> slot_mapping, Vec<int32_t> logits_indices) {
             const StepInput in = step_input(token_ids, positions, query_start_loc, seq_lens, block_tables,
                                             slot_mapping, logits_indices);
-            const size_t rows = in.logits_indices.size(), vocab = size_t(e.model_config().vocab_size);
-            float* out = new float[std::max<size_t>(rows * vocab, 1)];
-            nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<float*>(p); });
-            {
-              nb::gil_scoped_release release;
-              e.step(in, out);
-            }
-            return nb::ndarray<nb::numpy, float, nb::ndim<2>>(out, {rows, vocab}, owner);
+            const size_t shape[2] = {in.logits_indices.size(), size_t(e.model_config().vocab_size)};
+            return filled_array<float>(shape, [&](float* out) { e.step(in, out); });
           },
           nb::arg("token_ids"), nb::arg("positions"), nb::arg("query_start_loc"), nb::arg("seq_lens"),
           nb::arg("block_tables"), nb::arg("slot_mapping"), nb::arg("logits_indices"),
@@ -83,14 +93,8 @@ void init_engine(nb::module_& m) {
              Vec<int32_t> seq_lens, Table block_tables, Vec<int64_t> slot_mapping, Vec<int32_t> logits_indices) {
             const StepInput in = step_input(token_ids, positions, query_start_loc, seq_lens, block_tables,
                                             slot_mapping, logits_indices);
-            const size_t rows = in.logits_indices.size();
-            int32_t* out = new int32_t[std::max<size_t>(rows, 1)];
-            nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
-            {
-              nb::gil_scoped_release release;
-              e.step_greedy(in, out);
-            }
-            return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(out, {rows}, owner);
+            const size_t shape[1] = {in.logits_indices.size()};
+            return filled_array<int32_t>(shape, [&](int32_t* out) { e.step_greedy(in, out); });
           },
           nb::arg("token_ids"), nb::arg("positions"), nb::arg("query_start_loc"), nb::arg("seq_lens"),
           nb::arg("block_tables"), nb::arg("slot_mapping"), nb::arg("logits_indices"),
