@@ -10,7 +10,33 @@ import pytest
 from metal_engine import _core
 from op_testing import Guarded, args, from_storage, to_storage
 from test_metal_sim_kernels import (ATTENTION_CASES, DECODE_CASES, ORDERS, PREFILL_CASES, SPLIT_CASES, attention_case,
-                                    cpu, sim)
+                                    cpu)
+from test_metal_sim_kernels import sim as sim_any
+
+# Every 16-bit-activation kernel, each launched by a test below (sim() refuses a name not listed here, and
+# test_metal_sim_kernels.py checks this list against the emulator's registry).
+ACT_KERNELS = {
+    "embedding_f16_act_f16", "embedding_bf16_act_bf16",
+    "rms_norm_f16_act_f16", "rms_norm_bf16_act_bf16",
+    "matmul_gemv_f16_act_f16", "matmul_gemv_bf16_act_bf16",
+    "matmul_gemm_f16_act_f16", "matmul_gemm_bf16_act_bf16",
+    "matmul_gemv_f16_act_f16_logits", "matmul_gemv_bf16_act_bf16_logits",
+    "matmul_gemm_f16_act_f16_logits", "matmul_gemm_bf16_act_bf16_logits",
+    "rope_act_f16", "rope_act_bf16",
+    "silu_mul_act_f16", "silu_mul_act_bf16",
+    "gather_rows_act_f16", "gather_rows_act_bf16",
+    "kv_write_f16_act_f16", "kv_write_bf16_act_bf16",
+    "paged_attention_f16_act_f16", "paged_attention_bf16_act_bf16",
+    "paged_attention_prefill_f16_act_f16", "paged_attention_prefill_bf16_act_bf16",
+    "paged_attention_split_f16_act_f16", "paged_attention_split_bf16_act_bf16",
+    "paged_attention_reduce_act_f16", "paged_attention_reduce_act_bf16",
+    "paged_attention_decode_f16_act_f16", "paged_attention_decode_bf16_act_bf16",
+}
+
+
+def sim(kernel, a, buffers, reverse):
+    assert kernel in ACT_KERNELS, kernel
+    sim_any(kernel, a, buffers, reverse)
 
 ACTS = pytest.mark.parametrize("act", ["f16", "bf16"])
 TOL = {"f16": 2e-3, "bf16": 1.6e-2}  # a few units of the last place of the 16-bit type, relative

@@ -342,13 +342,9 @@ def test_paged_attention_limits_are_refused():
 def test_every_kernel_is_registered_and_tested_here():
     """Every kernel of metal/*.metal, by the name the host dispatches; each has a test above (f32 activations)
     or in test_metal_kernels_16bit_activations.py (the _act_ variants)."""
-    act16 = {f"{op}_{t}_act_{t}" for t in ("f16", "bf16")
-             for op in ("embedding", "rms_norm", "kv_write", "matmul_gemv", "matmul_gemm", "paged_attention",
-                        "paged_attention_split", "paged_attention_decode", "paged_attention_prefill")}
-    act16 |= {f"matmul_{k}_{t}_act_{t}_logits" for t in ("f16", "bf16") for k in ("gemv", "gemm")}
-    act16 |= {f"{op}_act_{t}" for t in ("f16", "bf16") for op in ("rope", "silu_mul", "gather_rows",
-                                                                  "paged_attention_reduce")}
-    assert set(_core.metal_sim.kernel_names()) == act16 | {
+    from test_metal_kernels_16bit_activations import ACT_KERNELS
+
+    assert set(_core.metal_sim.kernel_names()) == ACT_KERNELS | {
         "argmax",
         "embedding_f32", "embedding_f16", "embedding_bf16",
         "gather_rows",
