@@ -1,5 +1,6 @@
-// matmul: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), x f32, W [n, k] in f32 / f16 / bf16, f32 accumulation.
-// Two kernels; the host picks by the number of rows (src/metal/dispatch_geometry.cpp, matmul_kernel_name):
+// matmul: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), W [n, k] in f32 / f16 / bf16, x and y f32 or (the
+// _act_ variants) in the weights' 16-bit type, f32 accumulation.
+// Two kernels; the host picks by the number of rows (src/metal/metal_kernels.cpp, plan_matmul):
 //  - matmul_gemv_<wdt> (m <= 4, decode): 4 simdgroups per threadgroup, each taking 4 rows of W against one
 //    row of x; lanes stride over k four elements at a time (vector loads), then simd_sum.
 //  - matmul_gemm_<wdt> (prefill, batched decode): 32x32 output tiles, K in steps of 16 staged (zero-padded,
