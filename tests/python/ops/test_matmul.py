@@ -6,7 +6,7 @@ from op_testing import DTYPES, Guarded, args, from_storage, run, to_storage
 SHAPES = [  # (m, n, k): decode rows (GEMV path), odd sizes, GEMM tiles and their remainders
     (1, 1, 1), (1, 17, 7), (1, 64, 64), (2, 33, 513), (3, 100, 300), (4, 31, 129),
     (5, 16, 16), (6, 47, 77), (7, 130, 200), (13, 1, 9), (64, 96, 256), (65, 33, 520),
-    # the small GEMM (5-32 rows): whole 8- and 6-row tiles and every remainder, W blocks of 2 and 3 rows and
+    # the small GEMM (4-32 rows): whole 8- and 6-row tiles and every remainder, W blocks of 2 and 3 rows and
     # their remainders, enough W rows per thread that the prefetch of later blocks runs
     (8, 50, 40), (12, 49, 24), (16, 100, 576), (17, 101, 33), (31, 65, 130), (32, 20, 9),
 ]
