@@ -4,7 +4,8 @@
 //  - rows of long prefill chunks, where a BLAS is present: per (sequence, kv head, 64 queries) the
 //    needed keys and values are gathered to f32 once, S = Q K^T and O = P V run as sgemm, and the
 //    causal / window mask and softmax are applied to S in between;
-//  - every other row: one work item = (query token, kv head), the group's heads sharing each K/V read.
+//  - every other row: one work item = (query token, kv head), the group's heads sharing each K/V read
+//    (attend_row_scores, softmax, attend_row_values).
 #include <algorithm>
 #include <limits>
 #include <vector>
@@ -66,6 +67,88 @@ static void attend_chunk_blas(const PagedAttentionArgs& a, const BlasItem& it, c
   }
 }
 
+// One query row against its n keys, for the `group` query heads sharing a kv head (decode rows and short
+// chunks). scores[h, j] = q[h] . k_j * scale. With AVX2 and head_dim % 8 == 0, keys go 8 at a time: their
+// 8 dot products per head accumulate in 8 vectors reduced to one (hsum8), the 8 keys staying in L1 across
+// the group's heads.
+template <class KV>
+static void attend_row_scores(const float* q, const KV* k_head, const int64_t* key_at, int n, int group, int hd,
+                              float scale, float* scores) {
+  int j0 = 0;
+#if ME_AVX2
+  if (hd % 8 == 0) {
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (; j0 + 8 <= n; j0 += 8) {
+      const KV* kp[8];
+      for (int i = 0; i < 8; ++i) kp[i] = k_head + key_at[j0 + i];
+      for (int h = 0; h < group; ++h) {
+        const float* qh = q + int64_t(h) * hd;
+        __m256 acc[8];
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+        for (int d = 0; d < hd; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qh + d);
+          for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(load8(kp[i] + d), qv, acc[i]);
+        }
+        _mm256_storeu_ps(scores + int64_t(h) * n + j0, _mm256_mul_ps(hsum8(acc), vscale));
+      }
+    }
+  }
+#endif
+  for (int j = j0; j < n; ++j) {
+    const KV* kj = k_head + key_at[j];
+    for (int h = 0; h < group; ++h) scores[int64_t(h) * n + j] = dot(q + int64_t(h) * hd, kj, hd) * scale;
+  }
+}
+
+#if ME_AVX2
+// o[0 : 8 V] = sum_j p[j] * v_j[d0 : d0 + 8 V], the V vectors of the sum held in registers.
+template <int V, class KV>
+static void weighted_values(const float* p, const KV* v_head, const int64_t* key_at, int n, int d0, float* o) {
+  __m256 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    const KV* vj = v_head + key_at[j] + d0;
+    const __m256 pj = _mm256_broadcast_ss(p + j);
+    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(pj, load8(vj + 8 * v), acc[v]);
+  }
+  for (int v = 0; v < V; ++v) _mm256_storeu_ps(o + 8 * v, acc[v]);
+}
+#endif
+
+// out[h] = sum_j probs[h, j] * v_j for the group's heads.
+template <class KV>
+static void attend_row_values(const float* probs, const KV* v_head, const int64_t* key_at, int n, int group, int hd,
+                              float* out) {
+#if ME_AVX2
+  if (hd % 8 == 0) {
+    for (int h = 0; h < group; ++h) {
+      const float* p = probs + int64_t(h) * n;
+      float* o = out + int64_t(h) * hd;
+      int d0 = 0;
+      for (; d0 + 64 <= hd; d0 += 64) weighted_values<8>(p, v_head, key_at, n, d0, o + d0);
+      switch ((hd - d0) / 8) {
+        case 7: weighted_values<7>(p, v_head, key_at, n, d0, o + d0); break;
+        case 6: weighted_values<6>(p, v_head, key_at, n, d0, o + d0); break;
+        case 5: weighted_values<5>(p, v_head, key_at, n, d0, o + d0); break;
+        case 4: weighted_values<4>(p, v_head, key_at, n, d0, o + d0); break;
+        case 3: weighted_values<3>(p, v_head, key_at, n, d0, o + d0); break;
+        case 2: weighted_values<2>(p, v_head, key_at, n, d0, o + d0); break;
+        case 1: weighted_values<1>(p, v_head, key_at, n, d0, o + d0); break;
+        default: break;
+      }
+    }
+    return;
+  }
+#endif
+  thread_local std::vector<float> acc;  // one head's output, summed here and written to out once
+  acc.resize(size_t(hd));
+  for (int h = 0; h < group; ++h) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int j = 0; j < n; ++j) axpy(probs[int64_t(h) * n + j], v_head + key_at[j], acc.data(), hd);
+    std::copy(acc.begin(), acc.end(), out + int64_t(h) * hd);
+  }
+}
+
 template <class KV>
 static void paged_attention(const PagedAttentionArgs& a, void* const* b, ThreadPool& pool) {
   const float* q = static_cast<const float*>(b[0]);               // [num_tokens, q_stride]
@@ -110,31 +193,26 @@ static void paged_attention(const PagedAttentionArgs& a, void* const* b, ThreadP
     const int first = a.sliding_window > 0 ? std::max(0, pos - a.sliding_window + 1) : 0;
     const int n = pos - first + 1;
     const int32_t* bt = block_tables + int64_t(s) * a.block_table_width;
+    thread_local std::vector<int64_t> key_at;  // [n]: offset of the j-th visible key in the cache (one kv head)
+    key_at.resize(size_t(n));
+    for (int j = 0, c = first; j < n; ++j, ++c)
+      key_at[size_t(j)] = (int64_t(bt[c / a.block_size]) * a.block_size + c % a.block_size) * slot_stride;
+    const KV* k_head = k_cache + int64_t(g) * hd;  // + key_at[j]: the j-th key of this kv head
+    const KV* v_head = v_cache + int64_t(g) * hd;
+    const float* q_group = q + t * a.q_stride + int64_t(g * group) * hd;  // [group, hd]
+    float* out_group = out + t * int64_t(a.num_heads) * hd + int64_t(g * group) * hd;
 
     thread_local std::vector<float> scores;
-    scores.resize(size_t(group) * size_t(n));
-    // scores[h][j] = q_h . k_j * scale
-    for (int j = 0; j < n; ++j) {
-      const int c = first + j;
-      const int64_t slot = int64_t(bt[c / a.block_size]) * a.block_size + c % a.block_size;
-      const KV* kj = k_cache + slot * slot_stride + int64_t(g) * hd;
-      for (int h = 0; h < group; ++h)
-        scores[size_t(h) * n + j] = dot(q + t * a.q_stride + int64_t(g * group + h) * hd, kj, hd) * a.scale;
-    }
-    // softmax over j, then out_h = sum_j p_j v_j
-    for (int h = 0; h < group; ++h) {
+    scores.resize(size_t(group) * size_t(n));  // [group, n]
+    attend_row_scores(q_group, k_head, key_at.data(), n, group, hd, a.scale, scores.data());
+    for (int h = 0; h < group; ++h) {  // softmax over the keys
       float* sc = scores.data() + size_t(h) * n;
       float mx = -std::numeric_limits<float>::infinity();
       for (int j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
       const float inv = 1.0f / exp_scaled_sum(sc, n, 1.0f, mx);
-      float* o = out + t * int64_t(a.num_heads) * hd + int64_t(g * group + h) * hd;
-      std::fill(o, o + hd, 0.f);
-      for (int j = 0; j < n; ++j) {
-        const int c = first + j;
-        const int64_t slot = int64_t(bt[c / a.block_size]) * a.block_size + c % a.block_size;
-        axpy(sc[j] * inv, v_cache + slot * slot_stride + int64_t(g) * hd, o, hd);
-      }
+      for (int j = 0; j < n; ++j) sc[j] *= inv;
     }
+    attend_row_values(scores.data(), v_head, key_at.data(), n, group, hd, out_group);
   });
 }
 

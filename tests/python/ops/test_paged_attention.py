@@ -31,6 +31,8 @@ CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, window)
     ([13, 2], [13, 40], 9, 3, 64, 16, 5),          # sliding window smaller than the prompt
     ([3, 1], [3, 70], 2, 1, 128, 8, 0),            # head_dim 128
     ([6], [6], 3, 3, 24, 5, 0),                    # MHA, odd block size
+    ([2, 1], [11, 30], 4, 1, 20, 4, 0),            # head_dim not a multiple of 8 (no vector path)
+    ([1, 1, 1], [25, 64, 8], 6, 2, 80, 16, 0),     # head_dim 80: a 64-wide and a 16-wide piece of V
     # long prefill chunks (the BLAS path where one is present: 16+ rows of a sequence, 64-row pieces)
     ([40], [40], 4, 2, 16, 16, 0),                 # a whole prompt
     ([20, 1, 33], [50, 7, 33], 9, 3, 64, 16, 7),   # a chunk over cached pages, a decode row, a window
