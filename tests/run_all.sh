@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs metal_engine with its test dependencies and runs every test: the C++ core's ctest suite,
 # the C++ example built against the installed CMake package (and an arm64 build of it under qemu),
-# and the Python suite (pytest).
+# the op tests against x86-64 builds for AVX2 and for no AVX (the kernels' other vector paths), and the
+# Python suite (pytest).
 # Usage: bash tests/run_all.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,8 @@ cmake --build "$BUILD/example" -j2
 "$PY" tests/check_cpp_example.py "$BUILD/example/greedy_generate"
 # The NEON kernels: an arm64 build under qemu must decode the same tokens (x86-64 Debian hosts).
 bash tests/check_arm64.sh "$BUILD/example/greedy_generate"
+# The kernels' AVX2-only and plain C++ paths (a native build here takes the AVX-512VL one).
+bash tests/check_isa_paths.sh
 
 # Python: ops, models end to end, the real default model, bad input, ...
 "$PY" -m pytest -q tests/python "$@"

@@ -3,9 +3,37 @@ guard-banded outputs, and running one kernel on a device."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import numpy as np
 
-from metal_engine import _core
+
+def _load_core():
+    """metal_engine._core, or the extension file named by METAL_ENGINE_TEST_CORE (tests/check_isa_paths.sh runs
+    the op tests against builds for other instruction sets)."""
+    path = os.environ.get("METAL_ENGINE_TEST_CORE")
+    if not path:
+        from metal_engine import _core
+
+        return _core
+    try:  # the BLAS library the extension links (as metal_engine/_blas.py does; importing metal_engine
+        import ctypes  # would load the installed extension beside this one)
+
+        import scipy_openblas32 as openblas
+
+        ctypes.CDLL(os.path.join(openblas.get_lib_dir(), f"lib{openblas.get_library()}.so"), mode=ctypes.RTLD_GLOBAL)
+    except (ImportError, OSError):
+        pass
+    spec = importlib.util.spec_from_file_location("_core", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_core"] = module  # torn down with the interpreter like any imported extension
+    spec.loader.exec_module(module)
+    return module
+
+
+_core = _load_core()
 
 DTYPES = ("f32", "f16", "bf16")
 GUARD = 64  # elements of guard band on each side of every output
