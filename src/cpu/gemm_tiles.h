@@ -1,8 +1,7 @@
 // y = x W^T on one thread, in register tiles of dot products along k: the cpu backend's GEMM (matmul for
 // 4+ rows; prefill attention's short-k S = Q K^T stays on the BLAS, measured 1.3x faster there).
-// x [M, K] f32 and W [N, K] f32/f16/bf16
-// are both contiguous along k, so nothing is packed or transposed; W's f16/bf16 is widened in registers
-// and each W row block is reused from L1 for every row of x. The tile fills the vector registers: with
+// x [M, K] f32 and W [N, K] f32/f16/bf16 are both contiguous along k, so nothing is packed or transposed;
+// W's f16/bf16 is widened in registers and each W row block is reused from L1 for every row of x. The tile fills the vector registers: with
 // AVX-512VL's 32 (still 256-bit vectors) 8 x 3 accumulators + 3 W + 1 x; with AVX2's 16, 6 x 2 + 2 + 1.
 #pragma once
 #include <cstdint>
