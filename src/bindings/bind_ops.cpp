@@ -12,7 +12,7 @@
 
 #include "../../metal/op_args.h"
 #include "../metal/dispatch_geometry.h"
-#include "../cpu/bandwidth.h"
+#include "../cpu/machine_probes.h"
 #include "../cpu/blas.h"
 #include "metal_engine/config.h"
 #include "metal_engine/device.h"
@@ -94,7 +94,11 @@ void init_ops(nb::module_& m) {
   m.def("cpu_read_bandwidth_gbps", &cpu::measure_read_bandwidth, nb::arg("bytes") = size_t(1) << 30,
         nb::arg("num_threads") = 0, nb::arg("repeats") = 5, nb::call_guard<nb::gil_scoped_release>(),
         "Median read bandwidth (GB/s) of the cpu backend's threads streaming a large buffer.");
-  m.def("cpu_blas", &cpu::blas_name, "The BLAS behind the cpu backend's f32 GEMM, or 'none'.");
+  m.def("cpu_fma_peak_gflops", &cpu::measure_fma_peak, nb::arg("num_threads") = 0, nb::arg("repeats") = 5,
+        nb::call_guard<nb::gil_scoped_release>(),
+        "Median f32 FMA GFLOP/s of the cpu backend's threads running FMAs in registers (the clock they hold now).");
+  m.def("cpu_gemm", &cpu::gemm_description, "The cpu backend's GEMM (matmul of 4+ rows) in this build.");
+  m.def("cpu_blas", &cpu::blas_name, "The BLAS behind the cpu backend's prefill attention, or 'none'.");
 
   nb::module_ ops = m.def_submodule("ops", "kernel argument structs (metal/op_args.h) and ops.run");
   nb::class_<EmbeddingArgs>(ops, "EmbeddingArgs")
