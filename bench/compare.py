@@ -428,6 +428,9 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
         lines += ["", "## Where a step's time goes (metal_engine, cpu backend)", "",
                   "Per-kernel time from `python bench/profile_step.py --markdown` (the kernels of a step run one "
                   "after another, so their times add up to the step):", profile_md.rstrip()]
+    notes = Path(__file__).with_name("benchmarks_notes.md")
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     path.write_text("\n".join(lines) + "\n")
 
 
