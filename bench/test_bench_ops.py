@@ -71,4 +71,4 @@ def test_silu_mul(benchmark, dev, rows):
     emulated(dev, rows > 16)
     g = np.random.default_rng(3).standard_normal((rows, I)).astype(np.float32)
     out = np.empty_like(g)
-    benchmark(run, dev, "silu_mul", args("SiluMulArgs", rows=rows, dim=I), [g, g, out])
+    benchmark(run, dev, "silu_mul", args("SiluMulArgs", rows=rows, dim=I, in_stride=I), [g, g, out])

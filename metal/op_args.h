@@ -52,11 +52,13 @@ struct RopeArgs {
   int k_stride;
 };
 
-// silu_mul: out[r, i] = silu(gate[r, i]) * up[r, i]
-// buffers: gate f32 [rows, dim], up f32 [rows, dim], out f32 [rows, dim]
+// silu_mul: out[r, i] = silu(gate[r, i]) * up[r, i] for i < dim
+// buffers: gate f32 [rows, in_stride], up f32 [rows, in_stride], out f32 [rows, dim]. gate and up may be the
+// two halves of one fused gate_up projection (in_stride = 2 * dim, up bound at an offset of dim elements).
 struct SiluMulArgs {
   int rows;
   int dim;
+  int in_stride;
 };
 
 // kv_write_<kvdt>: for t with slot_mapping[t] >= 0:
@@ -152,7 +154,7 @@ ME_STATIC_ASSERT(sizeof(ArgmaxArgs) == 8, "ArgmaxArgs layout");
 ME_STATIC_ASSERT(sizeof(RmsNormArgs) == 16, "RmsNormArgs layout");
 ME_STATIC_ASSERT(sizeof(MatmulArgs) == 16, "MatmulArgs layout");
 ME_STATIC_ASSERT(sizeof(RopeArgs) == 24, "RopeArgs layout");
-ME_STATIC_ASSERT(sizeof(SiluMulArgs) == 8, "SiluMulArgs layout");
+ME_STATIC_ASSERT(sizeof(SiluMulArgs) == 12, "SiluMulArgs layout");
 ME_STATIC_ASSERT(sizeof(KVWriteArgs) == 28, "KVWriteArgs layout");
 ME_STATIC_ASSERT(sizeof(PagedAttentionArgs) == 40, "PagedAttentionArgs layout");
 ME_STATIC_ASSERT(sizeof(GatherRowsArgs) == 8, "GatherRowsArgs layout");

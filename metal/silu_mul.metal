@@ -6,13 +6,14 @@ using namespace metal_engine;
 
 template <typename A>
 kernel void silu_mul(constant SiluMulArgs& args [[buffer(0)]],
-                     device const A* gate [[buffer(1)]],   // [rows, dim]
-                     device const A* up [[buffer(2)]],     // [rows, dim]
+                     device const A* gate [[buffer(1)]],   // [rows, in_stride]
+                     device const A* up [[buffer(2)]],     // [rows, in_stride]
                      device A* out [[buffer(3)]],          // [rows, dim]
                      uint i [[thread_position_in_grid]]) {
   if (i >= uint(args.rows * args.dim)) return;
-  const float g = float(gate[i]);
-  out[i] = A(g / (1.0f + exp(-g)) * float(up[i]));
+  const uint j = (i / uint(args.dim)) * uint(args.in_stride) + i % uint(args.dim);
+  const float g = float(gate[j]);
+  out[i] = A(g / (1.0f + exp(-g)) * float(up[j]));
 }
 
 template [[host_name("silu_mul")]] kernel decltype(silu_mul<float>) silu_mul<float>;

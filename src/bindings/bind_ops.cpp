@@ -120,7 +120,7 @@ void init_ops(nb::module_& m) {
       .def_rw("q_stride", &RopeArgs::q_stride).def_rw("k_stride", &RopeArgs::k_stride);
   nb::class_<SiluMulArgs>(ops, "SiluMulArgs")
       .def(nb::init<>())
-      .def_rw("rows", &SiluMulArgs::rows).def_rw("dim", &SiluMulArgs::dim);
+      .def_rw("rows", &SiluMulArgs::rows).def_rw("dim", &SiluMulArgs::dim).def_rw("in_stride", &SiluMulArgs::in_stride);
   nb::class_<KVWriteArgs>(ops, "KVWriteArgs")
       .def(nb::init<>())
       .def_rw("num_tokens", &KVWriteArgs::num_tokens).def_rw("num_kv_heads", &KVWriteArgs::num_kv_heads)

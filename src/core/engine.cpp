@@ -34,12 +34,12 @@ struct Weight {
 
 struct LayerWeights {
   Weight input_norm;                    // [hidden]
-  Weight q_proj, k_proj, v_proj;        // [heads*hd, hidden], [kv_heads*hd, hidden] x2
-  Weight q_bias, k_bias, v_bias;        // [heads*hd], [kv_heads*hd] x2            (Qwen2, Llama+bias)
+  Weight qkv_proj;                      // [heads*hd + 2*kv_heads*hd, hidden]: q_proj, k_proj, v_proj fused
+  Weight qkv_bias;                      // [heads*hd + 2*kv_heads*hd]              (Qwen2, Llama+bias)
   Weight o_proj, o_bias;                // [hidden, heads*hd], [hidden]
   Weight post_attention_norm;           // [hidden]
-  Weight gate_proj, up_proj;            // [intermediate, hidden]
-  Weight gate_bias, up_bias;            // [intermediate]                          (Llama mlp_bias)
+  Weight gate_up_proj;                  // [2*intermediate, hidden]: gate_proj, up_proj fused
+  Weight gate_up_bias;                  // [2*intermediate]                        (Llama mlp_bias)
   Weight down_proj, down_bias;          // [hidden, intermediate], [hidden]
 };
 
@@ -106,7 +106,13 @@ struct Engine::Impl {
     bool has_prefill_attention = false, has_split_attention = false, has_decode_attention = false;
   } k;
 
+  // The checkpoint's tensor `name`, checked against the shape config.json implies and the checkpoint dtype;
+  // null if absent and not required.
+  const TensorInfo* checked_tensor(const std::string& name, const std::vector<int64_t>& expected, bool required);
   Weight load_weight(const std::string& name, std::vector<int64_t> expected, bool required);
+  // Several checkpoint tensors stacked along dim 0 into one weight (q/k/v, gate/up: one matmul instead of
+  // several). Each part is checked like load_weight's; `present` false gives an empty weight.
+  Weight load_fused(const std::vector<std::pair<std::string, std::vector<int64_t>>>& parts, bool present);
   void load_weights();
   void build_rope_table();
   // Lays out the step in `pool` and (unless measuring) encodes it; with `greedy`, ends with argmax of the logits.
@@ -115,13 +121,14 @@ struct Engine::Impl {
   void run_step(const StepInput& in, bool greedy, BufferArg* logits, BufferArg* tokens);
 };
 
-Weight Engine::Impl::load_weight(const std::string& name, std::vector<int64_t> expected, bool required) {
+const TensorInfo* Engine::Impl::checked_tensor(const std::string& name, const std::vector<int64_t>& expected,
+                                               bool required) {
   const TensorInfo* t = checkpoint->find(name);
   if (!t) {
     if (required)
       throw std::invalid_argument("checkpoint has no tensor '" + name + "', which " + model.architecture +
                                   " with this config.json needs");
-    return {};
+    return nullptr;
   }
   if (t->shape != expected)
     throw std::invalid_argument("tensor '" + name + "' has shape " + shape_str(t->shape) + " but config.json implies " +
@@ -132,6 +139,12 @@ Weight Engine::Impl::load_weight(const std::string& name, std::vector<int64_t> e
   if (t->dtype != model.checkpoint_dtype)
     throw std::invalid_argument("tensor '" + name + "' is " + t->dtype_str + " but config.json says dtype " +
                                 dtype_name(model.checkpoint_dtype) + "; fix config.json's \"dtype\"");
+  return t;
+}
+
+Weight Engine::Impl::load_weight(const std::string& name, std::vector<int64_t> expected, bool required) {
+  const TensorInfo* t = checked_tensor(name, expected, required);
+  if (!t) return {};
   Weight w;
   w.dtype = dtype;
   w.shape = expected;
@@ -146,6 +159,36 @@ Weight Engine::Impl::load_weight(const std::string& name, std::vector<int64_t> e
     w.arg = BufferArg{buf.get(), 0};
     owned_buffers.push_back(std::move(buf));
   }
+  return w;
+}
+
+Weight Engine::Impl::load_fused(const std::vector<std::pair<std::string, std::vector<int64_t>>>& parts,
+                                bool present) {
+  if (!present) return {};
+  std::vector<const TensorInfo*> infos;
+  int64_t rows = 0;
+  for (const auto& [name, shape] : parts) {
+    infos.push_back(checked_tensor(name, shape, true));
+    rows += shape[0];
+  }
+  Weight w;
+  w.dtype = dtype;
+  w.shape = parts[0].second;
+  w.shape[0] = rows;
+  int64_t elements = 1;
+  for (int64_t d : w.shape) elements *= d;
+  std::string label;
+  for (const auto& p : parts) label += (label.empty() ? "" : " + ") + p.first;
+  auto buf = device->allocate(size_t(elements) * dtype_size(dtype), label);
+  size_t at = 0;
+  for (const TensorInfo* t : infos) {
+    const size_t n = t->nbytes / dtype_size(t->dtype);
+    convert_elements(checkpoint->data(*t), t->dtype, static_cast<uint8_t*>(buf->data()) + at, dtype, n);
+    checkpoint->files()[size_t(t->file)]->release(t->offset, t->nbytes);
+    at += n * dtype_size(dtype);
+  }
+  w.arg = BufferArg{buf.get(), 0};
+  owned_buffers.push_back(std::move(buf));
   return w;
 }
 
@@ -164,20 +207,18 @@ void Engine::Impl::load_weights() {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     LayerWeights& L = layers[size_t(l)];
     L.input_norm = load_weight(p + "input_layernorm.weight", {H}, true);
-    L.q_proj = load_weight(p + "self_attn.q_proj.weight", {QD, H}, true);
-    L.k_proj = load_weight(p + "self_attn.k_proj.weight", {KD, H}, true);
-    L.v_proj = load_weight(p + "self_attn.v_proj.weight", {KD, H}, true);
-    L.q_bias = load_weight(p + "self_attn.q_proj.bias", {QD}, m.qkv_bias);
-    L.k_bias = load_weight(p + "self_attn.k_proj.bias", {KD}, m.qkv_bias);
-    L.v_bias = load_weight(p + "self_attn.v_proj.bias", {KD}, m.qkv_bias);
+    L.qkv_proj = load_fused({{p + "self_attn.q_proj.weight", {QD, H}},
+                             {p + "self_attn.k_proj.weight", {KD, H}},
+                             {p + "self_attn.v_proj.weight", {KD, H}}}, true);
+    L.qkv_bias = load_fused({{p + "self_attn.q_proj.bias", {QD}},
+                             {p + "self_attn.k_proj.bias", {KD}},
+                             {p + "self_attn.v_proj.bias", {KD}}}, m.qkv_bias);
     L.o_proj = load_weight(p + "self_attn.o_proj.weight", {H, QD}, true);
     L.o_bias = load_weight(p + "self_attn.o_proj.bias", {H}, m.o_bias);
     L.post_attention_norm = load_weight(p + "post_attention_layernorm.weight", {H}, true);
-    L.gate_proj = load_weight(p + "mlp.gate_proj.weight", {I, H}, true);
-    L.up_proj = load_weight(p + "mlp.up_proj.weight", {I, H}, true);
+    L.gate_up_proj = load_fused({{p + "mlp.gate_proj.weight", {I, H}}, {p + "mlp.up_proj.weight", {I, H}}}, true);
+    L.gate_up_bias = load_fused({{p + "mlp.gate_proj.bias", {I}}, {p + "mlp.up_proj.bias", {I}}}, m.mlp_bias);
     L.down_proj = load_weight(p + "mlp.down_proj.weight", {H, I}, true);
-    L.gate_bias = load_weight(p + "mlp.gate_proj.bias", {I}, m.mlp_bias);
-    L.up_bias = load_weight(p + "mlp.up_proj.bias", {I}, m.mlp_bias);
     L.down_bias = load_weight(p + "mlp.down_proj.bias", {H}, m.mlp_bias);
   }
 }
@@ -366,12 +407,15 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, bool g
   BufferArg logit_rows = pool.alloc(i32 * std::max(R, 1), "logits_indices");              // i32 [R]
   BufferArg residual = pool.alloc(a * T * H, "residual");  // act [T, H]  the residual stream
   BufferArg h = pool.alloc(a * T * H, "h");                // act [T, H]  normed input / block output
-  BufferArg q = pool.alloc(a * T * QD, "q");               // act [T, heads * hd]
-  BufferArg kk = pool.alloc(a * T * KD, "k");              // act [T, kv_heads * hd]
-  BufferArg vv = pool.alloc(a * T * KD, "v");              // act [T, kv_heads * hd]
+  const int QKV = QD + 2 * KD;                             // a row of the fused q/k/v projection
+  BufferArg qkv = pool.alloc(a * T * QKV, "qkv");          // act [T, QKV]: q | k | v per row
+  const BufferArg q{qkv.buffer, qkv.offset};               //   [T, heads * hd]     (row stride QKV)
+  const BufferArg kk{qkv.buffer, qkv.offset + a * QD};     //   [T, kv_heads * hd]  (row stride QKV)
+  const BufferArg vv{qkv.buffer, qkv.offset + a * (QD + KD)};  // [T, kv_heads * hd] (row stride QKV)
   BufferArg attn = pool.alloc(a * T * QD, "attn");         // act [T, heads * hd]
-  BufferArg gate = pool.alloc(a * T * I, "gate");          // act [T, I]
-  BufferArg up = pool.alloc(a * T * I, "up");              // act [T, I]
+  BufferArg gate_up = pool.alloc(a * T * 2 * I, "gate_up");  // act [T, 2I]: gate | up per row
+  const BufferArg up{gate_up.buffer, gate_up.offset + a * I};  //   [T, I]         (row stride 2I)
+  BufferArg act_mlp = pool.alloc(a * T * I, "silu(gate) * up");  // act [T, I]
   BufferArg sel_res = pool.alloc(a * std::max(R, 1) * H, "selected residual");  // act [R, H]
   BufferArg sel_h = pool.alloc(a * std::max(R, 1) * H, "selected h");           // act [R, H]
   BufferArg logits = pool.alloc(f * size_t(std::max(R, 1)) * V, "logits");      // f32 [R, V]
@@ -425,17 +469,15 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, bool g
   for (int l = 0; l < m.num_layers; ++l) {
     const LayerWeights& L = layers[size_t(l)];
     // Self-attention: q, k, v projections, RoPE, write k, v to the paged cache, attend.
-    matmul(h, L.q_proj, L.q_bias, q, T);                                    // [T, heads*hd]
-    matmul(h, L.k_proj, L.k_bias, kk, T);                                   // [T, kv_heads*hd]
-    matmul(h, L.v_proj, L.v_bias, vv, T);                                   // [T, kv_heads*hd]
-    d.dispatch(k.rope, RopeArgs{T, m.num_heads, m.num_kv_heads, hd, QD, KD}, {positions, rope_inv_freq, q, kk});
+    matmul(h, L.qkv_proj, L.qkv_bias, qkv, T);                              // [T, QKV] = q | k | v
+    d.dispatch(k.rope, RopeArgs{T, m.num_heads, m.num_kv_heads, hd, QKV, QKV}, {positions, rope_inv_freq, q, kk});
     const int window = m.layer_uses_sliding_window[size_t(l)] ? m.sliding_window : 0;
-    PagedAttentionArgs pa{S, m.num_heads, m.num_kv_heads, hd, kv->block_size(), in.block_table_width, QD, window, scale, T};
+    PagedAttentionArgs pa{S, m.num_heads, m.num_kv_heads, hd, kv->block_size(), in.block_table_width, QKV, window, scale, T};
     if (!decode_attention)
-      d.dispatch(k.kv_write, KVWriteArgs{T, m.num_kv_heads, hd, kv->block_size(), int(kv->num_slots()), KD, KD},
+      d.dispatch(k.kv_write, KVWriteArgs{T, m.num_kv_heads, hd, kv->block_size(), int(kv->num_slots()), QKV, QKV},
                  {kk, vv, slots, kv->key_cache(l), kv->value_cache(l)});
     if (decode_attention) {
-      d.dispatch(k.paged_attention_decode, PagedAttentionDecodeArgs{pa, KD, KD, int(kv->num_slots())},
+      d.dispatch(k.paged_attention_decode, PagedAttentionDecodeArgs{pa, QKV, QKV, int(kv->num_slots())},
                  {q, kk, vv, slots, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, attn});
     } else if (prefill_attention) {
       d.dispatch(k.paged_attention_prefill, PagedAttentionPrefillArgs{pa, max_query_len},
@@ -452,10 +494,9 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, bool g
     // residual += h;  h = RMSNorm(residual)
     rms_norm(h, residual, L.post_attention_norm, h, T, true);
     // SwiGLU MLP: down(silu(gate(h)) * up(h))
-    matmul(h, L.gate_proj, L.gate_bias, gate, T);                           // [T, I]
-    matmul(h, L.up_proj, L.up_bias, up, T);                                 // [T, I]
-    d.dispatch(k.silu_mul, SiluMulArgs{T, I}, {gate, up, gate});
-    matmul(gate, L.down_proj, L.down_bias, h, T);                           // [T, H]
+    matmul(h, L.gate_up_proj, L.gate_up_bias, gate_up, T);                  // [T, 2I] = gate | up
+    d.dispatch(k.silu_mul, SiluMulArgs{T, I, 2 * I}, {gate_up, up, act_mlp});  // [T, I]
+    matmul(act_mlp, L.down_proj, L.down_bias, h, T);                        // [T, H]
     if (l + 1 < m.num_layers)  // residual += h;  h = RMSNorm(residual) with the next layer's weight
       rms_norm(h, residual, layers[size_t(l) + 1].input_norm, h, T, true);
   }

@@ -56,7 +56,7 @@ class MetalSimFramework : public ::testing::Test {
 
   // out = silu(gate) * up over n elements, encoded on `enc`
   void encode_silu_mul(MTL::ComputeCommandEncoder* enc, MTL::Buffer* gate, MTL::Buffer* up, MTL::Buffer* out, int n) {
-    SiluMulArgs a{1, n};
+    SiluMulArgs a{1, n, n};
     enc->setComputePipelineState(pipeline_);
     enc->setBytes(&a, sizeof(a), 0);
     enc->setBuffer(gate, 0, 1);

@@ -140,7 +140,7 @@ def test_silu_mul(act, rows, dim, reverse):
     rng = np.random.default_rng(dim)
     g, gf = rounded(4 * rng.standard_normal((rows, dim)), act)
     u, uf = rounded(rng.standard_normal((rows, dim)), act)
-    a = args("SiluMulArgs", rows=rows, dim=dim)
+    a = args("SiluMulArgs", rows=rows, dim=dim, in_stride=dim)
     ref = np.zeros_like(gf)
     cpu("silu_mul", a, [gf, uf, ref])
     out = out16((rows, dim), act)

@@ -52,13 +52,20 @@ def test_rms_norm(dtype, rows, dim, add_residual, reverse):
 
 
 @ORDERS
-@pytest.mark.parametrize("rows,dim", [(1, 1), (3, 7), (9, 1536), (2, 1000)])
-def test_silu_mul(rows, dim, reverse):
+@pytest.mark.parametrize("rows,dim,fused", [(1, 1, False), (3, 7, False), (9, 1536, False), (2, 1000, False),
+                                            (3, 7, True), (4, 1536, True)])
+def test_silu_mul(rows, dim, fused, reverse):
+    """fused: gate and up are the two halves of one [rows, 2 * dim] array (in_stride = 2 * dim)."""
     rng = np.random.default_rng(dim)
-    g = (4 * rng.standard_normal((rows, dim))).astype(np.float32)
-    u = rng.standard_normal((rows, dim)).astype(np.float32)
-    a = args("SiluMulArgs", rows=rows, dim=dim)
-    ref = np.zeros_like(g)
+    stride = 2 * dim if fused else dim
+    gu = rng.standard_normal((rows, 2 * dim)).astype(np.float32)
+    gu[:, :dim] *= 4
+    if fused:
+        g, u = gu, gu.ravel()[dim:]
+    else:
+        g, u = np.ascontiguousarray(gu[:, :dim]), np.ascontiguousarray(gu[:, dim:])
+    a = args("SiluMulArgs", rows=rows, dim=dim, in_stride=stride)
+    ref = np.zeros((rows, dim), np.float32)
     cpu("silu_mul", a, [g, u, ref])
     out = Guarded((rows, dim))
     sim("silu_mul", a, [g, u, out.array], reverse)
