@@ -72,8 +72,20 @@ static void attend_chunk_blas(const PagedAttentionArgs& a, const BlasItem& it, c
 // 8 dot products per head accumulate in 8 vectors reduced to one (hsum8), the 8 keys staying in L1 across
 // the group's heads.
 template <class KV>
-static void attend_row_scores(const float* q, const KV* k_head, const int64_t* key_at, int n, int group, int hd,
-                              float scale, float* scores) {
+static void attend_row_scores(const float* q, const KV* k_head, const KV* v_head, const int64_t* key_at, int n,
+                              int group, int hd, float scale, float* scores) {
+  // The keys and values of earlier steps are usually out of cache (a step streams all the weights in
+  // between), and the block table scatters a sequence's keys: prefetch the keys 16 ahead, and this
+  // block's values for attend_row_values (16 rows over 48 cold keys: ~175 -> ~90 us; 8 ahead ~120).
+  constexpr int kKeysAhead = 16;
+  const size_t row_bytes = size_t(hd) * sizeof(KV);
+  auto prefetch_row = [&](const KV* p, bool into_l1) {
+    for (size_t off = 0; off < row_bytes; off += 64) {
+      if (into_l1) __builtin_prefetch(reinterpret_cast<const char*>(p) + off, 0, 3);
+      else __builtin_prefetch(reinterpret_cast<const char*>(p) + off, 0, 2);
+    }
+  };
+  for (int j = 0; j < std::min(n, kKeysAhead); ++j) prefetch_row(k_head + key_at[j], true);
   int j0 = 0;
 #if ME_AVX2
   if (hd % 8 == 0) {
@@ -81,6 +93,10 @@ static void attend_row_scores(const float* q, const KV* k_head, const int64_t* k
     for (; j0 + 8 <= n; j0 += 8) {
       const KV* kp[8];
       for (int i = 0; i < 8; ++i) kp[i] = k_head + key_at[j0 + i];
+      for (int i = 0; i < 8; ++i) {
+        if (j0 + kKeysAhead + i < n) prefetch_row(k_head + key_at[j0 + kKeysAhead + i], true);
+        prefetch_row(v_head + key_at[j0 + i], false);
+      }
       for (int h = 0; h < group; ++h) {
         const float* qh = q + int64_t(h) * hd;
         __m256 acc[8];
@@ -96,6 +112,7 @@ static void attend_row_scores(const float* q, const KV* k_head, const int64_t* k
 #endif
   for (int j = j0; j < n; ++j) {
     const KV* kj = k_head + key_at[j];
+    prefetch_row(v_head + key_at[j], false);
     for (int h = 0; h < group; ++h) scores[int64_t(h) * n + j] = dot(q + int64_t(h) * hd, kj, hd) * scale;
   }
 }
@@ -204,7 +221,7 @@ static void paged_attention(const PagedAttentionArgs& a, void* const* b, ThreadP
 
     thread_local std::vector<float> scores;
     scores.resize(size_t(group) * size_t(n));  // [group, n]
-    attend_row_scores(q_group, k_head, key_at.data(), n, group, hd, a.scale, scores.data());
+    attend_row_scores(q_group, k_head, v_head, key_at.data(), n, group, hd, a.scale, scores.data());
     for (int h = 0; h < group; ++h) {  // softmax over the keys
       float* sc = scores.data() + size_t(h) * n;
       float mx = -std::numeric_limits<float>::infinity();
