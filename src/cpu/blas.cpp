@@ -18,6 +18,9 @@ const char* blas_name() { return "Accelerate"; }
 void blas_sgemm_xwt(int m, int n, int k, const float* x, int ldx, const float* w, int ldw, float* y, int ldy) {
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x, ldx, w, ldw, 0.0f, y, ldy);
 }
+void blas_sgemm_xw(int m, int n, int k, const float* x, int ldx, const float* w, int ldw, float* y, int ldy) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, x, ldx, w, ldw, 0.0f, y, ldy);
+}
 
 #elif defined(ME_BLAS_SCIPY_OPENBLAS)
 
@@ -33,6 +36,10 @@ void blas_sgemm_xwt(int m, int n, int k, const float* x, int ldx, const float* w
   static SingleThreaded once;
   scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x, ldx, w, ldw, 0.0f, y, ldy);
 }
+void blas_sgemm_xw(int m, int n, int k, const float* x, int ldx, const float* w, int ldw, float* y, int ldy) {
+  static SingleThreaded once;
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, x, ldx, w, ldw, 0.0f, y, ldy);
+}
 
 #else
 
@@ -40,6 +47,9 @@ bool blas_available() { return false; }
 const char* blas_name() { return "none"; }
 void blas_sgemm_xwt(int, int, int, const float*, int, const float*, int, float*, int) {
   throw std::logic_error("blas_sgemm_xwt called in a build without a BLAS");
+}
+void blas_sgemm_xw(int, int, int, const float*, int, const float*, int, float*, int) {
+  throw std::logic_error("blas_sgemm_xw called in a build without a BLAS");
 }
 
 #endif

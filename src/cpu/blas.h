@@ -10,5 +10,7 @@ const char* blas_name();  // "Accelerate", "OpenBLAS (scipy-openblas32)" or "non
 
 // y[m, n] = x[m, k] @ w[n, k]^T, row-major with leading dimensions ldx, ldw, ldy. Requires blas_available().
 void blas_sgemm_xwt(int m, int n, int k, const float* x, int ldx, const float* w, int ldw, float* y, int ldy);
+// y[m, n] = x[m, k] @ w[k, n], the same conventions.
+void blas_sgemm_xw(int m, int n, int k, const float* x, int ldx, const float* w, int ldw, float* y, int ldy);
 
 }  // namespace metal_engine::cpu

@@ -36,16 +36,15 @@ static void attend_chunk_blas(const PagedAttentionArgs& a, const BlasItem& it, c
   const int32_t* bt = block_tables + int64_t(it.seq) * a.block_table_width;
   const int64_t slot_stride = int64_t(a.num_kv_heads) * hd;
 
-  thread_local std::vector<float> kf, vt, sc;
+  thread_local std::vector<float> kf, vf, sc;
   kf.resize(size_t(n) * hd);   // keys   [n, hd]
-  vt.resize(size_t(hd) * n);   // values [hd, n] (transposed: O = P V = P (V^T)^T)
+  vf.resize(size_t(n) * hd);   // values [n, hd]
   sc.resize(size_t(rows) * n); // scores [rows, n]
   for (int j = 0; j < n; ++j) {
     const int c = first + j;
-    const int64_t slot = int64_t(bt[c / a.block_size]) * a.block_size + c % a.block_size;
-    convert_to_f32(k_cache + slot * slot_stride + int64_t(g) * hd, kf.data() + size_t(j) * hd, hd);
-    const KV* vj = v_cache + slot * slot_stride + int64_t(g) * hd;
-    for (int d = 0; d < hd; ++d) vt[size_t(d) * n + j] = to_float(vj[d]);
+    const int64_t at = (int64_t(bt[c / a.block_size]) * a.block_size + c % a.block_size) * slot_stride + int64_t(g) * hd;
+    convert_to_f32(k_cache + at, kf.data() + size_t(j) * hd, hd);
+    convert_to_f32(v_cache + at, vf.data() + size_t(j) * hd, hd);
   }
   for (int h = g * group; h < (g + 1) * group; ++h) {
     const float* qh = q + int64_t(it.row0) * a.q_stride + int64_t(h) * hd;
@@ -63,7 +62,7 @@ static void attend_chunk_blas(const PagedAttentionArgs& a, const BlasItem& it, c
       for (int j = hi + 1; j < n; ++j) sr[j] = 0.f;
     }
     float* oh = out + int64_t(it.row0) * a.num_heads * hd + int64_t(h) * hd;
-    blas_sgemm_xwt(rows, hd, n, sc.data(), n, vt.data(), n, oh, a.num_heads * hd);  // O = P V
+    blas_sgemm_xw(rows, hd, n, sc.data(), n, vf.data(), hd, oh, a.num_heads * hd);  // O = P V
   }
 }
 
