@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Cross-compiles the C++ core for arm64 (NEON kernels) and runs the C++ example under qemu on a tiny random
-# checkpoint, in f32 and f16: its greedy tokens must equal the x86-64 build's. Debian/Ubuntu x86-64 hosts
+# Cross-compiles the C++ core for arm64 (NEON kernels) and runs under qemu: the GEMM tiles' check
+# (tests/cpp/check_gemm_tiles.cpp) and the C++ example on a tiny random checkpoint, in f32 and f16, whose
+# greedy tokens must equal the x86-64 build's. Debian/Ubuntu x86-64 hosts
 # only (g++-aarch64-linux-gnu, qemu-user); elsewhere it says so and exits 0.
 # Usage: bash tests/check_arm64.sh <x86-64 greedy_generate binary>
 set -euo pipefail
@@ -23,6 +24,11 @@ out=build/arm64
 mkdir -p "$out"
 aarch64-linux-gnu-g++ -std=c++17 -O2 -march=armv8.2-a+fp16 -static -Iinclude src/core/*.cpp src/cpu/*.cpp \
   src/cpu/kernels/*.cpp examples/greedy_generate/main.cpp -o "$out/greedy_generate" -lpthread
+# The NEON register tiles of the GEMM against a double-precision reference, every remainder and dtype.
+aarch64-linux-gnu-g++ -std=c++17 -O2 -march=armv8.2-a+fp16 -static -Iinclude -Isrc tests/cpp/check_gemm_tiles.cpp \
+  src/cpu/machine_probes.cpp src/cpu/thread_pool.cpp -o "$out/check_gemm_tiles" -lpthread
+tiles_ok=1
+qemu-aarch64 "$out/check_gemm_tiles" || tiles_ok=0
 ck=$(mktemp -d)
 trap 'rm -rf "$ck"' EXIT
 python3 - "$ck" <<'PY'
@@ -37,5 +43,6 @@ for dtype in float32 float16; do
   b=$(METAL_ENGINE_DTYPE=$dtype qemu-aarch64 "$out/greedy_generate" "$ck/llama" 10 3 1 4 1 5 9 2 6 | tail -1)
   if [ "$a" = "$b" ]; then echo "arm64 $dtype: $b"; else echo "arm64 $dtype differs: x86-64 [$a] arm64 [$b]"; fails=$((fails+1)); fi
 done
-echo "arm64 check: $((2 - fails)) passed, $fails failed"
+[ "$tiles_ok" = 1 ] || fails=$((fails+1))
+echo "arm64 check: $((3 - fails)) passed, $fails failed (the example in f32 and f16, the GEMM tiles)"
 [ "$fails" = 0 ]

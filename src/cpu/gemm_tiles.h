@@ -11,7 +11,7 @@
 
 namespace metal_engine::cpu {
 
-#if defined(__AVX512VL__)
+#if defined(__AVX512VL__) || ME_NEON  // 32 vector registers (NEON's are 128-bit)
 constexpr int kTileRows = 8, kTileW = 3;
 #else
 constexpr int kTileRows = 6, kTileW = 2;
@@ -51,6 +51,25 @@ inline void dot_tile(const float* x, const W* w, float* y, int K, GemmStrides ld
   for (int r = 0; r < MB; ++r)
     for (int j = 0; j < NB; ++j)
       y[r * ld.y + j] = hsum(acc[r][j]) + dot(x + r * ld.x + K8, w + j * ld.w + K8, K - K8);
+#elif ME_NEON
+  float32x4_t acc[MB][NB];
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = vdupq_n_f32(0.f);
+  const int K4 = K / 4 * 4;
+  constexpr int kLine = 64 / sizeof(W);
+  for (int k = 0; k < K4; k += 4) {
+    float32x4_t wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = load4(w + j * ld.w + k);
+    if (prefetch && k % kLine == 0)
+      for (int j = 0; j < NB; ++j) __builtin_prefetch(prefetch + j * ld.w + k, 0, 2);
+    for (int r = 0; r < MB; ++r) {
+      const float32x4_t xv = vld1q_f32(x + r * ld.x + k);
+      for (int j = 0; j < NB; ++j) acc[r][j] = vfmaq_f32(acc[r][j], xv, wv[j]);
+    }
+  }
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < NB; ++j)
+      y[r * ld.y + j] = vaddvq_f32(acc[r][j]) + dot(x + r * ld.x + K4, w + j * ld.w + K4, K - K4);
 #else
   (void)prefetch;
   for (int r = 0; r < MB; ++r)

@@ -90,7 +90,7 @@ const char* gemm_description() {
 #elif ME_AVX2
   return "register tiles 6x2 (AVX2 + FMA + F16C)";
 #elif ME_NEON
-  return "dot-product tiles (NEON)";
+  return "register tiles 8x3 (NEON)";
 #else
   return "dot-product tiles (plain C++)";
 #endif
