@@ -6,6 +6,10 @@
 namespace metal_engine::cpu {
 
 bool blas_available();
+// Whether prefill's matmul (33+ rows) should go through the BLAS rather than our register tiles: Accelerate
+// on Apple Silicon runs sgemm on the AMX units, beyond what NEON FMAs reach (not measured here: no Mac);
+// OpenBLAS on x86-64 measured 1.1-1.4x slower than the tiles.
+bool blas_preferred_for_gemm();
 const char* blas_name();  // "Accelerate", "OpenBLAS (scipy-openblas32)" or "none"
 
 // y[m, n] = x[m, k] @ w[n, k]^T, row-major with leading dimensions ldx, ldw, ldy. Requires blas_available().

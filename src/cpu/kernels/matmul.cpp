@@ -6,9 +6,13 @@
 //    widened in registers, the next W rows prefetched into L2 while a tile computes; x goes in blocks of
 //    32 rows, each meeting the thread's share of W (L2/L3-resident for the default model). Compute bound:
 //    ~200 GFLOP/s on 2 cores, 1.1-1.4x OpenBLAS's sgemm on f32-widened W (which it replaced; measured at
-//    64, 512 and 2048 rows on the default model's shapes).
+//    64, 512 and 2048 rows on the default model's shapes). On macOS, prefill (33+ rows) keeps Accelerate's
+//    sgemm (gemm_blas), which runs on Apple Silicon's AMX units.
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
+#include "../blas.h"
 #include "../cpu_kernels.h"
 #include "../gemm_tiles.h"
 
@@ -58,6 +62,24 @@ void gemv_rows(const float* x, int K, const W* w, float* y, int64_t N, int64_t n
 #endif
 }
 
+// y[:, n0:n1] = x @ W[n0:n1]^T through the BLAS (where blas_preferred_for_gemm(): Accelerate); f16/bf16 rows
+// are widened in L2-sized slabs.
+template <class W>
+void gemm_blas(const float* x, int M, int K, const W* w, float* y, int N, int64_t n0, int64_t n1) {
+  if constexpr (std::is_same_v<W, float>) {
+    blas_sgemm_xwt(M, int(n1 - n0), K, x, K, w + n0 * K, K, y + n0, N);
+  } else {
+    thread_local std::vector<float> slab;
+    const int64_t rows = std::max<int64_t>(16, (256 << 10) / (int64_t(K) * 4));
+    slab.resize(size_t(rows) * K);
+    for (int64_t r0 = n0; r0 < n1; r0 += rows) {
+      const int64_t r1 = std::min(n1, r0 + rows);
+      for (int64_t r = r0; r < r1; ++r) convert_to_f32(w + r * K, slab.data() + (r - r0) * K, K);
+      blas_sgemm_xwt(M, int(r1 - r0), K, x, K, slab.data(), K, y + r0, N);
+    }
+  }
+}
+
 constexpr int kRowBlock = 32;  // rows of x per pass over the thread's W rows (tiles path)
 
 template <class W>
@@ -70,7 +92,9 @@ void gemv(const float* x, int M, int K, const W* w, float* y, int N, int64_t n0,
   static_assert(kGemvMaxRows == 3, "gemv() dispatches 1 to 3 rows");
 }
 
-template <class W>
+// kViaBlas: prefill rows through the BLAS even where the tiles are preferred (matmul_blas_*, so that the
+// path macOS takes is tested wherever a BLAS is present).
+template <class W, bool kViaBlas = false>
 void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
   const float* x = static_cast<const float*>(b[0]);  // [m, k]
   const W* w = static_cast<const W*>(b[1]);          // [n, k]
@@ -79,6 +103,8 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
   const int M = a.m, N = a.n, K = a.k;
   if (M <= kGemvMaxRows) {
     pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemv(x, M, K, w, y, N, n0, n1); });
+  } else if (M > kRowBlock && (blas_preferred_for_gemm() || kViaBlas)) {
+    pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemm_blas(x, M, K, w, y, N, n0, n1); });
   } else {
     // Blocks of kTileW rows of W split evenly over the threads; x in blocks of kRowBlock rows, each meeting
     // all of the thread's W rows, which stay in L2/L3 between blocks.
@@ -102,6 +128,11 @@ void add_matmul_kernels(std::vector<KernelDef>& table) {
   table.push_back(make_kernel<MatmulArgs>("matmul_f32", 4, matmul<float>));
   table.push_back(make_kernel<MatmulArgs>("matmul_f16", 4, matmul<f16>));
   table.push_back(make_kernel<MatmulArgs>("matmul_bf16", 4, matmul<bf16>));
+  if (blas_available()) {
+    table.push_back(make_kernel<MatmulArgs>("matmul_blas_f32", 4, matmul<float, true>));
+    table.push_back(make_kernel<MatmulArgs>("matmul_blas_f16", 4, matmul<f16, true>));
+    table.push_back(make_kernel<MatmulArgs>("matmul_blas_bf16", 4, matmul<bf16, true>));
+  }
 }
 
 }  // namespace metal_engine::cpu

@@ -15,13 +15,16 @@ SHAPES = [  # (m, n, k): decode rows (GEMV path, 1-3 rows), odd sizes, tiles and
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_matmul(dev, dtype, m, n, k, bias):
+@pytest.mark.parametrize("kernel", ["matmul", "matmul_blas"])  # matmul_blas: prefill via the BLAS, as on macOS
+def test_matmul(dev, kernel, dtype, m, n, k, bias):
+    if kernel == "matmul_blas" and f"matmul_blas_{dtype}" not in dev.kernel_names():
+        pytest.skip("this build has no BLAS")
     rng = np.random.default_rng(m * 1000 + n * 10 + k)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = to_storage(rng.standard_normal((n, k)), dtype)
     b = to_storage(rng.standard_normal(n), dtype) if bias else None
     y = Guarded((m, n))
-    run(dev, f"matmul_{dtype}", args("MatmulArgs", m=m, n=n, k=k, has_bias=int(bias)), [x, w, b, y.array])
+    run(dev, f"{kernel}_{dtype}", args("MatmulArgs", m=m, n=n, k=k, has_bias=int(bias)), [x, w, b, y.array])
     ref = x.astype(np.float64) @ from_storage(w, dtype).T
     if bias:
         ref += from_storage(b, dtype)
