@@ -407,8 +407,11 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
         budget = 1.5 * (wbytes + KV_POOL_BYTES)
         rows = []
         if "llama.cpp F16" in results:
-            r = b1 / median_of(results["llama.cpp F16"], "decode", str(batches[0]), "tok_s")
-            rows.append(("batch-1 decode vs llama.cpp F16", ">= 1.3x", f"{r:.2f}x", r >= 1.3))
+            l1 = median_of(results["llama.cpp F16"], "decode", str(batches[0]), "tok_s")
+            r = b1 / l1
+            rows.append(("batch-1 decode vs llama.cpp F16", ">= 1.3x",
+                         f"{r:.2f}x (llama.cpp F16 at {l1 / bound:.0%} of the bandwidth bound, so 1.3x of it "
+                         f"is {1.3 * l1 / bound:.0%})", r >= 1.3))
             p = median_of(me, "prefill_tok_s") / median_of(results["llama.cpp F16"], "prefill_tok_s")
             rows.append(("512-token prefill vs llama.cpp F16", ">= 1.0x", f"{p:.2f}x", p >= 1.0))
         rows.append((f"batch-{batches[-1]} decode vs our batch 1", ">= 4x", f"{bmax / b1:.2f}x", bmax / b1 >= 4))
