@@ -24,8 +24,8 @@ constexpr int kGemvMaxRows = 3;  // from 4 rows the tiles are faster (measured: 
 
 // Decode rows (m <= 3): each thread streams its rows of W front to back (one sequential stream), each
 // weight converted to f32 once and used for every row of x. A line at a time, the stream is prefetched
-// into L2 kGemvPrefetchBytes ahead, spread over the loop: two threads then read W at the machine's
-// streaming bandwidth (a 512 MB read; with the prefetch a step's matmuls go from ~26 to ~29 GB/s).
+// into L2 kGemvPrefetchBytes ahead, spread over the loop: two threads then read W at about the machine's
+// streaming bandwidth (a batch-1 step's matmuls: ~26 GB/s with whole rows prefetched into L1, ~29 so).
 constexpr int kGemvPrefetchBytes = 4096;
 
 template <int MR, class W>
