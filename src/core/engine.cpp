@@ -113,6 +113,8 @@ struct Engine::Impl {
   // Several checkpoint tensors stacked along dim 0 into one weight (q/k/v, gate/up: one matmul instead of
   // several). Each part is checked like load_weight's; `present` false gives an empty weight.
   Weight load_fused(const std::vector<std::pair<std::string, std::vector<int64_t>>>& parts, bool present);
+  // A device buffer holding `parts` stacked along dim 0, converted to the engine's dtype.
+  Weight owned_copy(const std::vector<const TensorInfo*>& parts, std::vector<int64_t> shape, const std::string& label);
   void load_weights();
   void build_rope_table();
   // Lays out the step in `pool` and (unless measuring) encodes it; with `greedy`, ends with argmax of the logits.
@@ -145,20 +147,12 @@ const TensorInfo* Engine::Impl::checked_tensor(const std::string& name, const st
 Weight Engine::Impl::load_weight(const std::string& name, std::vector<int64_t> expected, bool required) {
   const TensorInfo* t = checked_tensor(name, expected, required);
   if (!t) return {};
-  Weight w;
+  if (t->dtype != dtype) return owned_copy({t}, expected, name);
+  Weight w;  // used in place: the mmap'ed file is the weight
   w.dtype = dtype;
   w.shape = expected;
-  if (t->dtype == dtype) {  // used in place: the mmap'ed file is the weight
-    w.arg = BufferArg{file_buffers[size_t(t->file)].get(), t->offset};
-    weights_in_place = true;
-  } else {
-    size_t n = t->nbytes / dtype_size(t->dtype);
-    auto buf = device->allocate(n * dtype_size(dtype), name);
-    convert_elements(checkpoint->data(*t), t->dtype, static_cast<uint8_t*>(buf->data()), dtype, n);
-    checkpoint->files()[size_t(t->file)]->release(t->offset, t->nbytes);
-    w.arg = BufferArg{buf.get(), 0};
-    owned_buffers.push_back(std::move(buf));
-  }
+  w.arg = BufferArg{file_buffers[size_t(t->file)].get(), t->offset};
+  weights_in_place = true;
   return w;
 }
 
@@ -166,27 +160,32 @@ Weight Engine::Impl::load_fused(const std::vector<std::pair<std::string, std::ve
                                 bool present) {
   if (!present) return {};
   std::vector<const TensorInfo*> infos;
-  int64_t rows = 0;
-  for (const auto& [name, shape] : parts) {
-    infos.push_back(checked_tensor(name, shape, true));
-    rows += shape[0];
+  std::vector<int64_t> shape = parts[0].second;
+  shape[0] = 0;
+  std::string label;
+  for (const auto& [name, part_shape] : parts) {
+    infos.push_back(checked_tensor(name, part_shape, true));
+    shape[0] += part_shape[0];
+    label += (label.empty() ? "" : " + ") + name;
+  }
+  return owned_copy(infos, shape, label);
+}
+
+Weight Engine::Impl::owned_copy(const std::vector<const TensorInfo*>& parts, std::vector<int64_t> shape,
+                                const std::string& label) {
+  int64_t elements = 1;
+  for (int64_t d : shape) elements *= d;
+  auto buf = device->allocate(size_t(elements) * dtype_size(dtype), label);
+  size_t at = 0;
+  for (const TensorInfo* t : parts) {
+    const size_t n = t->nbytes / dtype_size(t->dtype);
+    convert_elements(checkpoint->data(*t), t->dtype, static_cast<uint8_t*>(buf->data()) + at, dtype, n);
+    checkpoint->files()[size_t(t->file)]->release(t->offset, t->nbytes);  // its file pages are no longer needed
+    at += n * dtype_size(dtype);
   }
   Weight w;
   w.dtype = dtype;
-  w.shape = parts[0].second;
-  w.shape[0] = rows;
-  int64_t elements = 1;
-  for (int64_t d : w.shape) elements *= d;
-  std::string label;
-  for (const auto& p : parts) label += (label.empty() ? "" : " + ") + p.first;
-  auto buf = device->allocate(size_t(elements) * dtype_size(dtype), label);
-  size_t at = 0;
-  for (const TensorInfo* t : infos) {
-    const size_t n = t->nbytes / dtype_size(t->dtype);
-    convert_elements(checkpoint->data(*t), t->dtype, static_cast<uint8_t*>(buf->data()) + at, dtype, n);
-    checkpoint->files()[size_t(t->file)]->release(t->offset, t->nbytes);
-    at += n * dtype_size(dtype);
-  }
+  w.shape = std::move(shape);
   w.arg = BufferArg{buf.get(), 0};
   owned_buffers.push_back(std::move(buf));
   return w;
