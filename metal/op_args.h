@@ -39,17 +39,20 @@ struct MatmulArgs {
   int has_bias;
 };
 
-// rope: rotates q and k in place, HF "rotate_half" layout (pairs i and i + head_dim/2):
-//   angle = positions[t] * inv_freq[i]
-// buffers: positions i32 [num_tokens], inv_freq f32 [head_dim/2],
+// rope: rotates q and k in place, HF "rotate_half" layout over the first rotary_dim dims of each head (pairs i
+// and i + rotary_dim/2; the rest pass through):
+//   angle = positions[t] * inv_freq[i];  x' = (x0 cos - x1 sin, x1 cos + x0 sin) with cos, sin scaled by `scaling`
+// buffers: positions i32 [num_tokens], inv_freq f32 [rotary_dim/2],
 //          q f32 [num_tokens, q_stride], k f32 [num_tokens, k_stride]
 struct RopeArgs {
   int num_tokens;
   int num_heads;
   int num_kv_heads;
   int head_dim;
+  int rotary_dim;  // <= head_dim, even (partial_rotary_factor)
   int q_stride;
   int k_stride;
+  float scaling;   // the cos/sin factor of yarn and longrope (1 otherwise)
 };
 
 // silu_mul: out[r, i] = silu(gate[r, i]) * up[r, i] for i < dim
@@ -153,7 +156,7 @@ ME_STATIC_ASSERT(sizeof(EmbeddingArgs) == 12, "EmbeddingArgs layout");
 ME_STATIC_ASSERT(sizeof(ArgmaxArgs) == 8, "ArgmaxArgs layout");
 ME_STATIC_ASSERT(sizeof(RmsNormArgs) == 16, "RmsNormArgs layout");
 ME_STATIC_ASSERT(sizeof(MatmulArgs) == 16, "MatmulArgs layout");
-ME_STATIC_ASSERT(sizeof(RopeArgs) == 24, "RopeArgs layout");
+ME_STATIC_ASSERT(sizeof(RopeArgs) == 32, "RopeArgs layout");
 ME_STATIC_ASSERT(sizeof(SiluMulArgs) == 12, "SiluMulArgs layout");
 ME_STATIC_ASSERT(sizeof(KVWriteArgs) == 28, "KVWriteArgs layout");
 ME_STATIC_ASSERT(sizeof(PagedAttentionArgs) == 40, "PagedAttentionArgs layout");

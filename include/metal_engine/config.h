@@ -25,19 +25,10 @@ struct EngineConfig {
   void apply_env();
 };
 
-enum class RopeScalingKind { None, Linear, Llama3 };
-
-struct RopeScaling {
-  RopeScalingKind kind = RopeScalingKind::None;
-  float factor = 1.0f;
-  float low_freq_factor = 1.0f;
-  float high_freq_factor = 4.0f;
-  int original_max_position_embeddings = 8192;
-};
-
-// What the forward pass needs from a Hugging Face config.json.
+// What the engine core needs from a Hugging Face config.json: the shapes every decoder shares (KV cache,
+// validation, scratch). Everything particular to an architecture is read by its file in src/models/.
 struct ModelConfig {
-  std::string architecture;  // LlamaForCausalLM | MistralForCausalLM | Qwen2ForCausalLM
+  std::string architecture;  // config.json architectures[0], e.g. LlamaForCausalLM
   int vocab_size = 0;
   int hidden_size = 0;
   int intermediate_size = 0;
@@ -48,16 +39,14 @@ struct ModelConfig {
   int max_position_embeddings = 0;
   float rms_norm_eps = 1e-6f;
   float rope_theta = 10000.0f;
-  RopeScaling rope_scaling;
+  std::string rope_type = "default";  // default | linear | llama3 | yarn | dynamic | longrope
   bool tie_word_embeddings = false;
-  bool qkv_bias = false;   // Qwen2 always; Llama with attention_bias
-  bool o_bias = false;     // Llama with attention_bias
-  bool mlp_bias = false;   // Llama with mlp_bias
   int sliding_window = 0;  // 0 = full attention
   std::vector<bool> layer_uses_sliding_window;  // [num_layers]
   DType checkpoint_dtype = DType::F32;
 
-  // Parses and validates config.json text; `source` names the file in errors.
+  // Parses and validates config.json text (through the architecture registry, src/models/); `source` names
+  // the file in errors.
   static ModelConfig from_json(const std::string& text, const std::string& source);
 };
 

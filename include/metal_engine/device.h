@@ -35,10 +35,23 @@ struct Kernel {
   std::string name;
 };
 
+// What a backend can run beyond the kernels every backend has, and its limits: typed, so the engine plans a
+// step and checks a model at load without reading kernel names.
+struct DeviceCaps {
+  bool half_activations = false;     // <op>_<wdt>_act_<wdt> kernels: activations in the weights' 16-bit type
+  bool fused_decode_attention = false;  // paged_attention_decode_*: KV write + attention, one new token a row
+  int prefill_attention_min_rows = 0;   // > 0: chunks this long take the tiled paged_attention_prefill_*
+  int prefill_attention_head_dim_multiple = 1;  // ... when head_dim is a multiple of this
+  int split_attention_keys = 0;         // > 0: contexts longer take paged_attention_split_* in parts this long
+  int max_attention_head_dim = 0;       // 0: any
+  int max_query_heads_per_kv_head = 0;  // 0: any
+};
+
 class Device {
  public:
   virtual ~Device() = default;
   virtual std::string name() const = 0;
+  virtual DeviceCaps caps() const = 0;
 
   virtual std::unique_ptr<Buffer> allocate(size_t bytes, const std::string& label) = 0;
   // Wraps existing host memory (e.g. an mmap'ed checkpoint) without copying; memory must outlive it.

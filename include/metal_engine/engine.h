@@ -33,12 +33,13 @@ class Engine {
   // One forward: writes logits [in.logits_indices.size(), vocab_size] (fp32, row-major) to `logits`.
   void step(const StepInput& in, float* logits);
   std::vector<float> step(const StepInput& in);
+
+  struct Impl;  // opaque: src/core/engine.cpp
   // The same forward, then the greedy token of every requested row (the first index of its largest logit)
   // chosen on the device: reads back one int per row instead of the logits.
   void step_greedy(const StepInput& in, int32_t* tokens);
 
  private:
-  struct Impl;
   explicit Engine(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -26,7 +26,12 @@ class ScratchPool {
   void begin(bool measuring = false);
   // Bytes handed out since begin(), alignment included.
   size_t used() const { return used_; }
+  // The most bytes in use at once since begin(): what the step needs.
+  size_t peak() const { return peak_; }
   BufferArg alloc(size_t bytes, const char* what);
+  // Hands back everything allocated since used() was `mark` (a model's per-layer temporaries), so later
+  // allocations of the step reuse it. Dispatches run in encode order, each after the ones before it.
+  void reset_to(size_t mark);
   // Throws ScratchPoolExhausted if a step needing `bytes` cannot fit: the message names the size and
   // the knobs (scratch_pool_mb, env VLLM_METAL_SCRATCH_POOL_MB).
   void require(size_t bytes) const;
@@ -39,6 +44,7 @@ class ScratchPool {
   std::unique_ptr<Buffer> buffer_;
   size_t capacity_ = 0;
   size_t used_ = 0;
+  size_t peak_ = 0;
   size_t high_water_ = 0;
   bool measuring_ = false;
 };

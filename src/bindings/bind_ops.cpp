@@ -117,7 +117,8 @@ void init_ops(nb::module_& m) {
       .def(nb::init<>())
       .def_rw("num_tokens", &RopeArgs::num_tokens).def_rw("num_heads", &RopeArgs::num_heads)
       .def_rw("num_kv_heads", &RopeArgs::num_kv_heads).def_rw("head_dim", &RopeArgs::head_dim)
-      .def_rw("q_stride", &RopeArgs::q_stride).def_rw("k_stride", &RopeArgs::k_stride);
+      .def_rw("rotary_dim", &RopeArgs::rotary_dim).def_rw("q_stride", &RopeArgs::q_stride)
+      .def_rw("k_stride", &RopeArgs::k_stride).def_rw("scaling", &RopeArgs::scaling);
   nb::class_<SiluMulArgs>(ops, "SiluMulArgs")
       .def(nb::init<>())
       .def_rw("rows", &SiluMulArgs::rows).def_rw("dim", &SiluMulArgs::dim).def_rw("in_stride", &SiluMulArgs::in_stride);

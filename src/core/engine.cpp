@@ -1,6 +1,6 @@
-// The engine: loads a Llama-family checkpoint onto a device and runs one forward per step.
-// The forward pass (encode_forward) reads like the model: embed, then per layer
-// RMSNorm -> attention (RoPE, paged KV) -> residual, RMSNorm -> SwiGLU MLP -> residual; final norm, LM head.
+// The engine core: a loaded model on one device, its weights' storage, the paged KV cache and the scratch pool,
+// and one forward per step. It knows no architecture: the model file (src/models/<family>.cpp, found through
+// the registry from config.json) names the weights and writes the forward against the ops API.
 #include "metal_engine/engine.h"
 
 #include <algorithm>
@@ -14,34 +14,13 @@
 #endif
 
 #include "../../metal/op_args.h"
+#include "../models/model.h"
 #include "half.h"
 #include "safetensors.h"
 
 namespace metal_engine {
 
 namespace {
-
-constexpr int kPrefillAttentionMinRows = 16;  // a chunk this long takes the tiled prefill attention (Metal)
-constexpr int kAttentionPartition = 256;      // keys per partition of the split attention (Metal)
-
-// A weight on the device: a binding plus what it holds.
-struct Weight {
-  BufferArg arg;
-  DType dtype = DType::F32;
-  std::vector<int64_t> shape;
-  bool present() const { return arg.buffer != nullptr; }
-};
-
-struct LayerWeights {
-  Weight input_norm;                    // [hidden]
-  Weight qkv_proj;                      // [heads*hd + 2*kv_heads*hd, hidden]: q_proj, k_proj, v_proj fused
-  Weight qkv_bias;                      // [heads*hd + 2*kv_heads*hd]              (Qwen2, Llama+bias)
-  Weight o_proj, o_bias;                // [hidden, heads*hd], [hidden]
-  Weight post_attention_norm;           // [hidden]
-  Weight gate_up_proj;                  // [2*intermediate, hidden]: gate_proj, up_proj fused
-  Weight gate_up_bias;                  // [2*intermediate]                        (Llama mlp_bias)
-  Weight down_proj, down_bias;          // [hidden, intermediate], [hidden]
-};
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::ostringstream o;
@@ -83,171 +62,183 @@ void convert_elements(const uint8_t* src, DType from, uint8_t* dst, DType to, si
 
 }  // namespace
 
+using models::Tensor;
+using models::Weight;
+
 struct Engine::Impl {
   EngineConfig config;
   ModelConfig model;
+  std::unique_ptr<models::Model> arch;  // the architecture's weights and forward
   DType dtype = DType::F32;  // weights and KV cache
   DType act = DType::F32;    // activations
   std::unique_ptr<Device> device;
+  std::unique_ptr<models::KernelCache> kernels;
   std::unique_ptr<SafetensorsCheckpoint> checkpoint;
   std::vector<std::unique_ptr<Buffer>> file_buffers;   // mmap'ed checkpoint files, wrapped without copy
   bool weights_in_place = false;                        // some weight is the mapped file itself
-  std::vector<std::unique_ptr<Buffer>> owned_buffers;  // converted weights, RoPE table
-  Weight embed_tokens, final_norm, lm_head;
-  std::vector<LayerWeights> layers;
-  BufferArg rope_inv_freq;  // f32 [head_dim / 2]
+  std::vector<std::unique_ptr<Buffer>> owned_buffers;  // converted weights, RoPE tables
   std::unique_ptr<PagedKVCache> kv;
   std::unique_ptr<ScratchPool> scratch;
 
-  struct Kernels {
-    Kernel embedding, rms_norm, matmul, lm_head, rope, silu_mul, kv_write, paged_attention, gather_rows, argmax;
-    // Metal only: the tiled prefill attention, and the split-and-reduce attention for long contexts
-    Kernel paged_attention_prefill, paged_attention_split, paged_attention_reduce, paged_attention_decode;
-    bool has_prefill_attention = false, has_split_attention = false, has_decode_attention = false;
-  } k;
-
-  // The checkpoint's tensor `name`, checked against the shape config.json implies and the checkpoint dtype;
-  // null if absent and not required.
-  const TensorInfo* checked_tensor(const std::string& name, const std::vector<int64_t>& expected, bool required);
-  Weight load_weight(const std::string& name, std::vector<int64_t> expected, bool required);
-  // Several checkpoint tensors stacked along dim 0 into one weight (q/k/v, gate/up: one matmul instead of
-  // several). Each part is checked like load_weight's; `present` false gives an empty weight.
-  Weight load_fused(const std::vector<std::pair<std::string, std::vector<int64_t>>>& parts, bool present);
-  // A device buffer holding `parts` stacked along dim 0, converted to the engine's dtype.
-  Weight owned_copy(const std::vector<const TensorInfo*>& parts, std::vector<int64_t> shape, const std::string& label);
-  void load_weights();
-  void build_rope_table();
+  void check_device_limits() const;
+  // Measuring passes over the step shapes that take each kernel path: every kernel the model uses is resolved
+  // (its pipelines built) at load, and a kernel this backend lacks fails here, not at a first step.
+  void resolve_kernels();
   // Lays out the step in `pool` and (unless measuring) encodes it; with `greedy`, ends with argmax of the logits.
-  void encode_forward(const StepInput& in, ScratchPool& pool, bool greedy, BufferArg* logits_out,
-                      BufferArg* tokens_out);
+  void encode_forward(const StepInput& in, ScratchPool& pool, bool greedy, BufferArg* logits_out, BufferArg* tokens_out);
   void run_step(const StepInput& in, bool greedy, BufferArg* logits, BufferArg* tokens);
 };
 
-const TensorInfo* Engine::Impl::checked_tensor(const std::string& name, const std::vector<int64_t>& expected,
-                                               bool required) {
-  const TensorInfo* t = checkpoint->find(name);
-  if (!t) {
-    if (required)
-      throw std::invalid_argument("checkpoint has no tensor '" + name + "', which " + model.architecture +
-                                  " with this config.json needs");
-    return nullptr;
+namespace {
+
+// The checkpoint side of models::WeightLoader: safetensors tensors checked against the shapes the model
+// expects, used in place when already in the engine's dtype, else converted once into an owned buffer.
+class CheckpointWeights : public models::WeightLoader {
+ public:
+  explicit CheckpointWeights(Engine::Impl& e) : e_(e) {}
+
+  bool has(const std::string& name) const override { return e_.checkpoint->find(name) != nullptr; }
+
+  Weight get(const std::string& name, const std::vector<int64_t>& shape, bool required) override {
+    const TensorInfo* t = checked(name, shape, required);
+    if (!t) return {};
+    if (t->dtype != e_.dtype) return owned_copy({t}, shape, name, false);
+    Weight w;  // used in place: the mmap'ed file is the weight
+    w.dtype = e_.dtype;
+    w.shape = shape;
+    w.arg = BufferArg{e_.file_buffers[size_t(t->file)].get(), t->offset};
+    e_.weights_in_place = true;
+    return w;
   }
-  if (t->shape != expected)
-    throw std::invalid_argument("tensor '" + name + "' has shape " + shape_str(t->shape) + " but config.json implies " +
-                                shape_str(expected));
-  if (!t->dtype_supported)
-    throw std::invalid_argument("tensor '" + name + "' has dtype " + t->dtype_str +
-                                "; metal_engine loads F32, F16 and BF16 checkpoints");
-  if (t->dtype != model.checkpoint_dtype)
-    throw std::invalid_argument("tensor '" + name + "' is " + t->dtype_str + " but config.json says dtype " +
-                                dtype_name(model.checkpoint_dtype) + "; fix config.json's \"dtype\"");
-  return t;
-}
 
-Weight Engine::Impl::load_weight(const std::string& name, std::vector<int64_t> expected, bool required) {
-  const TensorInfo* t = checked_tensor(name, expected, required);
-  if (!t) return {};
-  if (t->dtype != dtype) return owned_copy({t}, expected, name);
-  Weight w;  // used in place: the mmap'ed file is the weight
-  w.dtype = dtype;
-  w.shape = expected;
-  w.arg = BufferArg{file_buffers[size_t(t->file)].get(), t->offset};
-  weights_in_place = true;
-  return w;
-}
-
-Weight Engine::Impl::load_fused(const std::vector<std::pair<std::string, std::vector<int64_t>>>& parts,
-                                bool present) {
-  if (!present) return {};
-  std::vector<const TensorInfo*> infos;
-  std::vector<int64_t> shape = parts[0].second;
-  shape[0] = 0;
-  std::string label;
-  for (const auto& [name, part_shape] : parts) {
-    infos.push_back(checked_tensor(name, part_shape, true));
-    shape[0] += part_shape[0];
-    label += (label.empty() ? "" : " + ") + name;
-  }
-  return owned_copy(infos, shape, label);
-}
-
-Weight Engine::Impl::owned_copy(const std::vector<const TensorInfo*>& parts, std::vector<int64_t> shape,
-                                const std::string& label) {
-  int64_t elements = 1;
-  for (int64_t d : shape) elements *= d;
-  auto buf = device->allocate(size_t(elements) * dtype_size(dtype), label);
-  size_t at = 0;
-  for (const TensorInfo* t : parts) {
-    const size_t n = t->nbytes / dtype_size(t->dtype);
-    convert_elements(checkpoint->data(*t), t->dtype, static_cast<uint8_t*>(buf->data()) + at, dtype, n);
-    checkpoint->files()[size_t(t->file)]->release(t->offset, t->nbytes);  // its file pages are no longer needed
-    at += n * dtype_size(dtype);
-  }
-  Weight w;
-  w.dtype = dtype;
-  w.shape = std::move(shape);
-  w.arg = BufferArg{buf.get(), 0};
-  owned_buffers.push_back(std::move(buf));
-  return w;
-}
-
-void Engine::Impl::load_weights() {
-  const ModelConfig& m = model;
-  const int64_t H = m.hidden_size, I = m.intermediate_size, V = m.vocab_size;
-  const int64_t QD = int64_t(m.num_heads) * m.head_dim, KD = int64_t(m.num_kv_heads) * m.head_dim;
-  for (const auto& f : checkpoint->files())
-    file_buffers.push_back(device->wrap(const_cast<uint8_t*>(f->data()), f->size(), f->path()));
-
-  embed_tokens = load_weight("model.embed_tokens.weight", {V, H}, true);
-  final_norm = load_weight("model.norm.weight", {H}, true);
-  lm_head = m.tie_word_embeddings ? embed_tokens : load_weight("lm_head.weight", {V, H}, true);
-  layers.resize(size_t(m.num_layers));
-  for (int l = 0; l < m.num_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    LayerWeights& L = layers[size_t(l)];
-    L.input_norm = load_weight(p + "input_layernorm.weight", {H}, true);
-    L.qkv_proj = load_fused({{p + "self_attn.q_proj.weight", {QD, H}},
-                             {p + "self_attn.k_proj.weight", {KD, H}},
-                             {p + "self_attn.v_proj.weight", {KD, H}}}, true);
-    L.qkv_bias = load_fused({{p + "self_attn.q_proj.bias", {QD}},
-                             {p + "self_attn.k_proj.bias", {KD}},
-                             {p + "self_attn.v_proj.bias", {KD}}}, m.qkv_bias);
-    L.o_proj = load_weight(p + "self_attn.o_proj.weight", {H, QD}, true);
-    L.o_bias = load_weight(p + "self_attn.o_proj.bias", {H}, m.o_bias);
-    L.post_attention_norm = load_weight(p + "post_attention_layernorm.weight", {H}, true);
-    L.gate_up_proj = load_fused({{p + "mlp.gate_proj.weight", {I, H}}, {p + "mlp.up_proj.weight", {I, H}}}, true);
-    L.gate_up_bias = load_fused({{p + "mlp.gate_proj.bias", {I}}, {p + "mlp.up_proj.bias", {I}}}, m.mlp_bias);
-    L.down_proj = load_weight(p + "mlp.down_proj.weight", {H, I}, true);
-    L.down_bias = load_weight(p + "mlp.down_proj.bias", {H}, m.mlp_bias);
-  }
-}
-
-// inv_freq[i] = theta^(-2i/head_dim), rescaled for linear and Llama-3 scaling as transformers does.
-void Engine::Impl::build_rope_table() {
-  const int half = model.head_dim / 2;
-  auto buf = device->allocate(sizeof(float) * size_t(half), "rope inv_freq");
-  float* inv = static_cast<float*>(buf->data());
-  const RopeScaling& rs = model.rope_scaling;
-  for (int i = 0; i < half; ++i) {
-    float f = 1.0f / std::pow(model.rope_theta, float(2 * i) / float(model.head_dim));
-    if (rs.kind == RopeScalingKind::Linear) {
-      f = f / rs.factor;
-    } else if (rs.kind == RopeScalingKind::Llama3) {
-      const float old_ctx = float(rs.original_max_position_embeddings);
-      const float low_wavelen = old_ctx / rs.low_freq_factor;
-      const float high_wavelen = old_ctx / rs.high_freq_factor;
-      const float wavelen = 2.0f * float(M_PI) / f;
-      if (wavelen > low_wavelen) {
-        f = f / rs.factor;
-      } else if (wavelen >= high_wavelen) {
-        const float smooth = (old_ctx / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
-        f = (1.0f - smooth) * f / rs.factor + smooth * f;
-      }
+  Weight fused(const std::vector<std::pair<std::string, std::vector<int64_t>>>& parts, bool required) override {
+    if (!required) {
+      bool any = false;
+      for (const auto& p : parts) any |= has(p.first);
+      if (!any) return {};
     }
-    inv[i] = f;
+    std::vector<const TensorInfo*> infos;
+    std::vector<int64_t> shape = parts[0].second;
+    shape[0] = 0;
+    std::string label;
+    for (const auto& [name, part_shape] : parts) {
+      infos.push_back(checked(name, part_shape, true));
+      shape[0] += part_shape[0];
+      label += (label.empty() ? "" : " + ") + name;
+    }
+    return owned_copy(infos, shape, label, false);
   }
-  rope_inv_freq = BufferArg{buf.get(), 0};
-  owned_buffers.push_back(std::move(buf));
+
+  Weight get_plus_one(const std::string& name, const std::vector<int64_t>& shape) override {
+    return owned_copy({checked(name, shape, true)}, shape, name, true);
+  }
+
+  Weight constant(const std::vector<float>& values, const std::string& label) override {
+    auto buf = e_.device->allocate(sizeof(float) * std::max<size_t>(values.size(), 1), label);
+    if (!values.empty()) std::memcpy(buf->data(), values.data(), sizeof(float) * values.size());
+    Weight w;
+    w.dtype = DType::F32;
+    w.shape = {int64_t(values.size())};
+    w.arg = BufferArg{buf.get(), 0};
+    e_.owned_buffers.push_back(std::move(buf));
+    return w;
+  }
+
+ private:
+  // The tensor `name`, checked against the shape config.json implies and the checkpoint dtype; null if absent
+  // and not required.
+  const TensorInfo* checked(const std::string& name, const std::vector<int64_t>& expected, bool required) {
+    const TensorInfo* t = e_.checkpoint->find(name);
+    if (!t) {
+      if (required)
+        throw std::invalid_argument("checkpoint has no tensor '" + name + "', which " + e_.model.architecture +
+                                    " with this config.json needs");
+      return nullptr;
+    }
+    if (t->shape != expected)
+      throw std::invalid_argument("tensor '" + name + "' has shape " + shape_str(t->shape) +
+                                  " but config.json implies " + shape_str(expected));
+    if (!t->dtype_supported)
+      throw std::invalid_argument("tensor '" + name + "' has dtype " + t->dtype_str +
+                                  "; metal_engine loads F32, F16 and BF16 checkpoints");
+    if (t->dtype != e_.model.checkpoint_dtype)
+      throw std::invalid_argument("tensor '" + name + "' is " + t->dtype_str + " but config.json says dtype " +
+                                  dtype_name(e_.model.checkpoint_dtype) + "; fix config.json's \"dtype\"");
+    return t;
+  }
+
+  // A device buffer holding `parts` stacked along dim 0, converted to the engine's dtype (with plus_one,
+  // 1 + w: a norm weight stored as an offset from one).
+  Weight owned_copy(const std::vector<const TensorInfo*>& parts, std::vector<int64_t> shape, const std::string& label,
+                    bool plus_one) {
+    int64_t elements = 1;
+    for (int64_t d : shape) elements *= d;
+    auto buf = e_.device->allocate(size_t(elements) * dtype_size(e_.dtype), label);
+    size_t at = 0;
+    for (const TensorInfo* t : parts) {
+      const size_t n = t->nbytes / dtype_size(t->dtype);
+      uint8_t* dst = static_cast<uint8_t*>(buf->data()) + at;
+      if (plus_one) {  // through f32: 1 + w rounded once to the engine's dtype
+        std::vector<float> f(n);
+        convert_elements(e_.checkpoint->data(*t), t->dtype, reinterpret_cast<uint8_t*>(f.data()), DType::F32, n);
+        for (float& x : f) x += 1.0f;
+        convert_elements(reinterpret_cast<const uint8_t*>(f.data()), DType::F32, dst, e_.dtype, n);
+      } else {
+        convert_elements(e_.checkpoint->data(*t), t->dtype, dst, e_.dtype, n);
+      }
+      e_.checkpoint->files()[size_t(t->file)]->release(t->offset, t->nbytes);  // its file pages are no longer needed
+      at += n * dtype_size(e_.dtype);
+    }
+    Weight w;
+    w.dtype = e_.dtype;
+    w.shape = std::move(shape);
+    w.arg = BufferArg{buf.get(), 0};
+    e_.owned_buffers.push_back(std::move(buf));
+    return w;
+  }
+
+  Engine::Impl& e_;
+};
+
+}  // namespace
+
+void Engine::Impl::check_device_limits() const {
+  const DeviceCaps caps = device->caps();
+  const std::string who = "the " + device->name() + " backend";
+  if (caps.max_attention_head_dim > 0 && model.head_dim > caps.max_attention_head_dim)
+    throw std::invalid_argument(model.architecture + " has head_dim " + std::to_string(model.head_dim) + " but " + who +
+                                "'s attention kernels take head_dim <= " + std::to_string(caps.max_attention_head_dim) +
+                                "; use backend='cpu'");
+  const int group = model.num_heads / model.num_kv_heads;
+  if (caps.max_query_heads_per_kv_head > 0 && group > caps.max_query_heads_per_kv_head)
+    throw std::invalid_argument(model.architecture + " has " + std::to_string(group) + " query heads per KV head but " +
+                                who + "'s attention kernels take at most " +
+                                std::to_string(caps.max_query_heads_per_kv_head) + "; use backend='cpu'");
+}
+
+void Engine::Impl::resolve_kernels() {
+  const DeviceCaps caps = device->caps();
+  auto shape = [&](int tokens, int seq_len) {  // one sequence: `tokens` new tokens ending a context of seq_len
+    StepInput in;
+    in.token_ids.assign(size_t(tokens), 0);
+    for (int i = 0; i < tokens; ++i) in.positions.push_back(seq_len - tokens + i);
+    in.query_start_loc = {0, tokens};
+    in.seq_lens = {seq_len};
+    in.block_table_width = 1;
+    in.block_tables = {0};
+    in.slot_mapping.assign(size_t(tokens), -1);
+    in.logits_indices = {tokens - 1};
+    return in;
+  };
+  std::vector<StepInput> shapes{shape(1, 1), shape(2, 2)};
+  if (caps.prefill_attention_min_rows > 0)
+    shapes.push_back(shape(caps.prefill_attention_min_rows, caps.prefill_attention_min_rows));
+  if (caps.split_attention_keys > 0) shapes.push_back(shape(2, caps.split_attention_keys + 1));
+  for (const StepInput& in : shapes) {
+    BufferArg logits, tokens;
+    scratch->begin(/*measuring=*/true);
+    encode_forward(in, *scratch, /*greedy=*/true, &logits, &tokens);
+  }
 }
 
 std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineConfig config) {
@@ -256,29 +247,36 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   if (config.block_size <= 0 || config.block_size > 1024)
     throw std::invalid_argument("block_size must be in 1..1024 (got " + std::to_string(config.block_size) + ")");
   impl->config = config;
-  impl->model = ModelConfig::from_json(read_text_file(dir + "/config.json"), dir + "/config.json");
+  auto [model_config, arch] = models::read_model(read_text_file(dir + "/config.json"), dir + "/config.json");
+  impl->model = std::move(model_config);
+  impl->arch = std::move(arch);
   impl->dtype = config.dtype == "auto" ? impl->model.checkpoint_dtype : dtype_from_string(config.dtype);
   impl->device = create_device(config);
-  const bool on_cpu = impl->device->name() == "cpu";
+  const DeviceCaps caps = impl->device->caps();
   if (config.activation_dtype == "auto") {
-    impl->act = !on_cpu && impl->dtype != DType::F32 ? impl->dtype : DType::F32;
+    impl->act = caps.half_activations && impl->dtype != DType::F32 ? impl->dtype : DType::F32;
   } else {
     impl->act = dtype_from_string(config.activation_dtype);
-    if (impl->act != DType::F32 && on_cpu)
-      throw std::invalid_argument("activation_dtype '" + config.activation_dtype +
-                                  "': the cpu backend computes activations in float32 (use 'auto' or 'float32')");
+    if (impl->act != DType::F32 && !caps.half_activations)
+      throw std::invalid_argument("activation_dtype '" + config.activation_dtype + "': the " + impl->device->name() +
+                                  " backend computes activations in float32 (use 'auto' or 'float32')");
     if (impl->act != DType::F32 && impl->act != impl->dtype)
       throw std::invalid_argument("activation_dtype '" + config.activation_dtype + "' with " +
                                   dtype_name(impl->dtype) + " weights: 16-bit activations take the weights' dtype "
                                   "(use 'auto', 'float32' or the weights' dtype)");
   }
+  impl->check_device_limits();
   impl->checkpoint = SafetensorsCheckpoint::open(dir);
-  impl->load_weights();
+  for (const auto& f : impl->checkpoint->files())
+    impl->file_buffers.push_back(impl->device->wrap(const_cast<uint8_t*>(f->data()), f->size(), f->path()));
+  {
+    CheckpointWeights weights(*impl);
+    impl->arch->load(weights);
+  }
   if (!impl->weights_in_place) {  // every weight was converted: the mapped files are no longer needed
     impl->file_buffers.clear();
     impl->checkpoint.reset();
   }
-  impl->build_rope_table();
 
   KVCacheShape kvs;
   kvs.num_layers = impl->model.num_layers;
@@ -290,37 +288,8 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
                                             : KVCacheShape::blocks_for_budget(config.kv_cache_memory_mb << 20, kvs);
   impl->kv = std::make_unique<PagedKVCache>(*impl->device, kvs);
   impl->scratch = std::make_unique<ScratchPool>(*impl->device, config.scratch_pool_mb << 20);
-
-  // Every kernel the model needs, resolved once: <op>_<weight dtype> with f32 activations,
-  // <op>_<weight dtype>_act_<weight dtype> with 16-bit ones.
-  Device& d = *impl->device;
-  const std::string w = dtype_name(impl->dtype);
-  const std::string ax = impl->act == DType::F32 ? "" : "_act_" + w;
-  impl->k.embedding = d.kernel("embedding_" + w + ax);
-  impl->k.rms_norm = d.kernel("rms_norm_" + w + ax);
-  impl->k.matmul = d.kernel("matmul_" + w + ax);
-  impl->k.lm_head = d.kernel("matmul_" + w + ax + (ax.empty() ? "" : "_logits"));  // logits stay f32
-  impl->k.rope = d.kernel("rope" + ax);
-  impl->k.silu_mul = d.kernel("silu_mul" + ax);
-  impl->k.kv_write = d.kernel("kv_write_" + w + ax);
-  impl->k.paged_attention = d.kernel("paged_attention_" + w + ax);
-  impl->k.gather_rows = d.kernel("gather_rows" + ax);
-  impl->k.argmax = d.kernel("argmax");
-  auto optional_kernel = [&](const std::string& name, Kernel& out) {
-    const std::vector<std::string> names = d.kernel_names();
-    if (std::find(names.begin(), names.end(), name) == names.end()) return false;
-    out = d.kernel(name);
-    return true;
-  };
-  const ModelConfig& mc = impl->model;
-  const bool attention_tiles = mc.head_dim % 8 == 0 && mc.head_dim <= 128;
-  impl->k.has_prefill_attention =
-      attention_tiles && optional_kernel("paged_attention_prefill_" + w + ax, impl->k.paged_attention_prefill);
-  impl->k.has_decode_attention =
-      optional_kernel("paged_attention_decode_" + w + ax, impl->k.paged_attention_decode);
-  impl->k.has_split_attention =
-      optional_kernel("paged_attention_split_" + w + ax, impl->k.paged_attention_split) &&
-      optional_kernel("paged_attention_reduce" + ax, impl->k.paged_attention_reduce);
+  impl->kernels = std::make_unique<models::KernelCache>(*impl->device);
+  impl->resolve_kernels();
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 
@@ -387,132 +356,48 @@ void Engine::validate(const StepInput& in) const {
           " is not a token row (0.." + std::to_string(T - 1) + ")");
 }
 
-// Lays out the step's buffers in `pool` and, unless the pool is only measuring, encodes the forward.
+// Uploads the step's inputs to `pool` and, unless the pool is only measuring, encodes the model's forward.
 void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, bool greedy, BufferArg* logits_out,
                                   BufferArg* tokens_out) {
-  const ModelConfig& m = model;
   const int T = in.num_tokens(), S = in.num_seqs(), R = int(in.logits_indices.size());
-  const int H = m.hidden_size, I = m.intermediate_size, V = m.vocab_size, hd = m.head_dim;
-  const int QD = m.num_heads * hd, KD = m.num_kv_heads * hd;
-  const size_t f = sizeof(float), i32 = sizeof(int32_t);
-  const size_t a = dtype_size(act);  // activations: f32, or the weights' 16-bit type
-
-  BufferArg token_ids = pool.alloc(i32 * T, "token_ids");                                 // i32 [T]
-  BufferArg positions = pool.alloc(i32 * T, "positions");                                 // i32 [T]
-  BufferArg slots = pool.alloc(sizeof(int64_t) * T, "slot_mapping");                      // i64 [T]
-  BufferArg qsl = pool.alloc(i32 * (S + 1), "query_start_loc");                           // i32 [S+1]
-  BufferArg seq_lens = pool.alloc(i32 * S, "seq_lens");                                   // i32 [S]
-  BufferArg block_tables = pool.alloc(i32 * in.block_tables.size(), "block_tables");      // i32 [S, W]
-  BufferArg logit_rows = pool.alloc(i32 * std::max(R, 1), "logits_indices");              // i32 [R]
-  BufferArg residual = pool.alloc(a * T * H, "residual");  // act [T, H]  the residual stream
-  BufferArg h = pool.alloc(a * T * H, "h");                // act [T, H]  normed input / block output
-  const int QKV = QD + 2 * KD;                             // a row of the fused q/k/v projection
-  BufferArg qkv = pool.alloc(a * T * QKV, "qkv");          // act [T, QKV]: q | k | v per row
-  const BufferArg q{qkv.buffer, qkv.offset};               //   [T, heads * hd]     (row stride QKV)
-  const BufferArg kk{qkv.buffer, qkv.offset + a * QD};     //   [T, kv_heads * hd]  (row stride QKV)
-  const BufferArg vv{qkv.buffer, qkv.offset + a * (QD + KD)};  // [T, kv_heads * hd] (row stride QKV)
-  BufferArg attn = pool.alloc(a * T * QD, "attn");         // act [T, heads * hd]
-  BufferArg gate_up = pool.alloc(a * T * 2 * I, "gate_up");  // act [T, 2I]: gate | up per row
-  const BufferArg up{gate_up.buffer, gate_up.offset + a * I};  //   [T, I]         (row stride 2I)
-  BufferArg act_mlp = pool.alloc(a * T * I, "silu(gate) * up");  // act [T, I]
-  BufferArg sel_res = pool.alloc(a * std::max(R, 1) * H, "selected residual");  // act [R, H]
-  BufferArg sel_h = pool.alloc(a * std::max(R, 1) * H, "selected h");           // act [R, H]
-  BufferArg logits = pool.alloc(f * size_t(std::max(R, 1)) * V, "logits");      // f32 [R, V]
-  BufferArg tokens = pool.alloc(i32 * std::max(R, 1), "greedy tokens");         // i32 [R]
-  // Attention: the tiled prefill kernel when a chunk has many rows; split into partitions of keys (and
-  // reduced) when a context is long; the one-threadgroup-per-row kernel otherwise (always, on cpu).
-  int max_query_len = 0, max_seq_len = 0;
-  for (int s = 0; s < S; ++s) {
-    max_query_len = std::max(max_query_len, in.query_start_loc[size_t(s) + 1] - in.query_start_loc[size_t(s)]);
-    max_seq_len = std::max(max_seq_len, in.seq_lens[size_t(s)]);
+  const size_t i32 = sizeof(int32_t);
+  models::Ops::StepTensors st;
+  st.token_ids = pool.alloc(i32 * T, "token_ids");                             // i32 [T]
+  st.positions = pool.alloc(i32 * T, "positions");                             // i32 [T]
+  st.slot_mapping = pool.alloc(sizeof(int64_t) * T, "slot_mapping");           // i64 [T]
+  st.query_start_loc = pool.alloc(i32 * (S + 1), "query_start_loc");           // i32 [S+1]
+  st.seq_lens = pool.alloc(i32 * S, "seq_lens");                               // i32 [S]
+  st.block_tables = pool.alloc(i32 * in.block_tables.size(), "block_tables");  // i32 [S, W]
+  st.logits_indices = pool.alloc(i32 * std::max(R, 1), "logits_indices");      // i32 [R]
+  BufferArg tokens = pool.alloc(i32 * std::max(R, 1), "greedy tokens");        // i32 [R]
+  const bool measuring = st.token_ids.buffer == nullptr;
+  if (!measuring) {
+    auto upload = [&](BufferArg dst, const void* src, size_t bytes) {
+      if (bytes) std::memcpy(pool.host_ptr(dst), src, bytes);
+    };
+    upload(st.token_ids, in.token_ids.data(), i32 * T);
+    upload(st.positions, in.positions.data(), i32 * T);
+    upload(st.slot_mapping, in.slot_mapping.data(), sizeof(int64_t) * T);
+    upload(st.query_start_loc, in.query_start_loc.data(), i32 * (S + 1));
+    upload(st.seq_lens, in.seq_lens.data(), i32 * S);
+    upload(st.block_tables, in.block_tables.data(), i32 * in.block_tables.size());
+    upload(st.logits_indices, in.logits_indices.data(), i32 * R);
   }
-  const bool prefill_attention = k.has_prefill_attention && max_query_len >= kPrefillAttentionMinRows;
-  const bool split_attention = !prefill_attention && k.has_split_attention && max_seq_len > kAttentionPartition;
-  // a pure decode step (one new token per sequence) writes K/V inside the attention kernel
-  const bool decode_attention = !prefill_attention && !split_attention && k.has_decode_attention && max_query_len == 1;
-  const int partitions = (max_seq_len + kAttentionPartition - 1) / kAttentionPartition;
-  const size_t part_rows = split_attention ? size_t(T) * m.num_heads * partitions : 1;
-  BufferArg part_max = pool.alloc(f * part_rows, "attention partition max");      // f32 [T, heads, P]
-  BufferArg part_sum = pool.alloc(f * part_rows, "attention partition sum");      // f32 [T, heads, P]
-  BufferArg part_out = pool.alloc(f * part_rows * hd, "attention partition out"); // f32 [T, heads, P, hd]
-  *logits_out = logits;
+  models::Ops ops(*device, *kernels, pool, *kv, act, in, st, measuring, model.num_heads, model.head_dim);
+  Tensor logits = arch->forward(ops);  // f32 [R, V]
+  if (greedy && R > 0) {                // i32 [R]
+    const Kernel& argmax = kernels->get("argmax");
+    if (!measuring) device->dispatch(argmax, ArgmaxArgs{R, model.vocab_size}, {logits.arg, tokens});
+  }
+  *logits_out = logits.arg;
   *tokens_out = tokens;
-  if (!logits.buffer) return;  // measuring
-
-  auto upload = [&](BufferArg dst, const void* src, size_t bytes) {
-    if (bytes) std::memcpy(pool.host_ptr(dst), src, bytes);
-  };
-  upload(token_ids, in.token_ids.data(), i32 * T);
-  upload(positions, in.positions.data(), i32 * T);
-  upload(slots, in.slot_mapping.data(), sizeof(int64_t) * T);
-  upload(qsl, in.query_start_loc.data(), i32 * (S + 1));
-  upload(seq_lens, in.seq_lens.data(), i32 * S);
-  upload(block_tables, in.block_tables.data(), i32 * in.block_tables.size());
-  upload(logit_rows, in.logits_indices.data(), i32 * R);
-
-  Device& d = *device;
-  auto matmul = [&](BufferArg x, const Weight& w, const Weight& bias, BufferArg y, int rows) {
-    MatmulArgs a{rows, int(w.shape[0]), int(w.shape[1]), bias.present() ? 1 : 0};
-    d.dispatch(k.matmul, a, {x, w.arg, bias.arg, y});
-  };
-  auto rms_norm = [&](BufferArg x, BufferArg res, const Weight& w, BufferArg out, int rows, bool add) {
-    RmsNormArgs a{rows, H, m.rms_norm_eps, add ? 1 : 0};
-    d.dispatch(k.rms_norm, a, {x, add ? res : BufferArg{}, w.arg, out});
-  };
-  const float scale = 1.0f / std::sqrt(float(hd));
-
-  // residual = embed(token_ids)                                            [T, H]
-  d.dispatch(k.embedding, EmbeddingArgs{T, H, V}, {token_ids, embed_tokens.arg, residual});
-  // h = RMSNorm(residual)
-  rms_norm(residual, {}, layers[0].input_norm, h, T, false);
-  for (int l = 0; l < m.num_layers; ++l) {
-    const LayerWeights& L = layers[size_t(l)];
-    // Self-attention: q, k, v projections, RoPE, write k, v to the paged cache, attend.
-    matmul(h, L.qkv_proj, L.qkv_bias, qkv, T);                              // [T, QKV] = q | k | v
-    d.dispatch(k.rope, RopeArgs{T, m.num_heads, m.num_kv_heads, hd, QKV, QKV}, {positions, rope_inv_freq, q, kk});
-    const int window = m.layer_uses_sliding_window[size_t(l)] ? m.sliding_window : 0;
-    PagedAttentionArgs pa{S, m.num_heads, m.num_kv_heads, hd, kv->block_size(), in.block_table_width, QKV, window, scale, T};
-    if (!decode_attention)
-      d.dispatch(k.kv_write, KVWriteArgs{T, m.num_kv_heads, hd, kv->block_size(), int(kv->num_slots()), QKV, QKV},
-                 {kk, vv, slots, kv->key_cache(l), kv->value_cache(l)});
-    if (decode_attention) {
-      d.dispatch(k.paged_attention_decode, PagedAttentionDecodeArgs{pa, QKV, QKV, int(kv->num_slots())},
-                 {q, kk, vv, slots, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, attn});
-    } else if (prefill_attention) {
-      d.dispatch(k.paged_attention_prefill, PagedAttentionPrefillArgs{pa, max_query_len},
-                 {q, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, attn});
-    } else if (split_attention) {
-      d.dispatch(k.paged_attention_split, PagedAttentionSplitArgs{pa, kAttentionPartition, partitions},
-                 {q, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, part_max, part_sum, part_out});
-      d.dispatch(k.paged_attention_reduce, PagedAttentionReduceArgs{T, m.num_heads, hd, partitions},
-                 {part_max, part_sum, part_out, attn});
-    } else {
-      d.dispatch(k.paged_attention, pa, {q, kv->key_cache(l), kv->value_cache(l), block_tables, qsl, seq_lens, attn});
-    }
-    matmul(attn, L.o_proj, L.o_bias, h, T);                                 // [T, H]
-    // residual += h;  h = RMSNorm(residual)
-    rms_norm(h, residual, L.post_attention_norm, h, T, true);
-    // SwiGLU MLP: down(silu(gate(h)) * up(h))
-    matmul(h, L.gate_up_proj, L.gate_up_bias, gate_up, T);                  // [T, 2I] = gate | up
-    d.dispatch(k.silu_mul, SiluMulArgs{T, I, 2 * I}, {gate_up, up, act_mlp});  // [T, I]
-    matmul(act_mlp, L.down_proj, L.down_bias, h, T);                        // [T, H]
-    if (l + 1 < m.num_layers)  // residual += h;  h = RMSNorm(residual) with the next layer's weight
-      rms_norm(h, residual, layers[size_t(l) + 1].input_norm, h, T, true);
-  }
-  if (R == 0) return;
-  // Only the rows that want logits go through the final norm and the LM head.
-  d.dispatch(k.gather_rows, GatherRowsArgs{R, H}, {residual, logit_rows, sel_res});
-  d.dispatch(k.gather_rows, GatherRowsArgs{R, H}, {h, logit_rows, sel_h});
-  rms_norm(sel_h, sel_res, final_norm, sel_h, R, true);                     // [R, H]
-  d.dispatch(k.lm_head, MatmulArgs{R, V, H, 0}, {sel_h, lm_head.arg, BufferArg{}, logits});  // f32 [R, V]
-  if (greedy) d.dispatch(k.argmax, ArgmaxArgs{R, V}, {logits, tokens});                 // i32 [R]
 }
 
 void Engine::Impl::run_step(const StepInput& in, bool greedy, BufferArg* logits, BufferArg* tokens) {
   ScratchPool& pool = *scratch;
   pool.begin(/*measuring=*/true);
   encode_forward(in, pool, greedy, logits, tokens);
-  pool.require(pool.used());
+  pool.require(pool.peak());
   pool.begin(false);
   Device& d = *device;
   d.begin_step();

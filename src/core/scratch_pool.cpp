@@ -13,6 +13,7 @@ ScratchPool::ScratchPool(Device& device, size_t capacity_bytes) : capacity_(capa
 
 void ScratchPool::begin(bool measuring) {
   used_ = 0;
+  peak_ = 0;
   measuring_ = measuring;
 }
 
@@ -34,8 +35,14 @@ BufferArg ScratchPool::alloc(size_t bytes, const char* what) {
   }
   (void)what;
   used_ = end;
+  if (used_ > peak_) peak_ = used_;
   if (!measuring_ && used_ > high_water_) high_water_ = used_;
   return BufferArg{measuring_ ? nullptr : buffer_.get(), start};
+}
+
+void ScratchPool::reset_to(size_t mark) {
+  if (mark > used_) throw std::logic_error("ScratchPool::reset_to past the allocations made");
+  used_ = mark;
 }
 
 void* ScratchPool::host_ptr(const BufferArg& a) const {

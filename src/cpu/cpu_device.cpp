@@ -84,6 +84,7 @@ class CpuDevice : public Device {
   }
 
   std::string name() const override { return "cpu"; }
+  DeviceCaps caps() const override { return DeviceCaps{}; }  // one attention kernel for every row; no limits
 
   std::unique_ptr<Buffer> allocate(size_t bytes, const std::string& label) override {
     return std::make_unique<HostBuffer>(bytes, label);

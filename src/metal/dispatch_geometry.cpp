@@ -27,7 +27,7 @@ DispatchGeometry dispatch_geometry(const EmbeddingArgs& a) { return per_group(a.
 DispatchGeometry dispatch_geometry(const GatherRowsArgs& a) { return per_group(a.rows, a.dim); }
 DispatchGeometry dispatch_geometry(const KVWriteArgs& a) { return per_group(a.num_tokens, a.num_kv_heads * a.head_dim); }
 DispatchGeometry dispatch_geometry(const RopeArgs& a) {
-  return per_group(a.num_tokens, (a.num_heads + a.num_kv_heads) * a.head_dim / 2);
+  return per_group(a.num_tokens, (a.num_heads + a.num_kv_heads) * a.rotary_dim / 2);
 }
 DispatchGeometry dispatch_geometry(const SiluMulArgs& a) {
   DispatchGeometry g;

@@ -102,6 +102,7 @@ class MetalDevice : public Device {
   }
 
   std::string name() const override { return backend_; }
+  DeviceCaps caps() const override { return metal_device_caps(); }
   std::string description() const { return device_name_ + ", kernels from " + library_origin_; }
 
   std::unique_ptr<Buffer> allocate(size_t bytes, const std::string& label) override {

@@ -1,5 +1,7 @@
 #include "metal_kernels.h"
 
+#include "metal_engine/device.h"
+
 #include <cstring>
 #include <stdexcept>
 
@@ -87,6 +89,18 @@ const std::vector<std::pair<std::string, MetalKernelSpec>>& specs() {
 }
 
 }  // namespace
+
+DeviceCaps metal_device_caps() {
+  DeviceCaps c;
+  c.half_activations = true;
+  c.fused_decode_attention = true;
+  c.prefill_attention_min_rows = 16;  // a chunk this long fills the prefill kernel's 16-row tiles
+  c.prefill_attention_head_dim_multiple = 8;
+  c.split_attention_keys = 256;       // keys per partition of the split attention
+  c.max_attention_head_dim = 128;     // every attention kernel keeps a head's accumulator in registers
+  c.max_query_heads_per_kv_head = 8;
+  return c;
+}
 
 std::string MetalPipelineKey::key() const {
   std::string k = function;

@@ -13,6 +13,8 @@
 
 namespace metal_engine {
 
+struct DeviceCaps;  // metal_engine/device.h
+
 // A pipeline: an MSL function specialised by bool function constants ([[function_constant(index)]]).
 // The pipeline cache is keyed by key().
 struct MetalPipelineKey {
@@ -28,6 +30,9 @@ struct MetalKernelSpec {
   // For one launch's argument struct: which of `pipelines` runs, and its grid.
   std::pair<int, DispatchGeometry> (*plan)(const void* args) = nullptr;
 };
+
+// The Metal backend's capabilities and limits (the attention kernels' thresholds and the shapes they take).
+DeviceCaps metal_device_caps();
 
 // Throws std::invalid_argument naming the kernels there are when `name` is none of them.
 MetalKernelSpec metal_kernel_spec(const std::string& name);

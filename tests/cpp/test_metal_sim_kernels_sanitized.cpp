@@ -92,7 +92,7 @@ TEST(MetalSimKernelsSanitized, RopeAndKVWrite) {
   std::vector<int32_t> pos = {0, 3, 7, 100, 4000};
   std::vector<float> inv(HD / 2, 0.01f);
   auto q = randn(T * H * HD), k = randn(T * KVH * HD), v = randn(T * KVH * HD);
-  run("rope", RopeArgs{T, H, KVH, HD, H * HD, KVH * HD}, {pos.data(), inv.data(), q.data(), k.data()});
+  run("rope", RopeArgs{T, H, KVH, HD, HD, H * HD, KVH * HD, 1.0f}, {pos.data(), inv.data(), q.data(), k.data()});
   std::vector<int64_t> slots = {0, 5, -1, 11, 7};
   for (const char* dt : kDtypes) {
     Weights kc(dt, size_t(NB) * BS * KVH * HD), vc(dt, size_t(NB) * BS * KVH * HD);
@@ -176,7 +176,7 @@ TEST(MetalSimKernelsSanitized, SixteenBitActivations) {
     std::vector<float> inv(HD / 2, 0.01f);
     auto q = randh(size_t(T) * H * HD), kk = randh(size_t(T) * KVH * HD), vv = randh(size_t(T) * KVH * HD);
     auto o = randh(size_t(T) * H * HD), kc = randh(size_t(NB) * BS * KVH * HD), vc = randh(size_t(NB) * BS * KVH * HD);
-    run("rope" + ax, RopeArgs{T, H, KVH, HD, H * HD, KVH * HD}, {pos.data(), inv.data(), q.data(), kk.data()});
+    run("rope" + ax, RopeArgs{T, H, KVH, HD, HD, H * HD, KVH * HD, 1.0f}, {pos.data(), inv.data(), q.data(), kk.data()});
     std::vector<int64_t> slots(T, -1);
     slots[0] = 5;
     slots[13] = 3 * BS + 7;

@@ -28,7 +28,7 @@ TEST(ModelConfig, TransformersFiveRopeParametersAndMistralWindow) {
     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})",
                                          "config.json");
   EXPECT_EQ(c.architecture, "MistralForCausalLM");
-  EXPECT_EQ(c.rope_scaling.kind, RopeScalingKind::Llama3);
+  EXPECT_EQ(c.rope_type, "llama3");
   EXPECT_FLOAT_EQ(c.rope_theta, 5e5f);
   EXPECT_EQ(c.sliding_window, 5);
   EXPECT_TRUE(c.layer_uses_sliding_window[0] && c.layer_uses_sliding_window[1]);

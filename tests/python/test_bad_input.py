@@ -127,7 +127,7 @@ def test_bad_step_is_refused_and_engine_survives(engine, over, exc, msg):
 
 def test_scratch_pool_too_small_names_the_knob(tiny_checkpoints):
     engine = metal_engine.Engine(tiny_checkpoints["llama"], dtype="float32", scratch_pool_mb=1)
-    big = list(range(200)) * 2
+    big = list(range(200)) * 8  # 1600 tokens: ~2 MiB of scratch (a layer's temporaries are reused by the next)
     h = Harness(engine)
     with pytest.raises(metal_engine.ScratchPoolExhausted, match=r"raise scratch_pool_mb \(env VLLM_METAL_SCRATCH_POOL_MB\) to at least"):
         h.prefill_and_decode([big], 0)

@@ -124,8 +124,8 @@ def test_rope(act, tokens, heads, kv_heads, hd, reverse):
     inv_freq = (1.0 / 10000 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
     q, qf = rounded(rng.standard_normal((tokens, heads * hd)), act)
     k, kf = rounded(rng.standard_normal((tokens, kv_heads * hd)), act)
-    a = args("RopeArgs", num_tokens=tokens, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
-             q_stride=heads * hd, k_stride=kv_heads * hd)
+    a = args("RopeArgs", num_tokens=tokens, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, rotary_dim=hd,
+             q_stride=heads * hd, k_stride=kv_heads * hd, scaling=1.0)
     cpu("rope", a, [pos, inv_freq, qf, kf])
     gq, gk = out16(q.shape, act, fill=q), out16(k.shape, act, fill=k)
     sim(f"rope_act_{act}", a, [pos, inv_freq, gq.array, gk.array], reverse)

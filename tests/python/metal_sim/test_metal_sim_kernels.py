@@ -129,15 +129,17 @@ def test_kv_write(dtype, tokens, kv_heads, hd, block_size, blocks, reverse):
 
 
 @ORDERS
-@pytest.mark.parametrize("tokens,heads,kv_heads,hd", [(1, 1, 1, 2), (5, 4, 2, 16), (7, 9, 3, 64), (3, 2, 1, 128)])
-def test_rope(tokens, heads, kv_heads, hd, reverse):
+@pytest.mark.parametrize("tokens,heads,kv_heads,hd,rot,scaling",
+                         [(1, 1, 1, 2, 2, 1.0), (5, 4, 2, 16, 16, 1.0), (7, 9, 3, 64, 64, 1.0), (3, 2, 1, 128, 128, 1.0),
+                          (4, 3, 1, 96, 72, 1.0), (6, 2, 2, 64, 32, 1.19)])
+def test_rope(tokens, heads, kv_heads, hd, rot, scaling, reverse):
     rng = np.random.default_rng(tokens * hd)
     pos = rng.integers(0, 5000, tokens).astype(np.int32)
-    inv_freq = (1.0 / 10000 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+    inv_freq = (1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)
     q0 = rng.standard_normal((tokens, heads * hd)).astype(np.float32)
     k0 = rng.standard_normal((tokens, kv_heads * hd)).astype(np.float32)
-    a = args("RopeArgs", num_tokens=tokens, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
-             q_stride=heads * hd, k_stride=kv_heads * hd)
+    a = args("RopeArgs", num_tokens=tokens, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, rotary_dim=rot,
+             q_stride=heads * hd, k_stride=kv_heads * hd, scaling=scaling)
     ref_q, ref_k = q0.copy(), k0.copy()
     cpu("rope", a, [pos, inv_freq, ref_q, ref_k])
     q, k = Guarded(q0.shape, fill=q0), Guarded(k0.shape, fill=k0)
