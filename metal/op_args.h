@@ -55,6 +55,21 @@ struct RopeArgs {
   float scaling;   // the cos/sin factor of yarn and longrope (1 otherwise)
 };
 
+// qk_norm_<wdt>: RMSNorm of every head of q and k in place (Qwen3, Gemma 3: before RoPE), each head's
+// head_dim values by their own rms, times q_weight (q heads) or k_weight (k heads):
+//   x[h] = x[h] / sqrt(mean(x[h]^2) + eps) * w
+// buffers: q f32 [num_tokens, q_stride] (heads at h * head_dim), k f32 [num_tokens, k_stride],
+//          q_weight wdt [head_dim], k_weight wdt [head_dim]
+struct QKNormArgs {
+  int num_tokens;
+  int num_heads;
+  int num_kv_heads;
+  int head_dim;
+  int q_stride;
+  int k_stride;
+  float eps;
+};
+
 // silu_mul: out[r, i] = silu(gate[r, i]) * up[r, i] for i < dim
 // buffers: gate f32 [rows, in_stride], up f32 [rows, in_stride], out f32 [rows, dim]. gate and up may be the
 // two halves of one fused gate_up projection (in_stride = 2 * dim, up bound at an offset of dim elements).
@@ -158,6 +173,7 @@ ME_STATIC_ASSERT(sizeof(RmsNormArgs) == 16, "RmsNormArgs layout");
 ME_STATIC_ASSERT(sizeof(MatmulArgs) == 16, "MatmulArgs layout");
 ME_STATIC_ASSERT(sizeof(RopeArgs) == 32, "RopeArgs layout");
 ME_STATIC_ASSERT(sizeof(SiluMulArgs) == 12, "SiluMulArgs layout");
+ME_STATIC_ASSERT(sizeof(QKNormArgs) == 28, "QKNormArgs layout");
 ME_STATIC_ASSERT(sizeof(KVWriteArgs) == 28, "KVWriteArgs layout");
 ME_STATIC_ASSERT(sizeof(PagedAttentionArgs) == 40, "PagedAttentionArgs layout");
 ME_STATIC_ASSERT(sizeof(GatherRowsArgs) == 8, "GatherRowsArgs layout");

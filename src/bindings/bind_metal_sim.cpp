@@ -57,6 +57,7 @@ void init_metal_sim(nb::module_& m) {
   def_run<GatherRowsArgs>(sim);
   def_run<KVWriteArgs>(sim);
   def_run<RopeArgs>(sim);
+  def_run<QKNormArgs>(sim);
   def_run<MatmulArgs>(sim);
   def_run<PagedAttentionArgs>(sim);
   def_run<ArgmaxArgs>(sim);

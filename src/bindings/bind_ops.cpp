@@ -119,6 +119,12 @@ void init_ops(nb::module_& m) {
       .def_rw("num_kv_heads", &RopeArgs::num_kv_heads).def_rw("head_dim", &RopeArgs::head_dim)
       .def_rw("rotary_dim", &RopeArgs::rotary_dim).def_rw("q_stride", &RopeArgs::q_stride)
       .def_rw("k_stride", &RopeArgs::k_stride).def_rw("scaling", &RopeArgs::scaling);
+  nb::class_<QKNormArgs>(ops, "QKNormArgs")
+      .def(nb::init<>())
+      .def_rw("num_tokens", &QKNormArgs::num_tokens).def_rw("num_heads", &QKNormArgs::num_heads)
+      .def_rw("num_kv_heads", &QKNormArgs::num_kv_heads).def_rw("head_dim", &QKNormArgs::head_dim)
+      .def_rw("q_stride", &QKNormArgs::q_stride).def_rw("k_stride", &QKNormArgs::k_stride)
+      .def_rw("eps", &QKNormArgs::eps);
   nb::class_<SiluMulArgs>(ops, "SiluMulArgs")
       .def(nb::init<>())
       .def_rw("rows", &SiluMulArgs::rows).def_rw("dim", &SiluMulArgs::dim).def_rw("in_stride", &SiluMulArgs::in_stride);
@@ -173,6 +179,7 @@ void init_ops(nb::module_& m) {
   def_run<MatmulArgs>(ops);
   def_run<RopeArgs>(ops);
   def_run<SiluMulArgs>(ops);
+  def_run<QKNormArgs>(ops);
   def_run<KVWriteArgs>(ops);
   def_run<PagedAttentionArgs>(ops);
   def_run<GatherRowsArgs>(ops);

@@ -29,6 +29,7 @@ void add_rms_norm_kernels(std::vector<KernelDef>& table);
 void add_matmul_kernels(std::vector<KernelDef>& table);
 void add_rope_kernels(std::vector<KernelDef>& table);
 void add_silu_mul_kernels(std::vector<KernelDef>& table);
+void add_qk_norm_kernels(std::vector<KernelDef>& table);
 void add_kv_write_kernels(std::vector<KernelDef>& table);
 void add_paged_attention_kernels(std::vector<KernelDef>& table);
 void add_gather_rows_kernels(std::vector<KernelDef>& table);

@@ -29,6 +29,13 @@ DispatchGeometry dispatch_geometry(const KVWriteArgs& a) { return per_group(a.nu
 DispatchGeometry dispatch_geometry(const RopeArgs& a) {
   return per_group(a.num_tokens, (a.num_heads + a.num_kv_heads) * a.rotary_dim / 2);
 }
+DispatchGeometry dispatch_geometry(const QKNormArgs& a) {
+  DispatchGeometry g;
+  g.groups[0] = uint32_t(std::max(a.num_tokens, 1));
+  g.groups[1] = uint32_t(std::max(a.num_heads + a.num_kv_heads, 1));
+  g.threads[0] = 32;
+  return g;
+}
 DispatchGeometry dispatch_geometry(const SiluMulArgs& a) {
   DispatchGeometry g;
   const int64_t n = int64_t(a.rows) * a.dim;

@@ -66,6 +66,7 @@ std::vector<std::pair<std::string, MetalKernelSpec>> table() {
         add("matmul_gemm_" + mx, one<MatmulArgs>("matmul_gemm_" + mx, 4));
       }
       add("kv_write_" + x, one<KVWriteArgs>("kv_write_" + x, 5));
+      add("qk_norm_" + x, one<QKNormArgs>("qk_norm_" + x, 4));
       add("paged_attention_" + x, one<PagedAttentionArgs>("paged_attention_" + x, 7));
       add("paged_attention_split_" + x, one<PagedAttentionSplitArgs>("paged_attention_split_" + x, 9));
       add("paged_attention_decode_" + x, one<PagedAttentionDecodeArgs>("paged_attention_decode_" + x, 10));

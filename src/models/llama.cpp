@@ -1,7 +1,9 @@
-// Llama (Touvron et al. 2023) and the models built like it: Mistral (sliding-window attention) and Qwen2
-// (q/k/v bias, sliding window on the upper layers). A pre-norm decoder:
+// Llama (Touvron et al. 2023) and the models built like it: Mistral (sliding-window attention), Qwen2
+// (q/k/v bias, sliding window on the upper layers) and Qwen3 (no bias; q and k RMS-normed per head before RoPE).
+// A pre-norm decoder:
 //   h = embed(tokens)
 //   per layer:  h += o_proj(attention(rope(q), rope(k), v))   with q | k | v = qkv_proj(rms_norm(h))
+//               (Qwen3: q, k = q_norm(q), k_norm(k) per head first)
 //               h += down_proj(silu(gate) * up)               with gate | up = gate_up_proj(rms_norm(h))
 //   logits = lm_head(rms_norm(h))
 // q/k/v and gate/up are fused at load into one weight each (vLLM's QKVParallelLinear and
@@ -16,6 +18,7 @@ namespace {
 struct LlamaLayer {
   Weight input_norm;           // [H]
   Weight qkv_proj, qkv_bias;   // [QD + 2 KD, H], [QD + 2 KD]: q_proj | k_proj | v_proj
+  Weight q_norm, k_norm;       // [hd], [hd]                        (Qwen3)
   Weight o_proj, o_bias;       // [H, QD], [H]
   Weight post_attention_norm;  // [H]
   Weight gate_up_proj, gate_up_bias;  // [2 I, H], [2 I]: gate_proj | up_proj
@@ -33,8 +36,11 @@ class Llama : public Model {
     c.rope_theta = float(rope_params_.theta);
     c.rope_type = rope_params_.type;
     const bool qwen2 = c.architecture == "Qwen2ForCausalLM", mistral = c.architecture == "MistralForCausalLM";
+    qk_norm_ = c.architecture == "Qwen3ForCausalLM";
     if (qwen2) {
       qkv_bias_ = true;
+    } else if (qk_norm_) {
+      qkv_bias_ = o_bias_ = j.get_bool("attention_bias", false);
     } else if (!mistral) {
       qkv_bias_ = o_bias_ = j.get_bool("attention_bias", false);
       mlp_bias_ = j.get_bool("mlp_bias", false);
@@ -46,7 +52,7 @@ class Llama : public Model {
       read_layer_types(j, c);
     } else if (mistral && c.sliding_window > 0) {
       c.layer_uses_sliding_window.assign(size_t(c.num_layers), true);
-    } else if (qwen2 && c.sliding_window > 0 && j.get_bool("use_sliding_window", false)) {
+    } else if ((qwen2 || qk_norm_) && c.sliding_window > 0 && j.get_bool("use_sliding_window", false)) {
       for (int l = j.get_int("max_window_layers", 0); l < c.num_layers; ++l) c.layer_uses_sliding_window[size_t(l)] = true;
     }
     c_ = c;
@@ -70,6 +76,10 @@ class Llama : public Model {
         L.qkv_bias = w.fused({{p + "self_attn.q_proj.bias", {QD}},
                               {p + "self_attn.k_proj.bias", {KD}},
                               {p + "self_attn.v_proj.bias", {KD}}});
+      if (qk_norm_) {
+        L.q_norm = w.get(p + "self_attn.q_norm.weight", {c_.head_dim});
+        L.k_norm = w.get(p + "self_attn.k_norm.weight", {c_.head_dim});
+      }
       L.o_proj = w.get(p + "self_attn.o_proj.weight", {H, QD});
       L.o_bias = w.get(p + "self_attn.o_proj.bias", {H}, o_bias_);
       L.post_attention_norm = w.get(p + "post_attention_layernorm.weight", {H});
@@ -96,6 +106,7 @@ class Llama : public Model {
       // Self-attention: q, k, v projections, RoPE, write k, v to the paged cache, attend.
       Tensor qkv = ops.linear(h, L.qkv_proj, L.qkv_bias, "qkv");  // [T, QD + 2 KD] = q | k | v
       Tensor q = qkv.columns(0, QD), k = qkv.columns(QD, KD), v = qkv.columns(QD + KD, KD);
+      if (qk_norm_) ops.qk_norm(q, k, L.q_norm, L.k_norm, c_.num_heads, c_.num_kv_heads, eps);
       ops.rope(rope_, inv_freq, q, k, c_.num_heads, c_.num_kv_heads);
       AttentionParams attn{c_.num_heads, c_.num_kv_heads, hd, 1.0f / std::sqrt(float(hd)),
                            c_.layer_uses_sliding_window[size_t(l)] ? c_.sliding_window : 0};
@@ -120,7 +131,7 @@ class Llama : public Model {
 
  private:
   ModelConfig c_;
-  bool qkv_bias_ = false, o_bias_ = false, mlp_bias_ = false;
+  bool qkv_bias_ = false, o_bias_ = false, mlp_bias_ = false, qk_norm_ = false;
   RopeParams rope_params_;
   RotaryEmbedding rope_;
   Weight embed_tokens_, final_norm_, lm_head_;  // [V, H], [H], [V, H] (lm_head_ is embed_tokens_ when tied)
@@ -130,8 +141,8 @@ class Llama : public Model {
 }  // namespace
 
 Architecture llama_family() {
-  return Architecture{{"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"},
-                      {"llama", "mistral", "qwen2"},
+  return Architecture{{"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"},
+                      {"llama", "mistral", "qwen2", "qwen3"},
                       [](const ConfigReader& j, ModelConfig& c) -> std::unique_ptr<Model> {
                         return std::make_unique<Llama>(j, c);
                       }};

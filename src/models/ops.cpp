@@ -153,6 +153,15 @@ void Ops::rope(const RotaryEmbedding& rope, const Tensor& table, const Tensor& q
               {step_.positions, table.arg, q.arg, k.arg});
 }
 
+void Ops::qk_norm(const Tensor& q, const Tensor& k, const Weight& q_weight, const Weight& k_weight, int num_heads,
+                  int num_kv_heads, float eps) {
+  const int hd = int(q_weight.rows());
+  if (q.cols != num_heads * hd || k.cols != num_kv_heads * hd || k_weight.rows() != hd)
+    throw std::logic_error("qk_norm: q, k and the weights disagree on head_dim");
+  run(kernel_name("qk_norm", q_weight.dtype), QKNormArgs{T_, num_heads, num_kv_heads, hd, q.stride, k.stride, eps},
+      {q.arg, k.arg, q_weight.arg, k_weight.arg});
+}
+
 void Ops::attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v, const AttentionParams& p,
                     const Tensor& out) {
   check_rows(out, "attention output");

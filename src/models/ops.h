@@ -120,6 +120,9 @@ class Ops {
   void rms_norm(const Tensor& x, const Weight& w, float eps, const Tensor& out);
   // residual += x; out = residual / rms(residual) * w                (out may be x)
   void add_rms_norm(const Tensor& x, const Tensor& residual, const Weight& w, float eps, const Tensor& out);
+  // RMSNorm of every head of q [T, heads * hd] and k [T, kv_heads * hd] in place (Qwen3, Gemma 3)
+  void qk_norm(const Tensor& q, const Tensor& k, const Weight& q_weight, const Weight& k_weight, int num_heads,
+               int num_kv_heads, float eps);
   // The inverse frequencies of `rope` for this step: the table made at load, or (dynamic NTK, longrope) one
   // computed for the step's positions. Take it before the layers' Scopes: it is uploaded as it is made.
   Tensor rope_table(const RotaryEmbedding& rope);                             // f32 [1, rotary_dim / 2]

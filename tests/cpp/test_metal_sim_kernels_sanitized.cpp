@@ -95,6 +95,8 @@ TEST(MetalSimKernelsSanitized, RopeAndKVWrite) {
   run("rope", RopeArgs{T, H, KVH, HD, HD, H * HD, KVH * HD, 1.0f}, {pos.data(), inv.data(), q.data(), k.data()});
   std::vector<int64_t> slots = {0, 5, -1, 11, 7};
   for (const char* dt : kDtypes) {
+    Weights qw(dt, size_t(HD)), kw(dt, size_t(HD));
+    run(std::string("qk_norm_") + dt, QKNormArgs{T, H, KVH, HD, H * HD, KVH * HD, 1e-6f}, {q.data(), k.data(), qw.data(), kw.data()});
     Weights kc(dt, size_t(NB) * BS * KVH * HD), vc(dt, size_t(NB) * BS * KVH * HD);
     run(std::string("kv_write_") + dt, KVWriteArgs{T, KVH, HD, BS, NB * BS, KVH * HD, KVH * HD},
         {k.data(), v.data(), slots.data(), kc.data(), vc.data()});
@@ -177,6 +179,8 @@ TEST(MetalSimKernelsSanitized, SixteenBitActivations) {
     auto q = randh(size_t(T) * H * HD), kk = randh(size_t(T) * KVH * HD), vv = randh(size_t(T) * KVH * HD);
     auto o = randh(size_t(T) * H * HD), kc = randh(size_t(NB) * BS * KVH * HD), vc = randh(size_t(NB) * BS * KVH * HD);
     run("rope" + ax, RopeArgs{T, H, KVH, HD, HD, H * HD, KVH * HD, 1.0f}, {pos.data(), inv.data(), q.data(), kk.data()});
+    auto qnw = randh(size_t(HD)), knw = randh(size_t(HD));
+    run("qk_norm_" + x, QKNormArgs{T, H, KVH, HD, H * HD, KVH * HD, 1e-6f}, {q.data(), kk.data(), qnw.data(), knw.data()});
     std::vector<int64_t> slots(T, -1);
     slots[0] = 5;
     slots[13] = 3 * BS + 7;

@@ -1,6 +1,6 @@
 """Tiny random checkpoints made by transformers, for tests that need a real model quickly."""
 
-ARCHS = ("llama", "mistral", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
@@ -28,6 +28,9 @@ def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
     elif arch == "qwen2":
         cfg = transformers.Qwen2Config(**{**common, **overrides})
         cls = transformers.Qwen2ForCausalLM
+    elif arch == "qwen3":  # per-head q/k RMSNorm; head_dim 24 (heads * head_dim != hidden_size)
+        cfg = transformers.Qwen3Config(**{**common, "head_dim": 24, **overrides})
+        cls = transformers.Qwen3ForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

@@ -23,6 +23,7 @@ ACT_KERNELS = {
     "matmul_gemv_f16_act_f16_logits", "matmul_gemv_bf16_act_bf16_logits",
     "matmul_gemm_f16_act_f16_logits", "matmul_gemm_bf16_act_bf16_logits",
     "rope_act_f16", "rope_act_bf16",
+    "qk_norm_f16_act_f16", "qk_norm_bf16_act_bf16",
     "silu_mul_act_f16", "silu_mul_act_bf16",
     "gather_rows_act_f16", "gather_rows_act_bf16",
     "kv_write_f16_act_f16", "kv_write_bf16_act_bf16",
@@ -113,6 +114,23 @@ def test_matmul(act, m, n, k, bias, logits, reverse):
         y.check_guards()
     else:
         close(y, ref, act, scale=np.sqrt(k))
+
+
+@ORDERS
+@ACTS
+@pytest.mark.parametrize("tokens,heads,kv_heads,hd", [(1, 1, 1, 2), (5, 4, 2, 24), (2, 2, 1, 256)])
+def test_qk_norm(act, tokens, heads, kv_heads, hd, reverse):
+    rng = np.random.default_rng(tokens * hd)
+    q, qf = rounded(rng.standard_normal((tokens, heads * hd)) * 3, act)
+    k, kf = rounded(rng.standard_normal((tokens, kv_heads * hd)) * 3, act)
+    qw, kw = (to_storage(1 + 0.1 * rng.standard_normal(hd), act) for _ in range(2))
+    a = args("QKNormArgs", num_tokens=tokens, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+             q_stride=heads * hd, k_stride=kv_heads * hd, eps=1e-6)
+    cpu(f"qk_norm_{act}", a, [qf, kf, qw, kw])
+    gq, gk = out16(q.shape, act, fill=q), out16(k.shape, act, fill=k)
+    sim(f"qk_norm_{act}_act_{act}", a, [gq.array, gk.array, qw, kw], reverse)
+    close(gq, qf, act)
+    close(gk, kf, act)
 
 
 @ORDERS

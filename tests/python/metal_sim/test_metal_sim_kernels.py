@@ -106,6 +106,28 @@ def test_gather_rows(rows, dim, reverse):
 
 @ORDERS
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads,kv_heads,hd", [(1, 1, 1, 2), (5, 4, 2, 24), (3, 9, 3, 64), (2, 2, 1, 256)])
+def test_qk_norm(dtype, tokens, heads, kv_heads, hd, reverse):
+    """q and k with the row stride of fused qkv rows (the strides the engine passes); separate arrays, as the
+    emulator and the backend copy each buffer in and out."""
+    rng = np.random.default_rng(tokens * hd + heads)
+    stride = (heads + 2 * kv_heads) * hd
+    qkv = rng.standard_normal((tokens, stride)).astype(np.float32) * 3
+    qw, kw = (to_storage(1 + 0.1 * rng.standard_normal(hd), dtype) for _ in range(2))
+    a = args("QKNormArgs", num_tokens=tokens, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, q_stride=stride,
+             k_stride=stride, eps=1e-6)
+    ref_q, ref_k = qkv.copy(), qkv.copy()
+    cpu(f"qk_norm_{dtype}", a, [ref_q, ref_k.ravel()[heads * hd:], qw, kw])
+    got_q, got_k = Guarded(qkv.shape, fill=qkv), Guarded(qkv.shape, fill=qkv)
+    sim(f"qk_norm_{dtype}", a, [got_q.array, got_k.array.ravel()[heads * hd:], qw, kw], reverse)
+    np.testing.assert_allclose(got_q.array, ref_q, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got_k.array, ref_k, rtol=2e-5, atol=2e-5)
+    got_q.check_guards()
+    got_k.check_guards()
+
+
+@ORDERS
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,kv_heads,hd,block_size,blocks", [(1, 1, 2, 1, 1), (7, 2, 16, 16, 3), (20, 3, 64, 8, 5)])
 def test_kv_write(dtype, tokens, kv_heads, hd, block_size, blocks, reverse):
     rng = np.random.default_rng(tokens)
@@ -367,6 +389,7 @@ def test_every_kernel_is_registered_and_tested_here():
         "paged_attention_prefill_f32", "paged_attention_prefill_f16", "paged_attention_prefill_bf16",
         "rms_norm_f32", "rms_norm_f16", "rms_norm_bf16",
         "rope",
+        "qk_norm_f32", "qk_norm_f16", "qk_norm_bf16",
         "silu_mul",
     }
 
