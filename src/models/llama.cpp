@@ -1,5 +1,6 @@
 // Llama (Touvron et al. 2023) and the models built like it: Mistral (sliding-window attention), Qwen2
-// (q/k/v bias, sliding window on the upper layers) and Qwen3 (no bias; q and k RMS-normed per head before RoPE).
+// (q/k/v bias, sliding window on the upper layers), Qwen3 (no bias; q and k RMS-normed per head before RoPE) and
+// Phi-3 / Phi-4-mini (qkv_proj and gate_up_proj stored fused; longrope; partial rotary).
 // A pre-norm decoder:
 //   h = embed(tokens)
 //   per layer:  h += o_proj(attention(rope(q), rope(k), v))   with q | k | v = qkv_proj(rms_norm(h))
@@ -31,8 +32,18 @@ class Llama : public Model {
     const std::string act = j.get_str("hidden_act", "silu");
     if (act != "silu") j.fail("hidden_act '" + act + "' is not supported by " + c.architecture + " (only 'silu')");
     if (c.intermediate_size <= 0) j.fail("missing required field 'intermediate_size'");
-    rope_params_ = read_rope_params(j, c.head_dim, c.max_position_embeddings);
-    if (rope_params_.rotary_dim != c.head_dim) j.fail("partial_rotary_factor is not used by " + c.architecture);
+    phi3_ = c.architecture == "Phi3ForCausalLM";
+    if (phi3_ && (j.has("rope_parameters") || j.has("rope_scaling"))) {  // Phi-3's old names for longrope
+      const ConfigReader r = j.child(j.has("rope_parameters") ? "rope_parameters" : "rope_scaling");
+      const std::string t = r.get_str("rope_type", r.get_str("type", "default"));
+      if (t != "default" && t != "longrope" && t != "su" && t != "yarn")
+        r.fail("Phi-3 takes rope type 'default' or 'longrope' (got '" + t + "')");
+      longrope_alias_ = t == "su" || t == "yarn";
+    }
+    rope_params_ = read_rope_params(j, c.head_dim, c.max_position_embeddings, "", 10000.0,
+                                    longrope_alias_ ? "longrope" : "");
+    if (rope_params_.rotary_dim != c.head_dim && !phi3_)
+      j.fail("partial_rotary_factor is not used by " + c.architecture);
     c.rope_theta = float(rope_params_.theta);
     c.rope_type = rope_params_.type;
     const bool qwen2 = c.architecture == "Qwen2ForCausalLM", mistral = c.architecture == "MistralForCausalLM";
@@ -41,7 +52,7 @@ class Llama : public Model {
       qkv_bias_ = true;
     } else if (qk_norm_) {
       qkv_bias_ = o_bias_ = j.get_bool("attention_bias", false);
-    } else if (!mistral) {
+    } else if (!mistral && !phi3_) {
       qkv_bias_ = o_bias_ = j.get_bool("attention_bias", false);
       mlp_bias_ = j.get_bool("mlp_bias", false);
     }
@@ -50,7 +61,7 @@ class Llama : public Model {
     c.sliding_window = j.get_int("sliding_window", 0);
     if (j.has("layer_types")) {
       read_layer_types(j, c);
-    } else if (mistral && c.sliding_window > 0) {
+    } else if ((mistral || phi3_) && c.sliding_window > 0) {
       c.layer_uses_sliding_window.assign(size_t(c.num_layers), true);
     } else if ((qwen2 || qk_norm_) && c.sliding_window > 0 && j.get_bool("use_sliding_window", false)) {
       for (int l = j.get_int("max_window_layers", 0); l < c.num_layers; ++l) c.layer_uses_sliding_window[size_t(l)] = true;
@@ -69,9 +80,12 @@ class Llama : public Model {
       const std::string p = "model.layers." + std::to_string(l) + ".";
       LlamaLayer& L = layers_[size_t(l)];
       L.input_norm = w.get(p + "input_layernorm.weight", {H});
-      L.qkv_proj = w.fused({{p + "self_attn.q_proj.weight", {QD, H}},
-                            {p + "self_attn.k_proj.weight", {KD, H}},
-                            {p + "self_attn.v_proj.weight", {KD, H}}});
+      if (phi3_)  // stored fused
+        L.qkv_proj = w.get(p + "self_attn.qkv_proj.weight", {QD + 2 * KD, H});
+      else
+        L.qkv_proj = w.fused({{p + "self_attn.q_proj.weight", {QD, H}},
+                              {p + "self_attn.k_proj.weight", {KD, H}},
+                              {p + "self_attn.v_proj.weight", {KD, H}}});
       if (qkv_bias_)
         L.qkv_bias = w.fused({{p + "self_attn.q_proj.bias", {QD}},
                               {p + "self_attn.k_proj.bias", {KD}},
@@ -83,7 +97,10 @@ class Llama : public Model {
       L.o_proj = w.get(p + "self_attn.o_proj.weight", {H, QD});
       L.o_bias = w.get(p + "self_attn.o_proj.bias", {H}, o_bias_);
       L.post_attention_norm = w.get(p + "post_attention_layernorm.weight", {H});
-      L.gate_up_proj = w.fused({{p + "mlp.gate_proj.weight", {I, H}}, {p + "mlp.up_proj.weight", {I, H}}});
+      if (phi3_)
+        L.gate_up_proj = w.get(p + "mlp.gate_up_proj.weight", {2 * I, H});
+      else
+        L.gate_up_proj = w.fused({{p + "mlp.gate_proj.weight", {I, H}}, {p + "mlp.up_proj.weight", {I, H}}});
       if (mlp_bias_) L.gate_up_bias = w.fused({{p + "mlp.gate_proj.bias", {I}}, {p + "mlp.up_proj.bias", {I}}});
       L.down_proj = w.get(p + "mlp.down_proj.weight", {H, I});
       L.down_bias = w.get(p + "mlp.down_proj.bias", {H}, mlp_bias_);
@@ -131,7 +148,7 @@ class Llama : public Model {
 
  private:
   ModelConfig c_;
-  bool qkv_bias_ = false, o_bias_ = false, mlp_bias_ = false, qk_norm_ = false;
+  bool qkv_bias_ = false, o_bias_ = false, mlp_bias_ = false, qk_norm_ = false, phi3_ = false, longrope_alias_ = false;
   RopeParams rope_params_;
   RotaryEmbedding rope_;
   Weight embed_tokens_, final_norm_, lm_head_;  // [V, H], [H], [V, H] (lm_head_ is embed_tokens_ when tied)
@@ -141,8 +158,8 @@ class Llama : public Model {
 }  // namespace
 
 Architecture llama_family() {
-  return Architecture{{"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"},
-                      {"llama", "mistral", "qwen2", "qwen3"},
+  return Architecture{{"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"},
+                      {"llama", "mistral", "qwen2", "qwen3", "phi3"},
                       [](const ConfigReader& j, ModelConfig& c) -> std::unique_ptr<Model> {
                         return std::make_unique<Llama>(j, c);
                       }};

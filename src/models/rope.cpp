@@ -72,7 +72,7 @@ std::vector<float> RopeParams::inv_freq(int max_position) const {
 }
 
 RopeParams read_rope_params(const ConfigReader& config, int head_dim, int max_position_embeddings,
-                            const std::string& layer_type, double default_theta) {
+                            const std::string& layer_type, double default_theta, const std::string& type_override) {
   RopeParams p;
   p.head_dim = head_dim;
   p.max_position_embeddings = max_position_embeddings;
@@ -92,6 +92,7 @@ RopeParams read_rope_params(const ConfigReader& config, int head_dim, int max_po
     partial = rope.get_num("partial_rotary_factor", partial);
     p.type = rope.get_str("rope_type", rope.get_str("type", "default"));
   }
+  if (!type_override.empty()) p.type = type_override;
   if (partial <= 0.0 || partial > 1.0) config.fail("partial_rotary_factor must be in (0, 1]");
   p.rotary_dim = int(head_dim * partial);
   if (p.rotary_dim < 2 || p.rotary_dim % 2 != 0)

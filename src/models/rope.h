@@ -34,7 +34,9 @@ struct RopeParams {
 // "rope_scaling" (older), partial_rotary_factor at the top level or inside. `layer_type` selects one entry
 // of a per-layer-type rope_parameters (Gemma 3: "sliding_attention" / "full_attention"). A type or field we
 // cannot honour is an error naming it.
+// `type_override` replaces the stored type (Phi-3 reads its old "su" / "yarn" as longrope, as transformers does).
 RopeParams read_rope_params(const ConfigReader& config, int head_dim, int max_position_embeddings,
-                            const std::string& layer_type = "", double default_theta = 10000.0);
+                            const std::string& layer_type = "", double default_theta = 10000.0,
+                            const std::string& type_override = "");
 
 }  // namespace metal_engine::models

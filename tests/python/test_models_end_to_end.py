@@ -91,6 +91,36 @@ def test_rope_scaling_matches_transformers(tmp_path, rope):
     np.testing.assert_allclose(logits, hf_logits(path, tokens), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "arch,rope,max_pos,prompt_len,decode",
+    [
+        # yarn (Qwen3's long-context RoPE): interpolated low frequencies, cos/sin scaled by its attention factor
+        ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+         256, 30, 8),
+        ("llama", {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0,
+                   "beta_fast": 16.0, "beta_slow": 2.0}, 256, 20, 4),
+        # dynamic NTK: the base grows with the step's context past max_position_embeddings (one step: the prefill)
+        ("llama", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, 32, 50, 0),
+        ("llama", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, 256, 20, 6),
+        # longrope (Phi-3, Phi-4-mini): short factors within original_max_position_embeddings, long past it
+        ("phi3", "longrope", 256, 12, 8),
+        ("phi3", "longrope", 256, 40, 4),
+    ],
+    ids=["yarn", "yarn-betas", "dynamic-past-max", "dynamic-within", "longrope-short", "longrope-long"],
+)
+def test_more_rope_types_match_transformers(tmp_path, arch, rope, max_pos, prompt_len, decode):
+    if rope == "longrope":
+        rng = np.random.default_rng(11)
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "short_factor": (1 + rng.random(6)).tolist(), "long_factor": (1 + 4 * rng.random(6)).tolist(),
+                "original_max_position_embeddings": 32}
+    path = make_tiny_checkpoint(tmp_path / "ck", arch, rope_parameters=rope, max_position_embeddings=max_pos)
+    engine = metal_engine.Engine(path, dtype="float32")
+    [prompt] = prompts(1, [prompt_len], seed=12)
+    (logits, tokens), = Harness(engine).prefill_and_decode([prompt], decode)
+    np.testing.assert_allclose(logits, hf_logits(path, tokens), atol=ATOL, rtol=0)
+
+
 def test_sharded_checkpoint_and_tied_embeddings(tmp_path):
     path = tmp_path / "sharded"
     src = make_tiny_checkpoint(tmp_path / "single", "llama", tie_word_embeddings=True)

@@ -1,6 +1,6 @@
 """Tiny random checkpoints made by transformers, for tests that need a real model quickly."""
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
@@ -31,6 +31,11 @@ def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
     elif arch == "qwen3":  # per-head q/k RMSNorm; head_dim 24 (heads * head_dim != hidden_size)
         cfg = transformers.Qwen3Config(**{**common, "head_dim": 24, **overrides})
         cls = transformers.Qwen3ForCausalLM
+    elif arch == "phi3":  # fused qkv_proj / gate_up_proj as stored; partial rotary (12 of 16 dims rotate)
+        cfg = transformers.Phi3Config(**{**common, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                             "partial_rotary_factor": 0.75}, **overrides})
+        cls = transformers.Phi3ForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
