@@ -1,4 +1,4 @@
-// embedding_<wdt>: out[t, :] = table[token_ids[t], :], one threadgroup per token.
+// embedding_<wdt>: out[t, :] = table[token_ids[t], :] * scale, one threadgroup per token.
 #include <metal_stdlib>
 #include "op_args.h"
 using namespace metal;
@@ -13,7 +13,7 @@ kernel void embedding(constant EmbeddingArgs& args [[buffer(0)]],
                       uint tid [[thread_position_in_threadgroup]],
                       uint ntg [[threads_per_threadgroup]]) {
   device const W* row = table + long(token_ids[t]) * args.hidden;
-  for (int i = tid; i < args.hidden; i += ntg) out[long(t) * args.hidden + i] = A(float(row[i]));
+  for (int i = tid; i < args.hidden; i += ntg) out[long(t) * args.hidden + i] = A(float(row[i]) * args.scale);
 }
 
 template [[host_name("embedding_f32")]] kernel decltype(embedding<float, float>) embedding<float, float>;

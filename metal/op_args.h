@@ -11,12 +11,13 @@
 
 namespace metal_engine {
 
-// embedding_<wdt>: out[t, :] = table[token_ids[t], :]
+// embedding_<wdt>: out[t, :] = table[token_ids[t], :] * scale       (Gemma: scale = sqrt(hidden); else 1)
 // buffers: token_ids i32 [num_tokens], table wdt [vocab, hidden], out f32 [num_tokens, hidden]
 struct EmbeddingArgs {
   int num_tokens;
   int hidden;
   int vocab;
+  float scale;
 };
 
 // rms_norm_<wdt>: if add_residual: residual[r] += x[r];  out[r] = residual[r] / rms(residual[r]) * w
@@ -70,7 +71,9 @@ struct QKNormArgs {
   float eps;
 };
 
-// silu_mul: out[r, i] = silu(gate[r, i]) * up[r, i] for i < dim
+// silu_mul:      out[r, i] = silu(gate[r, i]) * up[r, i] for i < dim                          (SwiGLU)
+// gelu_tanh_mul: out[r, i] = gelu_tanh(gate[r, i]) * up[r, i], gelu_tanh(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+//                                                                                             (GeGLU: Gemma)
 // buffers: gate f32 [rows, in_stride], up f32 [rows, in_stride], out f32 [rows, dim]. gate and up may be the
 // two halves of one fused gate_up projection (in_stride = 2 * dim, up bound at an offset of dim elements).
 struct SiluMulArgs {
@@ -167,7 +170,7 @@ struct ArgmaxArgs {
   int vocab;
 };
 
-ME_STATIC_ASSERT(sizeof(EmbeddingArgs) == 12, "EmbeddingArgs layout");
+ME_STATIC_ASSERT(sizeof(EmbeddingArgs) == 16, "EmbeddingArgs layout");
 ME_STATIC_ASSERT(sizeof(ArgmaxArgs) == 8, "ArgmaxArgs layout");
 ME_STATIC_ASSERT(sizeof(RmsNormArgs) == 16, "RmsNormArgs layout");
 ME_STATIC_ASSERT(sizeof(MatmulArgs) == 16, "MatmulArgs layout");

@@ -104,7 +104,7 @@ void init_ops(nb::module_& m) {
   nb::class_<EmbeddingArgs>(ops, "EmbeddingArgs")
       .def(nb::init<>())
       .def_rw("num_tokens", &EmbeddingArgs::num_tokens).def_rw("hidden", &EmbeddingArgs::hidden)
-      .def_rw("vocab", &EmbeddingArgs::vocab);
+      .def_rw("vocab", &EmbeddingArgs::vocab).def_rw("scale", &EmbeddingArgs::scale);
   nb::class_<RmsNormArgs>(ops, "RmsNormArgs")
       .def(nb::init<>())
       .def_rw("rows", &RmsNormArgs::rows).def_rw("dim", &RmsNormArgs::dim).def_rw("eps", &RmsNormArgs::eps)

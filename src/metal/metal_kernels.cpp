@@ -78,6 +78,7 @@ std::vector<std::pair<std::string, MetalKernelSpec>> table() {
     add("paged_attention_reduce" + x, one<PagedAttentionReduceArgs>("paged_attention_reduce" + x, 4));
     add("rope" + x, one<RopeArgs>("rope" + x, 4));
     add("silu_mul" + x, one<SiluMulArgs>("silu_mul" + x, 3));
+    add("gelu_tanh_mul" + x, one<SiluMulArgs>("gelu_tanh_mul" + x, 3));
     add("gather_rows" + x, one<GatherRowsArgs>("gather_rows" + x, 3));
   }
   add("argmax", one<ArgmaxArgs>("argmax", 2));

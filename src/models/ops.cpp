@@ -95,9 +95,9 @@ Tensor Ops::rope_table(const RotaryEmbedding& rope) {
   return t;
 }
 
-void Ops::embedding(const Weight& table, const Tensor& out) {
+void Ops::embedding(const Weight& table, const Tensor& out, float scale) {
   check_rows(out, "embedding");
-  run(kernel_name("embedding", table.dtype), EmbeddingArgs{T_, out.cols, int(table.rows())},
+  run(kernel_name("embedding", table.dtype), EmbeddingArgs{T_, out.cols, int(table.rows()), scale},
               {step_.token_ids, table.arg, out.arg});
 }
 
@@ -195,13 +195,15 @@ void Ops::attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v
   }
 }
 
-void Ops::silu_mul(const Tensor& gate_up, const Tensor& out) {
-  check_rows(out, "silu_mul output");
+void Ops::gated_activation(const char* op, const Tensor& gate_up, const Tensor& out) {
+  check_rows(out, op);
   const int I = out.cols;
-  if (gate_up.cols != 2 * I) throw std::logic_error("silu_mul: gate_up needs 2 x the output's columns");
-  run("silu_mul" + act_suffix(), SiluMulArgs{gate_up.rows, I, gate_up.stride},
-              {gate_up.arg, gate_up.columns(I, I).arg, out.arg});
+  if (gate_up.cols != 2 * I) throw std::logic_error(std::string(op) + ": gate_up needs 2 x the output's columns");
+  run(op + act_suffix(), SiluMulArgs{gate_up.rows, I, gate_up.stride}, {gate_up.arg, gate_up.columns(I, I).arg, out.arg});
 }
+
+void Ops::silu_mul(const Tensor& gate_up, const Tensor& out) { gated_activation("silu_mul", gate_up, out); }
+void Ops::gelu_tanh_mul(const Tensor& gate_up, const Tensor& out) { gated_activation("gelu_tanh_mul", gate_up, out); }
 
 Tensor Ops::gather_logit_rows(const Tensor& x, const char* label) {
   check_rows(x, "gather_logit_rows");

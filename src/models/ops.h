@@ -109,8 +109,8 @@ class Ops {
   };
 
   // ---- ops (each encodes one or a few kernels; nothing runs before the step is submitted)
-  // out[t] = table[token_ids[t]]                                    out [T, hidden]
-  void embedding(const Weight& table, const Tensor& out);
+  // out[t] = table[token_ids[t]] * scale                            out [T, hidden]
+  void embedding(const Weight& table, const Tensor& out, float scale = 1.0f);
   // y = x W^T (+ bias)                                              x [m, k], W [n, k], y [m, n]
   void linear(const Tensor& x, const Weight& w, const Weight& bias, const Tensor& y);
   Tensor linear(const Tensor& x, const Weight& w, const Weight& bias, const char* label);
@@ -135,6 +135,8 @@ class Ops {
                  const Tensor& out);
   // out = silu(gate) * up, gate | up the two halves of each row of gate_up    gate_up [T, 2I], out [T, I]
   void silu_mul(const Tensor& gate_up, const Tensor& out);
+  // out = gelu_tanh(gate) * up (GeGLU), as silu_mul
+  void gelu_tanh_mul(const Tensor& gate_up, const Tensor& out);
   // The step's logit rows of x (logits_indices)                               x [T, cols] -> [R, cols]
   Tensor gather_logit_rows(const Tensor& x, const char* label);
 
@@ -142,6 +144,7 @@ class Ops {
   std::string kernel_name(const std::string& op, DType weight) const;  // <op>_<wdt>[_act_<adt>]
   std::string act_suffix() const;                                        // "" or _act_<adt>
   void check_rows(const Tensor& t, const char* what) const;
+  void gated_activation(const char* op, const Tensor& gate_up, const Tensor& out);
   // Encodes kernel `name` (resolving it even when only measuring: a load-time pass resolves every kernel).
   template <class Args>
   void run(const std::string& name, const Args& args, std::initializer_list<BufferArg> buffers) {

@@ -8,6 +8,7 @@ namespace metal_engine::models {
 const std::vector<Architecture>& architectures() {
   static const std::vector<Architecture> all = {
       llama_family(),
+      gemma_family(),
   };
   return all;
 }

@@ -74,11 +74,12 @@ TEST(MetalSimKernelsSanitized, ElementwiseAndNorms) {
       std::vector<int32_t> ids(static_cast<size_t>(rows));
       for (int i = 0; i < rows; ++i) ids[size_t(i)] = (i * 5) % 11;
       Weights table(dt, size_t(11) * dim);
-      run(std::string("embedding_") + dt, EmbeddingArgs{rows, dim, 11}, {ids.data(), table.data(), out.data()});
+      run(std::string("embedding_") + dt, EmbeddingArgs{rows, dim, 11, 1.0f}, {ids.data(), table.data(), out.data()});
     }
   }
   auto g = randn(9 * 37), u = randn(9 * 37), o = randn(9 * 37);
   run("silu_mul", SiluMulArgs{9, 37, 37}, {g.data(), u.data(), o.data()});
+  run("gelu_tanh_mul", SiluMulArgs{9, 37, 37}, {g.data(), u.data(), o.data()});
   std::vector<int32_t> idx = {2, 0, 1};
   auto src = randn(3 * 17), dst = randn(3 * 17);
   run("gather_rows", GatherRowsArgs{3, 17}, {src.data(), idx.data(), dst.data()});
@@ -161,8 +162,9 @@ TEST(MetalSimKernelsSanitized, SixteenBitActivations) {
     run("rms_norm_" + x, RmsNormArgs{rows, dim, 1e-5f, 1}, {h.data(), res.data(), w.data(), out.data()});
     run("rms_norm_" + x, RmsNormArgs{rows, dim, 1e-5f, 0}, {h.data(), nullptr, w.data(), out.data()});
     std::vector<int32_t> ids = {3, 0, 10, 4, 4};
-    run("embedding_" + x, EmbeddingArgs{rows, dim, 11}, {ids.data(), table.data(), out.data()});
+    run("embedding_" + x, EmbeddingArgs{rows, dim, 11, 1.0f}, {ids.data(), table.data(), out.data()});
     run("silu_mul" + ax, SiluMulArgs{rows, dim, dim}, {h.data(), res.data(), out.data()});
+    run("gelu_tanh_mul" + ax, SiluMulArgs{rows, dim, dim}, {h.data(), res.data(), out.data()});
     std::vector<int32_t> idx = {2, 0, 1};
     run("gather_rows" + ax, GatherRowsArgs{3, dim}, {h.data(), idx.data(), out.data()});
     for (auto [m, n, k] : {std::tuple{1, 17, 8}, {3, 31, 130}, {7, 40, 33}, {33, 65, 48}}) {

@@ -74,6 +74,46 @@ def test_unsupported_architecture(checkpoint_copy):
         metal_engine.Engine(checkpoint_copy)
 
 
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"rope_parameters": {"rope_type": "mrope", "rope_theta": 10000.0}}, "rope type 'mrope' is not supported"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [1.0]}},
+         "longrope short_factor and long_factor need rotary_dim / 2 = 8 entries"),
+        ({"hidden_act": "relu"}, "hidden_act 'relu' is not supported"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor is not used by LlamaForCausalLM"),
+        ({"layer_types": ["full_attention", "chunked_attention"]}, "layer_types entry 'chunked_attention'"),
+        ({"architectures": ["Gemma2ForCausalLM"]}, "unsupported architecture 'Gemma2ForCausalLM'"),
+    ],
+    ids=["rope-type", "longrope-factors", "activation", "partial-rotary", "layer-type", "gemma2"],
+)
+def test_config_fields_we_cannot_honour_fail_at_load(checkpoint_copy, changes, message):
+    edit_config(checkpoint_copy, **changes)
+    with pytest.raises(ValueError, match=message):
+        metal_engine.Engine(checkpoint_copy)
+
+
+def test_gemma_softcapping_is_refused_at_load(tmp_path, tiny_checkpoints):
+    dst = tmp_path / "gemma"
+    shutil.copytree(tiny_checkpoints["gemma3"], dst)
+    edit_config(dst, final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping is not supported yet"):
+        metal_engine.Engine(dst)
+
+
+@pytest.mark.skipif("metal-sim" not in metal_engine._core.available_backends(), reason="no metal-sim in this build")
+def test_head_dim_past_a_backends_limit_fails_at_load(tmp_path):
+    """Gemma 3's head_dim 256: the cpu backend serves it; Metal's attention kernels take 128 and say so at load."""
+    from tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "g", "gemma3", head_dim=256, num_hidden_layers=1)
+    with pytest.raises(ValueError, match=r"head_dim 256 but the metal-sim backend's attention kernels take head_dim <= 128"):
+        metal_engine.Engine(path, backend="metal-sim")
+    engine = metal_engine.Engine(path, dtype="float32")
+    (logits, _), = Harness(engine).prefill_and_decode([[5, 9, 2, 7]], 2)
+    assert np.isfinite(logits).all()
+
+
 def test_bad_dtype_argument(tiny_checkpoints):
     with pytest.raises(ValueError, match="unsupported dtype 'float8'"):
         metal_engine.Engine(tiny_checkpoints["llama"], dtype="float8")

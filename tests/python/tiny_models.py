@@ -1,6 +1,6 @@
 """Tiny random checkpoints made by transformers, for tests that need a real model quickly."""
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 
 
 def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
@@ -36,14 +36,20 @@ def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
                                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                              "partial_rotary_factor": 0.75}, **overrides})
         cls = transformers.Phi3ForCausalLM
+    elif arch == "gemma3":  # 5 sliding-window layers (window 7 < the prompts) then 1 full; q/k norm; GeGLU
+        cfg = transformers.Gemma3TextConfig(**{**common, "num_hidden_layers": 6, "head_dim": 32, "sliding_window": 7,
+                                               "query_pre_attn_scalar": 24, "tie_word_embeddings": True,
+                                               "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
+                                               **overrides})
+        cls = transformers.Gemma3ForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
     model = cls(cfg).to(torch.float32).eval()
     with torch.no_grad():  # random init gives near-uniform logits; widen weights so tokens differ
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            if "norm" in name:  # Gemma's RMSNorm multiplies by (1 + w): its w is the offset from one
+                p.copy_((0.0 if arch.startswith("gemma") else 1.0) + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.08 if p.ndim > 1 else 0.05)
     model.save_pretrained(path, safe_serialization=True)

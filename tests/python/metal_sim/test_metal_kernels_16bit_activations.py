@@ -25,6 +25,7 @@ ACT_KERNELS = {
     "rope_act_f16", "rope_act_bf16",
     "qk_norm_f16_act_f16", "qk_norm_bf16_act_bf16",
     "silu_mul_act_f16", "silu_mul_act_bf16",
+    "gelu_tanh_mul_act_f16", "gelu_tanh_mul_act_bf16",
     "gather_rows_act_f16", "gather_rows_act_bf16",
     "kv_write_f16_act_f16", "kv_write_bf16_act_bf16",
     "paged_attention_f16_act_f16", "paged_attention_bf16_act_bf16",
@@ -67,7 +68,7 @@ def test_embedding(act, tokens, hidden, vocab, reverse):
     rng = np.random.default_rng(tokens + hidden)
     table = to_storage(rng.standard_normal((vocab, hidden)), act)
     ids = rng.integers(0, vocab, tokens).astype(np.int32)
-    a = args("EmbeddingArgs", num_tokens=tokens, hidden=hidden, vocab=vocab)
+    a = args("EmbeddingArgs", num_tokens=tokens, hidden=hidden, vocab=vocab, scale=1.0)
     out = out16((tokens, hidden), act)
     sim(f"embedding_{act}_act_{act}", a, [ids, table, out.array], reverse)
     np.testing.assert_array_equal(out.array, table[ids])  # a 16-bit row copied into 16-bit activations: exact
@@ -154,15 +155,16 @@ def test_rope(act, tokens, heads, kv_heads, hd, reverse):
 @ORDERS
 @ACTS
 @pytest.mark.parametrize("rows,dim", [(1, 1), (3, 7), (2, 1000)])
-def test_silu_mul(act, rows, dim, reverse):
+@pytest.mark.parametrize("op", ["silu_mul", "gelu_tanh_mul"])
+def test_silu_mul(op, act, rows, dim, reverse):
     rng = np.random.default_rng(dim)
     g, gf = rounded(4 * rng.standard_normal((rows, dim)), act)
     u, uf = rounded(rng.standard_normal((rows, dim)), act)
     a = args("SiluMulArgs", rows=rows, dim=dim, in_stride=dim)
     ref = np.zeros_like(gf)
-    cpu("silu_mul", a, [gf, uf, ref])
+    cpu(op, a, [gf, uf, ref])
     out = out16((rows, dim), act)
-    sim(f"silu_mul_act_{act}", a, [g, u, out.array], reverse)
+    sim(f"{op}_act_{act}", a, [g, u, out.array], reverse)
     close(out, ref, act)
 
 

@@ -67,9 +67,11 @@ def test_prefill_and_decode_match_cpu(checkpoints, arch, dtype):
     assert_same(ref, got, TOL[dtype])
     w = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
     x = "" if w == "f32" else f"_act_{w}"  # 16-bit weights: 16-bit activations on Metal
-    for kernel in (f"paged_attention_prefill_{w}{x}", f"paged_attention_split_{w}{x}", f"paged_attention_reduce{x}",
-                   f"matmul_gemm_{w}{x}", f"matmul_gemv_{w}{x}", f"kv_write_{w}{x}", f"rope{x}", f"silu_mul{x}",
-                   f"embedding_{w}{x}", f"rms_norm_{w}{x}", f"gather_rows{x}"):
+    act = "gelu_tanh_mul" if arch.startswith("gemma") else "silu_mul"
+    extra = [f"qk_norm_{w}{x}"] if arch in ("qwen3", "gemma3") else []
+    for kernel in [f"paged_attention_prefill_{w}{x}", f"paged_attention_split_{w}{x}", f"paged_attention_reduce{x}",
+                   f"matmul_gemm_{w}{x}", f"matmul_gemv_{w}{x}", f"kv_write_{w}{x}", f"rope{x}", f"{act}{x}",
+                   f"embedding_{w}{x}", f"rms_norm_{w}{x}", f"gather_rows{x}"] + extra:
         assert profile.get(kernel, (0, 0))[0] > 0, f"{kernel} never ran: {sorted(profile)}"
     if x:  # the LM head reads 16-bit activations and writes f32 logits
         assert profile[f"matmul_gemm_{w}{x}_logits"][0] + profile.get(f"matmul_gemv_{w}{x}_logits", (0, 0))[0] > 0

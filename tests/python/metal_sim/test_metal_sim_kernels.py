@@ -54,7 +54,8 @@ def test_rms_norm(dtype, rows, dim, add_residual, reverse):
 @ORDERS
 @pytest.mark.parametrize("rows,dim,fused", [(1, 1, False), (3, 7, False), (9, 1536, False), (2, 1000, False),
                                             (3, 7, True), (4, 1536, True)])
-def test_silu_mul(rows, dim, fused, reverse):
+@pytest.mark.parametrize("op", ["silu_mul", "gelu_tanh_mul"])
+def test_silu_mul(op, rows, dim, fused, reverse):
     """fused: gate and up are the two halves of one [rows, 2 * dim] array (in_stride = 2 * dim)."""
     rng = np.random.default_rng(dim)
     stride = 2 * dim if fused else dim
@@ -66,9 +67,9 @@ def test_silu_mul(rows, dim, fused, reverse):
         g, u = np.ascontiguousarray(gu[:, :dim]), np.ascontiguousarray(gu[:, dim:])
     a = args("SiluMulArgs", rows=rows, dim=dim, in_stride=stride)
     ref = np.zeros((rows, dim), np.float32)
-    cpu("silu_mul", a, [g, u, ref])
+    cpu(op, a, [g, u, ref])
     out = Guarded((rows, dim))
-    sim("silu_mul", a, [g, u, out.array], reverse)
+    sim(op, a, [g, u, out.array], reverse)
     np.testing.assert_allclose(out.array, ref, rtol=2e-6, atol=1e-6)
     out.check_guards()
 
@@ -76,11 +77,12 @@ def test_silu_mul(rows, dim, fused, reverse):
 @ORDERS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,hidden,vocab", [(1, 1, 1), (5, 7, 11), (33, 64, 1000), (3, 576, 49)])
-def test_embedding(dtype, tokens, hidden, vocab, reverse):
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+def test_embedding(dtype, tokens, hidden, vocab, scale, reverse):
     rng = np.random.default_rng(tokens + hidden)
     table = to_storage(rng.standard_normal((vocab, hidden)), dtype)
     ids = rng.integers(0, vocab, tokens).astype(np.int32)
-    a = args("EmbeddingArgs", num_tokens=tokens, hidden=hidden, vocab=vocab)
+    a = args("EmbeddingArgs", num_tokens=tokens, hidden=hidden, vocab=vocab, scale=scale)
     ref = np.zeros((tokens, hidden), np.float32)
     cpu(f"embedding_{dtype}", a, [ids, table, ref])
     out = Guarded((tokens, hidden))
@@ -390,7 +392,7 @@ def test_every_kernel_is_registered_and_tested_here():
         "rms_norm_f32", "rms_norm_f16", "rms_norm_bf16",
         "rope",
         "qk_norm_f32", "qk_norm_f16", "qk_norm_bf16",
-        "silu_mul",
+        "silu_mul", "gelu_tanh_mul",
     }
 
 
