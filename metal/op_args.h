@@ -156,6 +156,41 @@ struct PagedAttentionReduceArgs {
   int max_partitions;
 };
 
+// A mixture-of-experts MLP (Mixtral, Qwen3-MoE) is three ops around the experts' gated activation:
+// moe_route: each token's top_k experts by router probability, per token t:
+//   p = softmax(logits[t]) (f32); ids[t, :] = the top_k experts by p, largest first (ties: the lower id);
+//   weights[t, :] = their p, divided by their sum when renormalize
+// buffers: logits f32 [num_tokens, num_experts], ids i32 [num_tokens, top_k], weights f32 [num_tokens, top_k]
+struct MoeRouteArgs {
+  int num_tokens;
+  int num_experts;
+  int top_k;
+  int renormalize;
+};
+
+// moe_matmul_<wdt>: the selected experts' projection, grouped by expert. For each row r < rows:
+//   y[r, :] = x[r / x_row_div, :] @ W[ids[r]]^T              (W [num_experts, n, k], PyTorch layout per expert)
+// with rows = num_tokens * top_k (one per token and slot) and ids moe_route's [num_tokens, top_k] read flat; the
+// gate/up projection reads each token's row once per slot (x_row_div = top_k), the down projection its own row
+// (x_row_div = 1). Each expert some row selects reads its weights once (cpu: a GEMV or GEMM over its rows); an
+// expert no row selects is not read. Rows whose id is outside [0, num_experts) are written as zeros.
+// buffers: x f32 [rows / x_row_div, k], w wdt [num_experts, n, k], ids i32 [rows], y f32 [rows, n]
+struct MoeMatmulArgs {
+  int rows;
+  int n;
+  int k;
+  int num_experts;
+  int x_row_div;
+};
+
+// moe_combine: out[t, :] = sum_j weights[t, j] * y[t * top_k + j, :]
+// buffers: y f32 [num_tokens * top_k, dim], weights f32 [num_tokens, top_k], out f32 [num_tokens, dim]
+struct MoeCombineArgs {
+  int num_tokens;
+  int top_k;
+  int dim;
+};
+
 // gather_rows: dst[r, :] = src[indices[r], :]
 // buffers: src f32 [*, dim], indices i32 [rows], dst f32 [rows, dim]
 struct GatherRowsArgs {
@@ -177,6 +212,9 @@ ME_STATIC_ASSERT(sizeof(MatmulArgs) == 16, "MatmulArgs layout");
 ME_STATIC_ASSERT(sizeof(RopeArgs) == 32, "RopeArgs layout");
 ME_STATIC_ASSERT(sizeof(SiluMulArgs) == 12, "SiluMulArgs layout");
 ME_STATIC_ASSERT(sizeof(QKNormArgs) == 28, "QKNormArgs layout");
+ME_STATIC_ASSERT(sizeof(MoeRouteArgs) == 16, "MoeRouteArgs layout");
+ME_STATIC_ASSERT(sizeof(MoeMatmulArgs) == 20, "MoeMatmulArgs layout");
+ME_STATIC_ASSERT(sizeof(MoeCombineArgs) == 12, "MoeCombineArgs layout");
 ME_STATIC_ASSERT(sizeof(KVWriteArgs) == 28, "KVWriteArgs layout");
 ME_STATIC_ASSERT(sizeof(PagedAttentionArgs) == 40, "PagedAttentionArgs layout");
 ME_STATIC_ASSERT(sizeof(GatherRowsArgs) == 8, "GatherRowsArgs layout");

@@ -58,6 +58,9 @@ void init_metal_sim(nb::module_& m) {
   def_run<KVWriteArgs>(sim);
   def_run<RopeArgs>(sim);
   def_run<QKNormArgs>(sim);
+  def_run<MoeRouteArgs>(sim);
+  def_run<MoeMatmulArgs>(sim);
+  def_run<MoeCombineArgs>(sim);
   def_run<MatmulArgs>(sim);
   def_run<PagedAttentionArgs>(sim);
   def_run<ArgmaxArgs>(sim);

@@ -14,6 +14,7 @@
 #include "../metal/dispatch_geometry.h"
 #include "../cpu/machine_probes.h"
 #include "../cpu/blas.h"
+#include "../cpu/counters.h"
 #include "metal_engine/config.h"
 #include "metal_engine/device.h"
 
@@ -98,6 +99,8 @@ void init_ops(nb::module_& m) {
         nb::call_guard<nb::gil_scoped_release>(),
         "Median f32 FMA GFLOP/s of the cpu backend's threads running FMAs in registers (the clock they hold now).");
   m.def("cpu_gemm", &cpu::gemm_description, "The cpu backend's GEMM (matmul of 4+ rows) in this build.");
+  m.def("cpu_moe_expert_matmuls", &cpu::moe_expert_matmuls,
+        "Expert weight matrices the cpu moe_matmul kernel has streamed since the process started.");
   m.def("cpu_blas", &cpu::blas_name, "The BLAS behind the cpu backend's prefill attention, or 'none'.");
 
   nb::module_ ops = m.def_submodule("ops", "kernel argument structs (metal/op_args.h) and ops.run");
@@ -125,6 +128,18 @@ void init_ops(nb::module_& m) {
       .def_rw("num_kv_heads", &QKNormArgs::num_kv_heads).def_rw("head_dim", &QKNormArgs::head_dim)
       .def_rw("q_stride", &QKNormArgs::q_stride).def_rw("k_stride", &QKNormArgs::k_stride)
       .def_rw("eps", &QKNormArgs::eps);
+  nb::class_<MoeRouteArgs>(ops, "MoeRouteArgs")
+      .def(nb::init<>())
+      .def_rw("num_tokens", &MoeRouteArgs::num_tokens).def_rw("num_experts", &MoeRouteArgs::num_experts)
+      .def_rw("top_k", &MoeRouteArgs::top_k).def_rw("renormalize", &MoeRouteArgs::renormalize);
+  nb::class_<MoeMatmulArgs>(ops, "MoeMatmulArgs")
+      .def(nb::init<>())
+      .def_rw("rows", &MoeMatmulArgs::rows).def_rw("n", &MoeMatmulArgs::n).def_rw("k", &MoeMatmulArgs::k)
+      .def_rw("num_experts", &MoeMatmulArgs::num_experts).def_rw("x_row_div", &MoeMatmulArgs::x_row_div);
+  nb::class_<MoeCombineArgs>(ops, "MoeCombineArgs")
+      .def(nb::init<>())
+      .def_rw("num_tokens", &MoeCombineArgs::num_tokens).def_rw("top_k", &MoeCombineArgs::top_k)
+      .def_rw("dim", &MoeCombineArgs::dim);
   nb::class_<SiluMulArgs>(ops, "SiluMulArgs")
       .def(nb::init<>())
       .def_rw("rows", &SiluMulArgs::rows).def_rw("dim", &SiluMulArgs::dim).def_rw("in_stride", &SiluMulArgs::in_stride);
@@ -180,6 +195,9 @@ void init_ops(nb::module_& m) {
   def_run<RopeArgs>(ops);
   def_run<SiluMulArgs>(ops);
   def_run<QKNormArgs>(ops);
+  def_run<MoeRouteArgs>(ops);
+  def_run<MoeMatmulArgs>(ops);
+  def_run<MoeCombineArgs>(ops);
   def_run<KVWriteArgs>(ops);
   def_run<PagedAttentionArgs>(ops);
   def_run<GatherRowsArgs>(ops);

@@ -78,6 +78,7 @@ class CpuDevice : public Device {
     add_rope_kernels(table_);
     add_silu_mul_kernels(table_);
     add_qk_norm_kernels(table_);
+    add_moe_kernels(table_);
     add_kv_write_kernels(table_);
     add_paged_attention_kernels(table_);
     add_gather_rows_kernels(table_);

@@ -24,12 +24,18 @@ KernelDef make_kernel(std::string name, int num_buffers, void (*fn)(const Args&,
                    [fn](const void* a, void* const* b, ThreadPool& p) { fn(*static_cast<const Args*>(a), b, p); }};
 }
 
+// y [M, N] = x [M, K] @ W [N, K]^T on the pool's threads: the matmul kernel's GEMV / GEMM paths, for kernels
+// made of matmuls (the experts of moe_matmul).
+template <class W>
+void matmul_rows(const float* x, int M, int K, const W* w, float* y, int N, ThreadPool& pool);
+
 void add_embedding_kernels(std::vector<KernelDef>& table);
 void add_rms_norm_kernels(std::vector<KernelDef>& table);
 void add_matmul_kernels(std::vector<KernelDef>& table);
 void add_rope_kernels(std::vector<KernelDef>& table);
 void add_silu_mul_kernels(std::vector<KernelDef>& table);
 void add_qk_norm_kernels(std::vector<KernelDef>& table);
+void add_moe_kernels(std::vector<KernelDef>& table);
 void add_kv_write_kernels(std::vector<KernelDef>& table);
 void add_paged_attention_kernels(std::vector<KernelDef>& table);
 void add_gather_rows_kernels(std::vector<KernelDef>& table);

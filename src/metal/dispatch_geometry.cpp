@@ -36,6 +36,23 @@ DispatchGeometry dispatch_geometry(const QKNormArgs& a) {
   g.threads[0] = 32;
   return g;
 }
+DispatchGeometry dispatch_geometry(const MoeRouteArgs& a) {
+  if (a.top_k <= 0 || a.top_k > 32 || a.top_k > a.num_experts)
+    throw std::invalid_argument("the Metal moe_route kernel takes 1 <= top_k <= min(32, num_experts) (got top_k " +
+                                std::to_string(a.top_k) + " of " + std::to_string(a.num_experts) + " experts)");
+  DispatchGeometry g;
+  g.groups[0] = uint32_t(std::max(a.num_tokens, 1));
+  g.threads[0] = 32;
+  return g;
+}
+DispatchGeometry dispatch_geometry(const MoeMatmulArgs& a) {
+  DispatchGeometry g;
+  g.groups[0] = uint32_t(std::max(1, (a.n + 3) / 4));
+  g.groups[1] = uint32_t(std::max(a.num_experts, 1));
+  g.threads[0] = 128;
+  return g;
+}
+DispatchGeometry dispatch_geometry(const MoeCombineArgs& a) { return per_group(a.num_tokens, a.dim); }
 DispatchGeometry dispatch_geometry(const SiluMulArgs& a) {
   DispatchGeometry g;
   const int64_t n = int64_t(a.rows) * a.dim;

@@ -20,6 +20,9 @@ DispatchGeometry dispatch_geometry(const KVWriteArgs& a);      // one threadgrou
 DispatchGeometry dispatch_geometry(const RopeArgs& a);         // one threadgroup per token
 DispatchGeometry dispatch_geometry(const ArgmaxArgs& a);       // one threadgroup per row
 DispatchGeometry dispatch_geometry(const QKNormArgs& a);       // one simdgroup per (token, head)
+DispatchGeometry dispatch_geometry(const MoeRouteArgs& a);     // one simdgroup per token; top_k <= 32
+DispatchGeometry dispatch_geometry(const MoeMatmulArgs& a);    // (4 rows of W, expert), a simdgroup per row
+DispatchGeometry dispatch_geometry(const MoeCombineArgs& a);   // one threadgroup per token
 // matmul: the GEMV kernel for up to kMetalGemvMaxRows rows of x, the simdgroup-matrix GEMM beyond.
 constexpr int kMetalGemvMaxRows = 4;
 const char* matmul_kernel_prefix(const MatmulArgs& a);         // "matmul_gemv" or "matmul_gemm"

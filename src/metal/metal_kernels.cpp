@@ -67,6 +67,7 @@ std::vector<std::pair<std::string, MetalKernelSpec>> table() {
       }
       add("kv_write_" + x, one<KVWriteArgs>("kv_write_" + x, 5));
       add("qk_norm_" + x, one<QKNormArgs>("qk_norm_" + x, 4));
+      add("moe_matmul_" + x, one<MoeMatmulArgs>("moe_matmul_" + x, 4));
       add("paged_attention_" + x, one<PagedAttentionArgs>("paged_attention_" + x, 7));
       add("paged_attention_split_" + x, one<PagedAttentionSplitArgs>("paged_attention_split_" + x, 9));
       add("paged_attention_decode_" + x, one<PagedAttentionDecodeArgs>("paged_attention_decode_" + x, 10));
@@ -79,9 +80,11 @@ std::vector<std::pair<std::string, MetalKernelSpec>> table() {
     add("rope" + x, one<RopeArgs>("rope" + x, 4));
     add("silu_mul" + x, one<SiluMulArgs>("silu_mul" + x, 3));
     add("gelu_tanh_mul" + x, one<SiluMulArgs>("gelu_tanh_mul" + x, 3));
+    add("moe_combine" + x, one<MoeCombineArgs>("moe_combine" + x, 3));
     add("gather_rows" + x, one<GatherRowsArgs>("gather_rows" + x, 3));
   }
   add("argmax", one<ArgmaxArgs>("argmax", 2));
+  add("moe_route", one<MoeRouteArgs>("moe_route", 3));
   return t;
 }
 

@@ -1,14 +1,17 @@
 // Llama (Touvron et al. 2023) and the models built like it: Mistral (sliding-window attention), Qwen2
 // (q/k/v bias, sliding window on the upper layers), Qwen3 (no bias; q and k RMS-normed per head before RoPE) and
-// Phi-3 / Phi-4-mini (qkv_proj and gate_up_proj stored fused; longrope; partial rotary).
+// Phi-3 / Phi-4-mini (qkv_proj and gate_up_proj stored fused; longrope; partial rotary), and their mixtures of
+// experts, Mixtral (Mistral's attention) and Qwen3-MoE (Qwen3's), where the MLP is the top-k of E SwiGLU experts.
 // A pre-norm decoder:
 //   h = embed(tokens)
 //   per layer:  h += o_proj(attention(rope(q), rope(k), v))   with q | k | v = qkv_proj(rms_norm(h))
 //               (Qwen3: q, k = q_norm(q), k_norm(k) per head first)
 //               h += down_proj(silu(gate) * up)               with gate | up = gate_up_proj(rms_norm(h))
+//               (MoE layers: h += sum over the token's top-k experts e of p_e * down_e(silu(gate_e) * up_e))
 //   logits = lm_head(rms_norm(h))
 // q/k/v and gate/up are fused at load into one weight each (vLLM's QKVParallelLinear and
 // MergedColumnParallelLinear): 4 matmuls a layer instead of 7.
+#include <algorithm>
 #include <cmath>
 
 #include "model.h"
@@ -24,6 +27,10 @@ struct LlamaLayer {
   Weight post_attention_norm;  // [H]
   Weight gate_up_proj, gate_up_bias;  // [2 I, H], [2 I]: gate_proj | up_proj
   Weight down_proj, down_bias;        // [H, I], [H]
+  bool moe = false;                   // a mixture-of-experts MLP instead:
+  Weight router;                      // [E, H]
+  Weight experts_gate_up;             // [E * 2 Ie, H]: expert e's gate_proj | up_proj at rows e * 2 Ie
+  Weight experts_down;                // [E * H, Ie]:   expert e's down_proj at rows e * H
 };
 
 class Llama : public Model {
@@ -46,8 +53,12 @@ class Llama : public Model {
       j.fail("partial_rotary_factor is not used by " + c.architecture);
     c.rope_theta = float(rope_params_.theta);
     c.rope_type = rope_params_.type;
-    const bool qwen2 = c.architecture == "Qwen2ForCausalLM", mistral = c.architecture == "MistralForCausalLM";
-    qk_norm_ = c.architecture == "Qwen3ForCausalLM";
+    const bool qwen2 = c.architecture == "Qwen2ForCausalLM";
+    mixtral_ = c.architecture == "MixtralForCausalLM";
+    qwen3_moe_ = c.architecture == "Qwen3MoeForCausalLM";
+    const bool mistral = c.architecture == "MistralForCausalLM" || mixtral_;
+    qk_norm_ = c.architecture == "Qwen3ForCausalLM" || qwen3_moe_;
+    if (mixtral_ || qwen3_moe_) read_moe(j, c);
     if (qwen2) {
       qkv_bias_ = true;
     } else if (qk_norm_) {
@@ -67,6 +78,27 @@ class Llama : public Model {
       for (int l = j.get_int("max_window_layers", 0); l < c.num_layers; ++l) c.layer_uses_sliding_window[size_t(l)] = true;
     }
     c_ = c;
+  }
+
+  // Which layers are mixtures of experts, of how many experts, choosing how many.
+  void read_moe(const ConfigReader& j, const ModelConfig& c) {
+    num_experts_ = j.get_int("num_local_experts", j.get_int("num_experts", 0));
+    top_k_ = j.get_int("num_experts_per_tok", 2);
+    if (num_experts_ <= 0) j.fail("missing required field 'num_local_experts' (or 'num_experts')");
+    if (top_k_ < 1 || top_k_ > num_experts_ || top_k_ > 32)
+      j.fail("num_experts_per_tok must be in 1..min(32, num_experts) (got " + std::to_string(top_k_) + ")");
+    renormalize_ = mixtral_ || j.get_bool("norm_topk_prob", false);  // Mixtral always renormalises the top-k
+    expert_intermediate_ = mixtral_ ? c.intermediate_size : j.get_int("moe_intermediate_size", 0);
+    if (expert_intermediate_ <= 0) j.fail("missing required field 'moe_intermediate_size'");
+    moe_layer_.assign(size_t(c.num_layers), mixtral_);
+    if (qwen3_moe_) {
+      const int step = j.get_int("decoder_sparse_step", 1);
+      std::vector<double> dense = j.get_num_list("mlp_only_layers");
+      for (int l = 0; l < c.num_layers; ++l) {
+        bool is_dense = std::find(dense.begin(), dense.end(), double(l)) != dense.end();
+        moe_layer_[size_t(l)] = !is_dense && step > 0 && (l + 1) % step == 0;
+      }
+    }
   }
 
   void load(WeightLoader& w) override {
@@ -97,6 +129,10 @@ class Llama : public Model {
       L.o_proj = w.get(p + "self_attn.o_proj.weight", {H, QD});
       L.o_bias = w.get(p + "self_attn.o_proj.bias", {H}, o_bias_);
       L.post_attention_norm = w.get(p + "post_attention_layernorm.weight", {H});
+      if (!moe_layer_.empty() && moe_layer_[size_t(l)]) {
+        load_experts(w, p, L);
+        continue;
+      }
       if (phi3_)
         L.gate_up_proj = w.get(p + "mlp.gate_up_proj.weight", {2 * I, H});
       else
@@ -106,6 +142,23 @@ class Llama : public Model {
       L.down_bias = w.get(p + "mlp.down_proj.bias", {H}, mlp_bias_);
     }
     rope_ = make_rope(w, rope_params_, "rope inv_freq");
+  }
+
+  // The router and every expert, stacked at load into one gate | up and one down weight (vLLM's FusedMoE).
+  void load_experts(WeightLoader& w, const std::string& p, LlamaLayer& L) {
+    const int64_t H = c_.hidden_size, Ie = expert_intermediate_, E = num_experts_;
+    const std::string block = mixtral_ ? p + "block_sparse_moe." : p + "mlp.";
+    L.moe = true;
+    L.router = w.get(block + "gate.weight", {E, H});
+    std::vector<std::pair<std::string, std::vector<int64_t>>> gate_up, down;
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string x = block + "experts." + std::to_string(e) + ".";
+      gate_up.push_back({x + (mixtral_ ? "w1.weight" : "gate_proj.weight"), {Ie, H}});
+      gate_up.push_back({x + (mixtral_ ? "w3.weight" : "up_proj.weight"), {Ie, H}});
+      down.push_back({x + (mixtral_ ? "w2.weight" : "down_proj.weight"), {H, Ie}});
+    }
+    L.experts_gate_up = w.fused(gate_up);
+    L.experts_down = w.fused(down);
   }
 
   Tensor forward(Ops& ops) override {
@@ -131,11 +184,14 @@ class Llama : public Model {
       ops.attention(l, q, k, v, attn, o);
       ops.linear(o, L.o_proj, L.o_bias, h);                 // [T, H]
       ops.add_rms_norm(h, residual, L.post_attention_norm, eps, h);  // residual += h; h = RMSNorm(residual)
-      // SwiGLU MLP: down(silu(gate(h)) * up(h))
-      Tensor gate_up = ops.linear(h, L.gate_up_proj, L.gate_up_bias, "gate_up");  // [T, 2I] = gate | up
-      Tensor act = ops.alloc(T, I, "silu(gate) * up");                         // [T, I]
-      ops.silu_mul(gate_up, act);
-      ops.linear(act, L.down_proj, L.down_bias, h);                            // [T, H]
+      if (L.moe) {  // the token's top-k experts' SwiGLU MLPs, weighted by their router probabilities
+        ops.moe(h, L.router, L.experts_gate_up, L.experts_down, num_experts_, top_k_, renormalize_, h);  // [T, H]
+      } else {  // SwiGLU MLP: down(silu(gate(h)) * up(h))
+        Tensor gate_up = ops.linear(h, L.gate_up_proj, L.gate_up_bias, "gate_up");  // [T, 2I] = gate | up
+        Tensor act = ops.alloc(T, I, "silu(gate) * up");                         // [T, I]
+        ops.silu_mul(gate_up, act);
+        ops.linear(act, L.down_proj, L.down_bias, h);                            // [T, H]
+      }
       if (l + 1 < c_.num_layers)  // residual += h; h = RMSNorm(residual) with the next layer's weight
         ops.add_rms_norm(h, residual, layers_[size_t(l) + 1].input_norm, eps, h);
     }
@@ -149,6 +205,9 @@ class Llama : public Model {
  private:
   ModelConfig c_;
   bool qkv_bias_ = false, o_bias_ = false, mlp_bias_ = false, qk_norm_ = false, phi3_ = false, longrope_alias_ = false;
+  bool mixtral_ = false, qwen3_moe_ = false, renormalize_ = false;  // mixtures of experts
+  int num_experts_ = 0, top_k_ = 0, expert_intermediate_ = 0;
+  std::vector<bool> moe_layer_;  // [num_layers]
   RopeParams rope_params_;
   RotaryEmbedding rope_;
   Weight embed_tokens_, final_norm_, lm_head_;  // [V, H], [H], [V, H] (lm_head_ is embed_tokens_ when tied)
@@ -158,8 +217,9 @@ class Llama : public Model {
 }  // namespace
 
 Architecture llama_family() {
-  return Architecture{{"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"},
-                      {"llama", "mistral", "qwen2", "qwen3", "phi3"},
+  return Architecture{{"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+                       "MixtralForCausalLM", "Qwen3MoeForCausalLM"},
+                      {"llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe"},
                       [](const ConfigReader& j, ModelConfig& c) -> std::unique_ptr<Model> {
                         return std::make_unique<Llama>(j, c);
                       }};

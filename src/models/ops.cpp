@@ -81,6 +81,15 @@ Tensor Ops::alloc_f32(int rows, int cols, const char* label) {
   return t;
 }
 
+Tensor Ops::alloc_i32(int rows, int cols, const char* label) {
+  Tensor t;
+  t.dtype = DType::I32;
+  t.rows = rows;
+  t.cols = t.stride = cols;
+  t.arg = pool_.alloc(sizeof(int32_t) * size_t(std::max(rows, 1)) * size_t(cols), label);
+  return t;
+}
+
 Tensor Ops::rope_table(const RotaryEmbedding& rope) {
   if (!rope.params.per_step()) {
     Tensor t;
@@ -118,9 +127,11 @@ Tensor Ops::linear(const Tensor& x, const Weight& w, const Weight& bias, const c
   return y;
 }
 
-Tensor Ops::logits(const Tensor& x, const Weight& w) {
-  Tensor y = alloc_f32(x.rows, int(w.rows()), "logits");
-  check_rows(x, "logits input");
+Tensor Ops::logits(const Tensor& x, const Weight& w) { return linear_f32(x, w, "logits"); }
+
+Tensor Ops::linear_f32(const Tensor& x, const Weight& w, const char* label) {
+  Tensor y = alloc_f32(x.rows, int(w.rows()), label);
+  check_rows(x, label);
   if (x.rows == 0) return y;
   // 16-bit activations: the _logits flavour of the matmul writes f32
   const std::string name = kernel_name("matmul", w.dtype) + (act_ == DType::F32 ? "" : "_logits");
@@ -204,6 +215,26 @@ void Ops::gated_activation(const char* op, const Tensor& gate_up, const Tensor& 
 
 void Ops::silu_mul(const Tensor& gate_up, const Tensor& out) { gated_activation("silu_mul", gate_up, out); }
 void Ops::gelu_tanh_mul(const Tensor& gate_up, const Tensor& out) { gated_activation("gelu_tanh_mul", gate_up, out); }
+
+void Ops::moe(const Tensor& x, const Weight& router, const Weight& gate_up, const Weight& down, int num_experts,
+              int top_k, bool renormalize, const Tensor& out) {
+  check_rows(x, "moe input");
+  check_rows(out, "moe output");
+  const int T = x.rows, H = x.cols, E = num_experts, K = top_k, I = int(down.cols());
+  if (router.rows() != E || gate_up.rows() != int64_t(E) * 2 * I || down.rows() != int64_t(E) * H || K < 1 || K > E)
+    throw std::logic_error("moe: the router and expert weights disagree with num_experts / top_k");
+  Tensor logits = linear_f32(x, router, "router logits");                   // f32 [T, E]
+  Tensor ids = alloc_i32(T, K, "expert ids");                              // i32 [T, K]
+  Tensor weights = alloc_f32(T, K, "expert weights");                      // f32 [T, K]
+  run("moe_route", MoeRouteArgs{T, E, K, renormalize ? 1 : 0}, {logits.arg, ids.arg, weights.arg});
+  Tensor gu = alloc(T * K, 2 * I, "experts' gate | up");                   // [T * K, 2I]
+  run(kernel_name("moe_matmul", gate_up.dtype), MoeMatmulArgs{T * K, 2 * I, H, E, K}, {x.arg, gate_up.arg, ids.arg, gu.arg});
+  Tensor act = alloc(T * K, I, "experts' silu(gate) * up");                // [T * K, I]
+  silu_mul(gu, act);
+  Tensor y = alloc(T * K, H, "experts' down");                             // [T * K, H]
+  run(kernel_name("moe_matmul", down.dtype), MoeMatmulArgs{T * K, H, I, E, 1}, {act.arg, down.arg, ids.arg, y.arg});
+  run("moe_combine" + act_suffix(), MoeCombineArgs{T, K, H}, {y.arg, weights.arg, out.arg});  // [T, H]
+}
 
 Tensor Ops::gather_logit_rows(const Tensor& x, const char* label) {
   check_rows(x, "gather_logit_rows");

@@ -96,6 +96,7 @@ class Ops {
   // ---- scratch tensors: the pool is carved anew each step; a Scope hands back what was allocated inside it
   Tensor alloc(int rows, int cols, const char* label);               // activation dtype
   Tensor alloc_f32(int rows, int cols, const char* label);
+  Tensor alloc_i32(int rows, int cols, const char* label);
   class Scope {
    public:
     explicit Scope(Ops& ops) : pool_(ops.pool_), mark_(ops.pool_.used()) {}
@@ -137,6 +138,14 @@ class Ops {
   void silu_mul(const Tensor& gate_up, const Tensor& out);
   // out = gelu_tanh(gate) * up (GeGLU), as silu_mul
   void gelu_tanh_mul(const Tensor& gate_up, const Tensor& out);
+  // A mixture-of-experts SwiGLU MLP (Mixtral, Qwen3-MoE): each token's top_k experts by router softmax
+  // (renormalised to sum 1 when asked), their down(silu(gate(x)) * up(x)) weighted by those probabilities.
+  // The router's logits are f32 whatever the activations (a 16-bit rounding would flip near-tied choices).
+  // Rows are grouped by expert: each selected expert's weights are read once, the others not at all.
+  // x, out [T, H] (out may be x); router [E, H]; gate_up [E * 2I, H] (expert e's gate | up at rows e * 2I);
+  // down [E * H, I]
+  void moe(const Tensor& x, const Weight& router, const Weight& gate_up, const Weight& down, int num_experts,
+           int top_k, bool renormalize, const Tensor& out);
   // The step's logit rows of x (logits_indices)                               x [T, cols] -> [R, cols]
   Tensor gather_logit_rows(const Tensor& x, const char* label);
 
@@ -145,6 +154,7 @@ class Ops {
   std::string act_suffix() const;                                        // "" or _act_<adt>
   void check_rows(const Tensor& t, const char* what) const;
   void gated_activation(const char* op, const Tensor& gate_up, const Tensor& out);
+  Tensor linear_f32(const Tensor& x, const Weight& w, const char* label);  // y f32 whatever the activations
   // Encodes kernel `name` (resolving it even when only measuring: a load-time pass resolves every kernel).
   template <class Args>
   void run(const std::string& name, const Args& args, std::initializer_list<BufferArg> buffers) {

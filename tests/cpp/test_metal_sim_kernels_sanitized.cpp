@@ -104,6 +104,27 @@ TEST(MetalSimKernelsSanitized, RopeAndKVWrite) {
   }
 }
 
+TEST(MetalSimKernelsSanitized, MixtureOfExperts) {
+  const int T = 5, E = 8, K = 2, H = 33, N = 40;
+  auto logits = randn(size_t(T) * E), w_ = randn(size_t(T) * K), x = randn(size_t(T) * H);
+  std::vector<int32_t> ids(size_t(T) * K);
+  run("moe_route", MoeRouteArgs{T, E, K, 1}, {logits.data(), ids.data(), w_.data()});
+  ids[3] = -1;  // not an expert: a zero row
+  for (const char* dt : kDtypes) {
+    Weights w(dt, size_t(E) * N * H);
+    auto y = randn(size_t(T) * K * N);
+    run(std::string("moe_matmul_") + dt, MoeMatmulArgs{T * K, N, H, E, K}, {x.data(), w.data(), ids.data(), y.data()});
+  }
+  auto y = randn(size_t(T) * K * H), out = randn(size_t(T) * H);
+  run("moe_combine", MoeCombineArgs{T, K, H}, {y.data(), w_.data(), out.data()});
+  for (const std::string dt : {"f16", "bf16"}) {
+    auto xh = randh(size_t(T) * H), wh = randh(size_t(E) * N * H), yh = randh(size_t(T) * K * N);
+    run("moe_matmul_" + dt + "_act_" + dt, MoeMatmulArgs{T * K, N, H, E, K}, {xh.data(), wh.data(), ids.data(), yh.data()});
+    auto y2 = randh(size_t(T) * K * H), o2 = randh(size_t(T) * H);
+    run("moe_combine_act_" + dt, MoeCombineArgs{T, K, H}, {y2.data(), w_.data(), o2.data()});
+  }
+}
+
 TEST(MetalSimKernelsSanitized, Matmul) {
   for (const char* dt : kDtypes)
     for (auto [m, n, k] : {std::tuple{1, 17, 7}, {4, 31, 130}, {7, 40, 33}, {33, 65, 48}}) {

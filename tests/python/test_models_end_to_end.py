@@ -142,6 +142,22 @@ def test_gemma3_head_dim_256_and_its_own_layer_pattern(tmp_path):
     np.testing.assert_allclose(logits, hf_logits(path, tokens), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_step_reads_only_the_routed_experts(tiny_checkpoints, arch):
+    """A decode step of one token reads its 2 experts per projection, not the 8; a 40-token prefill reads each
+    selected expert once per projection (at most 8), not once per token (80)."""
+    engine = metal_engine.Engine(tiny_checkpoints[arch], dtype="float32")
+    moe_layers = 2 if arch == "mixtral" else 1  # qwen3_moe: layer 1 is dense (mlp_only_layers)
+    h = Harness(engine)
+    before = metal_engine._core.cpu_moe_expert_matmuls()
+    (logits, tokens), = h.prefill_and_decode([prompts(1, [40], seed=14)[0]], 0)
+    prefill = metal_engine._core.cpu_moe_expert_matmuls() - before
+    assert 2 * moe_layers * 2 <= prefill <= 2 * moe_layers * 8  # 2 projections per MoE layer
+    before = metal_engine._core.cpu_moe_expert_matmuls()
+    h.prefill_and_decode([[3]], 0)
+    assert metal_engine._core.cpu_moe_expert_matmuls() - before == 2 * moe_layers * 2
+
+
 def test_sharded_checkpoint_and_tied_embeddings(tmp_path):
     path = tmp_path / "sharded"
     src = make_tiny_checkpoint(tmp_path / "single", "llama", tie_word_embeddings=True)

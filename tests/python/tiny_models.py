@@ -1,6 +1,6 @@
 """Tiny random checkpoints made by transformers, for tests that need a real model quickly."""
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "mixtral", "qwen3_moe")
 
 
 def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
@@ -42,6 +42,15 @@ def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
                                                "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
                                                **overrides})
         cls = transformers.Gemma3ForCausalLM
+    elif arch == "mixtral":  # 8 experts, top-2, renormalised; sliding window 5
+        cfg = transformers.MixtralConfig(**{**common, "num_local_experts": 8, "num_experts_per_tok": 2,
+                                            "sliding_window": 5, **overrides})
+        cls = transformers.MixtralForCausalLM
+    elif arch == "qwen3_moe":  # 8 experts, top-2, not renormalised; layer 1 a dense MLP (mlp_only_layers)
+        cfg = transformers.Qwen3MoeConfig(**{**common, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2,
+                                             "moe_intermediate_size": 24, "norm_topk_prob": False,
+                                             "decoder_sparse_step": 1, "mlp_only_layers": [1], **overrides})
+        cls = transformers.Qwen3MoeForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
@@ -52,6 +61,9 @@ def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
                 p.copy_((0.0 if arch.startswith("gemma") else 1.0) + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.08 if p.ndim > 1 else 0.05)
+        for name, p in model.named_parameters():  # uneven routing: the router favours the first experts
+            if name.endswith(".gate.weight") and p.ndim == 2 and p.shape[0] == getattr(cfg, "num_local_experts", 0):
+                p.mul_(torch.linspace(3.0, 0.5, p.shape[0])[:, None])
     model.save_pretrained(path, safe_serialization=True)
     return path
 

@@ -124,6 +124,16 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
 
 }  // namespace
 
+template <class W>
+void matmul_rows(const float* x, int M, int K, const W* w, float* y, int N, ThreadPool& pool) {
+  const MatmulArgs a{M, N, K, 0};
+  void* b[4] = {const_cast<float*>(x), const_cast<W*>(w), nullptr, y};
+  matmul<W>(a, b, pool);
+}
+template void matmul_rows<float>(const float*, int, int, const float*, float*, int, ThreadPool&);
+template void matmul_rows<f16>(const float*, int, int, const f16*, float*, int, ThreadPool&);
+template void matmul_rows<bf16>(const float*, int, int, const bf16*, float*, int, ThreadPool&);
+
 void add_matmul_kernels(std::vector<KernelDef>& table) {
   table.push_back(make_kernel<MatmulArgs>("matmul_f32", 4, matmul<float>));
   table.push_back(make_kernel<MatmulArgs>("matmul_f16", 4, matmul<f16>));

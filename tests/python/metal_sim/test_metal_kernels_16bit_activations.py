@@ -26,6 +26,7 @@ ACT_KERNELS = {
     "qk_norm_f16_act_f16", "qk_norm_bf16_act_bf16",
     "silu_mul_act_f16", "silu_mul_act_bf16",
     "gelu_tanh_mul_act_f16", "gelu_tanh_mul_act_bf16",
+    "moe_matmul_f16_act_f16", "moe_matmul_bf16_act_bf16", "moe_combine_act_f16", "moe_combine_act_bf16",
     "gather_rows_act_f16", "gather_rows_act_bf16",
     "kv_write_f16_act_f16", "kv_write_bf16_act_bf16",
     "paged_attention_f16_act_f16", "paged_attention_bf16_act_bf16",
@@ -115,6 +116,38 @@ def test_matmul(act, m, n, k, bias, logits, reverse):
         y.check_guards()
     else:
         close(y, ref, act, scale=np.sqrt(k))
+
+
+@ORDERS
+@ACTS
+@pytest.mark.parametrize("tokens,k,experts,n,kdim,div", [(1, 2, 8, 24, 16, 2), (5, 2, 4, 17, 40, 1)])
+def test_moe_matmul(act, tokens, k, experts, n, kdim, div, reverse):
+    rng = np.random.default_rng(tokens + n)
+    rows = tokens * k
+    x, xf = rounded(rng.standard_normal((rows // div, kdim)), act)
+    w = to_storage(rng.standard_normal((experts, n, kdim)) * 0.2, act)
+    ids = rng.integers(0, experts, rows).astype(np.int32)
+    a = args("MoeMatmulArgs", rows=rows, n=n, k=kdim, num_experts=experts, x_row_div=div)
+    ref = np.zeros((rows, n), np.float32)
+    cpu(f"moe_matmul_{act}", a, [xf, w, ids, ref])
+    y = out16((rows, n), act)
+    sim(f"moe_matmul_{act}_act_{act}", a, [x, w, ids, y.array], reverse)
+    close(y, ref, act, scale=np.sqrt(kdim))
+
+
+@ORDERS
+@ACTS
+@pytest.mark.parametrize("tokens,k,dim", [(1, 1, 3), (4, 2, 300)])
+def test_moe_combine(act, tokens, k, dim, reverse):
+    rng = np.random.default_rng(dim)
+    y, yf = rounded(rng.standard_normal((tokens * k, dim)), act)
+    w = rng.random((tokens, k)).astype(np.float32)
+    a = args("MoeCombineArgs", num_tokens=tokens, top_k=k, dim=dim)
+    ref = np.zeros((tokens, dim), np.float32)
+    cpu("moe_combine", a, [yf, w, ref])
+    out = out16((tokens, dim), act)
+    sim(f"moe_combine_act_{act}", a, [y, w, out.array], reverse)
+    close(out, ref, act)
 
 
 @ORDERS

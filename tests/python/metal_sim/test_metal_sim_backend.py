@@ -43,10 +43,22 @@ def run(path, backend, dtype, prompts, decode_steps, batched=True, chunk=0, prof
     return out
 
 
-def assert_same(a, b, tol):
+def assert_same(a, b, tol, rows_allowed_off=0.0):
+    """rows_allowed_off: the share of logit rows that may differ by more than tol (a mixture of experts in bf16
+    activations: a token whose top-k experts are near-tied may choose another expert than in f32)."""
+    off = []
     for (la, ta), (lb, tb) in zip(a, b):
-        np.testing.assert_allclose(lb, la, atol=tol, rtol=0)
+        if rows_allowed_off:
+            off.append(np.abs(lb - la).max(axis=1) > tol)
+        else:
+            np.testing.assert_allclose(lb, la, atol=tol, rtol=0)
         assert ta == tb
+    if off:
+        off = np.concatenate(off)
+        assert off.mean() <= rows_allowed_off, f"{off.sum()} of {len(off)} rows differ by more than {tol}"
+
+
+MOE = ("mixtral", "qwen3_moe")
 
 
 def decoded(result, prompts):
@@ -64,11 +76,13 @@ def test_prefill_and_decode_match_cpu(checkpoints, arch, dtype):
     profile = {}
     got = run(checkpoints[arch], METAL, dtype, prompts, decode_steps=3, profile=profile,
               forced=decoded(ref, prompts))
-    assert_same(ref, got, TOL[dtype])
+    assert_same(ref, got, TOL[dtype], rows_allowed_off=0.05 if arch in MOE and dtype == "bfloat16" else 0.0)
     w = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
     x = "" if w == "f32" else f"_act_{w}"  # 16-bit weights: 16-bit activations on Metal
     act = "gelu_tanh_mul" if arch.startswith("gemma") else "silu_mul"
-    extra = [f"qk_norm_{w}{x}"] if arch in ("qwen3", "gemma3") else []
+    extra = [f"qk_norm_{w}{x}"] if arch in ("qwen3", "gemma3", "qwen3_moe") else []
+    if arch in MOE:
+        extra += ["moe_route", f"moe_matmul_{w}{x}", f"moe_combine{x}"]
     for kernel in [f"paged_attention_prefill_{w}{x}", f"paged_attention_split_{w}{x}", f"paged_attention_reduce{x}",
                    f"matmul_gemm_{w}{x}", f"matmul_gemv_{w}{x}", f"kv_write_{w}{x}", f"rope{x}", f"{act}{x}",
                    f"embedding_{w}{x}", f"rms_norm_{w}{x}", f"gather_rows{x}"] + extra:

@@ -129,6 +129,57 @@ def test_qk_norm(dtype, tokens, heads, kv_heads, hd, reverse):
 
 
 @ORDERS
+@pytest.mark.parametrize("tokens,experts,k,renormalize", [(1, 2, 1, 0), (5, 8, 2, 1), (9, 60, 4, 0), (3, 128, 8, 1)])
+def test_moe_route(tokens, experts, k, renormalize, reverse):
+    rng = np.random.default_rng(tokens * experts)
+    logits = (3 * rng.standard_normal((tokens, experts))).astype(np.float32)
+    logits[0, :2] = logits[0].max() + 1.0  # a tie at the top: the lower id wins
+    a = args("MoeRouteArgs", num_tokens=tokens, num_experts=experts, top_k=k, renormalize=renormalize)
+    ref_ids, ref_w = np.zeros((tokens, k), np.int32), np.zeros((tokens, k), np.float32)
+    cpu("moe_route", a, [logits, ref_ids, ref_w])
+    ids, w = Guarded((tokens, k), np.int32), Guarded((tokens, k))
+    sim("moe_route", a, [logits, ids.array, w.array], reverse)
+    np.testing.assert_array_equal(ids.array, ref_ids)
+    np.testing.assert_allclose(w.array, ref_w, rtol=1e-6, atol=1e-7)
+    ids.check_guards()
+    w.check_guards()
+
+
+@ORDERS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,k,experts,n,kdim,div", [(1, 2, 8, 24, 16, 2), (3, 2, 8, 17, 33, 1), (7, 4, 16, 9, 70, 4)])
+def test_moe_matmul(dtype, tokens, k, experts, n, kdim, div, reverse):
+    rng = np.random.default_rng(tokens * 13 + n)
+    rows = tokens * k
+    x = rng.standard_normal((rows // div, kdim)).astype(np.float32)
+    w = to_storage(rng.standard_normal((experts, n, kdim)) * 0.1, dtype)
+    ids = rng.integers(0, experts, rows).astype(np.int32)
+    ids[-1] = -1
+    a = args("MoeMatmulArgs", rows=rows, n=n, k=kdim, num_experts=experts, x_row_div=div)
+    ref = np.full((rows, n), np.nan, np.float32)
+    cpu(f"moe_matmul_{dtype}", a, [x, w, ids, ref])
+    y = Guarded((rows, n), fill=np.nan)
+    sim(f"moe_matmul_{dtype}", a, [x, w, ids, y.array], reverse)
+    np.testing.assert_allclose(y.array, ref, rtol=2e-5, atol=2e-5)
+    y.check_guards()
+
+
+@ORDERS
+@pytest.mark.parametrize("tokens,k,dim", [(1, 1, 1), (5, 2, 33), (4, 8, 576)])
+def test_moe_combine(tokens, k, dim, reverse):
+    rng = np.random.default_rng(tokens + dim)
+    y = rng.standard_normal((tokens * k, dim)).astype(np.float32)
+    w = rng.random((tokens, k)).astype(np.float32)
+    a = args("MoeCombineArgs", num_tokens=tokens, top_k=k, dim=dim)
+    ref = np.zeros((tokens, dim), np.float32)
+    cpu("moe_combine", a, [y, w, ref])
+    out = Guarded((tokens, dim))
+    sim("moe_combine", a, [y, w, out.array], reverse)
+    np.testing.assert_allclose(out.array, ref, rtol=1e-6, atol=1e-6)
+    out.check_guards()
+
+
+@ORDERS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,kv_heads,hd,block_size,blocks", [(1, 1, 2, 1, 1), (7, 2, 16, 16, 3), (20, 3, 64, 8, 5)])
 def test_kv_write(dtype, tokens, kv_heads, hd, block_size, blocks, reverse):
@@ -393,6 +444,7 @@ def test_every_kernel_is_registered_and_tested_here():
         "rope",
         "qk_norm_f32", "qk_norm_f16", "qk_norm_bf16",
         "silu_mul", "gelu_tanh_mul",
+        "moe_route", "moe_matmul_f32", "moe_matmul_f16", "moe_matmul_bf16", "moe_combine",
     }
 
 
