@@ -8,8 +8,10 @@
 #include <nanobind/stl/vector.h>
 
 #include <optional>
+#include <set>
 #include <stdexcept>
 
+#include "../core/op_table.h"
 #include "../metal/dispatch_geometry.h"
 #include "../metal/metal_kernels.h"
 #include "../metal_sim/runtime.h"
@@ -51,21 +53,9 @@ void init_metal_sim(nb::module_& m) {
     metal_sim::link_engine_kernels();
     return metal_sim::kernel_names();
   });
-  def_run<RmsNormArgs>(sim);
-  def_run<SiluMulArgs>(sim);
-  def_run<EmbeddingArgs>(sim);
-  def_run<GatherRowsArgs>(sim);
-  def_run<KVWriteArgs>(sim);
-  def_run<RopeArgs>(sim);
-  def_run<QKNormArgs>(sim);
-  def_run<MoeRouteArgs>(sim);
-  def_run<MoeMatmulArgs>(sim);
-  def_run<MoeCombineArgs>(sim);
-  def_run<MatmulArgs>(sim);
-  def_run<PagedAttentionArgs>(sim);
-  def_run<ArgmaxArgs>(sim);
-  def_run<PagedAttentionSplitArgs>(sim);
-  def_run<PagedAttentionReduceArgs>(sim);
-  def_run<PagedAttentionPrefillArgs>(sim);
-  def_run<PagedAttentionDecodeArgs>(sim);
+  std::set<std::string> bound;  // one run overload per argument struct of the op table
+#define ME_DEF_RUN(op, Args, buffers, flavour, metal_only) \
+  if (bound.insert(#Args).second) def_run<Args>(sim);
+  ME_OPS(ME_DEF_RUN)
+#undef ME_DEF_RUN
 }

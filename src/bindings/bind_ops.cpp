@@ -10,7 +10,10 @@
 #include <cstring>
 #include <optional>
 
+#include <set>
+
 #include "../../metal/op_args.h"
+#include "../core/op_table.h"
 #include "../metal/dispatch_geometry.h"
 #include "../cpu/machine_probes.h"
 #include "../cpu/blas.h"
@@ -189,21 +192,27 @@ void init_ops(nb::module_& m) {
       .def_rw("max_partitions", &PagedAttentionReduceArgs::max_partitions);
   ops.def("metal_matmul_kernel_prefix", [](const MatmulArgs& a) { return std::string(matmul_kernel_prefix(a)); },
           "Which Metal matmul kernel these arguments take: matmul_gemv or matmul_gemm.");
-  def_run<EmbeddingArgs>(ops);
-  def_run<RmsNormArgs>(ops);
-  def_run<MatmulArgs>(ops);
-  def_run<RopeArgs>(ops);
-  def_run<SiluMulArgs>(ops);
-  def_run<QKNormArgs>(ops);
-  def_run<MoeRouteArgs>(ops);
-  def_run<MoeMatmulArgs>(ops);
-  def_run<MoeCombineArgs>(ops);
-  def_run<KVWriteArgs>(ops);
-  def_run<PagedAttentionArgs>(ops);
-  def_run<GatherRowsArgs>(ops);
-  def_run<ArgmaxArgs>(ops);
-  def_run<PagedAttentionSplitArgs>(ops);
-  def_run<PagedAttentionReduceArgs>(ops);
-  def_run<PagedAttentionDecodeArgs>(ops);
-  def_run<PagedAttentionPrefillArgs>(ops);
+  // one ops.run overload per argument struct of the op table
+  std::set<std::string> bound;
+#define ME_DEF_RUN(op, Args, buffers, flavour, metal_only) \
+  if (bound.insert(#Args).second) def_run<Args>(ops);
+  ME_OPS(ME_DEF_RUN)
+#undef ME_DEF_RUN
+  ops.def(
+      "op_table",
+      [] {
+        std::vector<nb::dict> out;
+        for (const OpInfo& op : op_table()) {
+          nb::dict d;
+          d["name"] = op.name;
+          d["args"] = op.args_name;
+          d["num_buffers"] = op.num_buffers;
+          d["metal_only"] = op.metal_only;
+          d["cpu_kernels"] = op.metal_only ? std::vector<std::string>{} : op_kernel_names(op, false);
+          d["metal_kernels"] = op_kernel_names(op, true);
+          out.push_back(d);
+        }
+        return out;
+      },
+      "Every op (src/core/op_table.h): its argument struct, buffer count and kernel names per backend.");
 }

@@ -9,6 +9,7 @@
 #include <new>
 #include <stdexcept>
 
+#include "../core/op_table.h"
 #include "cpu_kernels.h"
 #include "metal_engine/config.h"
 #include "metal_engine/device.h"
@@ -60,8 +61,9 @@ class WrappedBuffer : public Buffer {
   size_t size_;
 };
 
-constexpr int kMaxBuffers = 8;
-constexpr size_t kMaxArgs = 64;
+// A recorded command holds any op's argument struct and buffers (src/core/op_table.h).
+constexpr int kMaxBuffers = max_op_buffers();
+constexpr size_t kMaxArgs = max_op_args_size();
 
 struct Command {
   int kernel = -1;
@@ -83,6 +85,28 @@ class CpuDevice : public Device {
     add_paged_attention_kernels(table_);
     add_gather_rows_kernels(table_);
     add_argmax_kernels(table_);
+    check_against_op_table();
+  }
+
+  // Every kernel is an op of the op table with that op's argument struct and buffer count, and every op the cpu
+  // backend runs has all its kernels: a mismatch is a build mistake, reported when the device is made.
+  void check_against_op_table() const {
+    for (const KernelDef& k : table_) {
+      const OpInfo* op = op_of_kernel(k.name);
+      if (!op) throw std::logic_error("cpu kernel '" + k.name + "' is no op of src/core/op_table.h");
+      if (op->args_size != k.args_size || op->num_buffers != k.num_buffers)
+        throw std::logic_error("cpu kernel '" + k.name + "' takes " + std::to_string(k.args_size) + " argument bytes and " +
+                               std::to_string(k.num_buffers) + " buffers; op_table.h says " + op->args_name + " (" +
+                               std::to_string(op->args_size) + " bytes) and " + std::to_string(op->num_buffers));
+    }
+    for (const OpInfo& op : op_table()) {
+      if (op.metal_only) continue;
+      for (const std::string& name : op_kernel_names(op, false)) {
+        bool found = false;
+        for (const KernelDef& k : table_) found |= k.name == name;
+        if (!found) throw std::logic_error("the cpu backend lacks kernel '" + name + "' of op " + op.name);
+      }
+    }
   }
 
   std::string name() const override { return "cpu"; }
@@ -118,7 +142,8 @@ class CpuDevice : public Device {
     if (!encoding_) throw std::logic_error("dispatch of '" + k.name + "' outside begin_step()/submit()");
     if (k.index < 0 || size_t(k.index) >= table_.size()) throw std::invalid_argument("unknown kernel handle");
     const KernelDef& def = table_[size_t(k.index)];
-    if (args_size != def.args_size || int(buffers.size()) != def.num_buffers)
+    if (args_size > kMaxArgs || buffers.size() > size_t(kMaxBuffers) || args_size != def.args_size ||
+        int(buffers.size()) != def.num_buffers)
       throw std::invalid_argument("kernel '" + def.name + "' takes " + std::to_string(def.args_size) +
                                   " argument bytes and " + std::to_string(def.num_buffers) + " buffers, got " +
                                   std::to_string(args_size) + " and " + std::to_string(buffers.size()));

@@ -1,5 +1,6 @@
 #include "metal_kernels.h"
 
+#include "../core/op_table.h"
 #include "metal_engine/device.h"
 
 #include <cstring>
@@ -36,55 +37,43 @@ MetalKernelSpec one(const std::string& function, int num_buffers) {
   return MetalKernelSpec{sizeof(Args), num_buffers, {MetalPipelineKey{function, {}}}, &plan_one<Args>};
 }
 
-const char* const kWeightTypes[] = {"f32", "f16", "bf16"};
+using SpecTable = std::vector<std::pair<std::string, MetalKernelSpec>>;
 
-std::vector<std::pair<std::string, MetalKernelSpec>> table() {
-  std::vector<std::pair<std::string, MetalKernelSpec>> t;
-  auto add = [&](const std::string& name, MetalKernelSpec s) { t.emplace_back(name, std::move(s)); };
-  // Per weight / KV-cache type: <op>_<wdt> with f32 activations, and for the 16-bit types also
-  // <op>_<wdt>_act_<wdt> with activations in that type (the matmul's _logits variant writes f32 logits).
-  for (const char* w : kWeightTypes) {
-    const std::string s = w;
-    std::vector<std::string> suffixes{s};
-    if (s != "f32") suffixes.push_back(s + "_act_" + s);
-    for (const std::string& x : suffixes) {
-      add("embedding_" + x, one<EmbeddingArgs>("embedding_" + x, 3));
-      // function constant 0: add the residual
-      add("rms_norm_" + x, MetalKernelSpec{sizeof(RmsNormArgs), 4,
-                                           {MetalPipelineKey{"rms_norm_" + x, {{0, false}}},
-                                            MetalPipelineKey{"rms_norm_" + x, {{0, true}}}},
+// Every flavour of one op of the op table, one MSL function each, but
+//  - rms_norm_*: one function, two pipelines (function constant 0: add the residual);
+//  - matmul_*: the GEMV function for a few rows of x (decode), the simdgroup-matrix GEMM beyond (prefill), each
+//    also by its own name; with 16-bit activations a _logits flavour writing f32 (the LM head, the router).
+template <class Args>
+void add_op(SpecTable& t, const OpInfo& op) {
+  const std::string op_name = op.name;
+  for (const std::string& name : op_kernel_names(op, /*with_half_activations=*/true)) {
+    if (op_name == "rms_norm") {
+      t.emplace_back(name, MetalKernelSpec{sizeof(Args), op.num_buffers,
+                                           {MetalPipelineKey{name, {{0, false}}}, MetalPipelineKey{name, {{0, true}}}},
                                            &plan_rms_norm});
-      std::vector<std::string> matmuls{x};
-      if (x != s) matmuls.push_back(x + "_logits");
-      for (const std::string& mx : matmuls) {
-        // the GEMV kernel for a few rows of x (decode), the simdgroup-matrix GEMM beyond (prefill)
-        add("matmul_" + mx, MetalKernelSpec{sizeof(MatmulArgs), 4,
-                                            {MetalPipelineKey{"matmul_gemv_" + mx, {}},
-                                             MetalPipelineKey{"matmul_gemm_" + mx, {}}},
-                                            &plan_matmul});
-        add("matmul_gemv_" + mx, one<MatmulArgs>("matmul_gemv_" + mx, 4));
-        add("matmul_gemm_" + mx, one<MatmulArgs>("matmul_gemm_" + mx, 4));
+    } else if (op_name == "matmul") {
+      std::vector<std::string> flavours{name};
+      if (name.find("_act_") != std::string::npos) flavours.push_back(name + "_logits");
+      for (const std::string& f : flavours) {
+        const std::string x = f.substr(op_name.size() + 1);
+        t.emplace_back(f, MetalKernelSpec{sizeof(Args), op.num_buffers,
+                                          {MetalPipelineKey{"matmul_gemv_" + x, {}}, MetalPipelineKey{"matmul_gemm_" + x, {}}},
+                                          &plan_matmul});
+        t.emplace_back("matmul_gemv_" + x, one<Args>("matmul_gemv_" + x, op.num_buffers));
+        t.emplace_back("matmul_gemm_" + x, one<Args>("matmul_gemm_" + x, op.num_buffers));
       }
-      add("kv_write_" + x, one<KVWriteArgs>("kv_write_" + x, 5));
-      add("qk_norm_" + x, one<QKNormArgs>("qk_norm_" + x, 4));
-      add("moe_matmul_" + x, one<MoeMatmulArgs>("moe_matmul_" + x, 4));
-      add("paged_attention_" + x, one<PagedAttentionArgs>("paged_attention_" + x, 7));
-      add("paged_attention_split_" + x, one<PagedAttentionSplitArgs>("paged_attention_split_" + x, 9));
-      add("paged_attention_decode_" + x, one<PagedAttentionDecodeArgs>("paged_attention_decode_" + x, 10));
-      add("paged_attention_prefill_" + x, one<PagedAttentionPrefillArgs>("paged_attention_prefill_" + x, 7));
+    } else {
+      t.emplace_back(name, one<Args>(name, op.num_buffers));
     }
   }
-  // Activation-only kernels: <op> (f32) and <op>_act_<adt>
-  for (const std::string x : {"", "_act_f16", "_act_bf16"}) {
-    add("paged_attention_reduce" + x, one<PagedAttentionReduceArgs>("paged_attention_reduce" + x, 4));
-    add("rope" + x, one<RopeArgs>("rope" + x, 4));
-    add("silu_mul" + x, one<SiluMulArgs>("silu_mul" + x, 3));
-    add("gelu_tanh_mul" + x, one<SiluMulArgs>("gelu_tanh_mul" + x, 3));
-    add("moe_combine" + x, one<MoeCombineArgs>("moe_combine" + x, 3));
-    add("gather_rows" + x, one<GatherRowsArgs>("gather_rows" + x, 3));
-  }
-  add("argmax", one<ArgmaxArgs>("argmax", 2));
-  add("moe_route", one<MoeRouteArgs>("moe_route", 3));
+}
+
+// Generated from the op table (src/core/op_table.h).
+SpecTable table() {
+  SpecTable t;
+#define ME_METAL_SPECS(op, Args, buffers, flavour, metal_only) add_op<Args>(t, *find_op(#op));
+  ME_OPS(ME_METAL_SPECS)
+#undef ME_METAL_SPECS
   return t;
 }
 

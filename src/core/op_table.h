@@ -1,0 +1,123 @@
+// Every op of the engine, declared once: its name, its argument struct (metal/op_args.h, bound at buffer(0) on
+// Metal), how many buffers follow it, and the kernel flavours it has. From this table come the cpu backend's
+// registration checks, the Metal backend's kernel specs (src/metal/metal_kernels.cpp), the `run` bindings of
+// _core.ops and _core.metal_sim, and the op list the tests check themselves against (_core.ops.op_table()).
+//
+// Adding an op: its args struct in metal/op_args.h, its cpu kernel (src/cpu/kernels/<op>.cpp), its MSL kernel
+// (metal/<op>.metal), its test case (tests/python/ops/test_<op>.py and the metal-sim suites), one line here.
+#pragma once
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "../../metal/op_args.h"
+
+namespace metal_engine {
+
+// The kernels an op has, by the dtypes in their names:
+//   Weight:     <op>_<wdt> for wdt f32, f16, bf16 (weights or KV cache), and on Metal <op>_<wdt>_act_<wdt>
+//   Activation: <op>, and on Metal <op>_act_f16, <op>_act_bf16
+//   Single:     <op> alone (f32 in, f32 out)
+// metal_only: kernels only the Metal backend has (its other attention paths).
+enum class OpFlavour { Weight, Activation, Single };
+
+// X(op, Args, buffers, flavour, metal_only)
+#define ME_OPS(X)                                                                   \
+  X(embedding, EmbeddingArgs, 3, Weight, false)                                     \
+  X(rms_norm, RmsNormArgs, 4, Weight, false)                                        \
+  X(matmul, MatmulArgs, 4, Weight, false)                                           \
+  X(qk_norm, QKNormArgs, 4, Weight, false)                                          \
+  X(rope, RopeArgs, 4, Activation, false)                                           \
+  X(silu_mul, SiluMulArgs, 3, Activation, false)                                    \
+  X(gelu_tanh_mul, SiluMulArgs, 3, Activation, false)                               \
+  X(kv_write, KVWriteArgs, 5, Weight, false)                                        \
+  X(paged_attention, PagedAttentionArgs, 7, Weight, false)                          \
+  X(paged_attention_decode, PagedAttentionDecodeArgs, 10, Weight, true)             \
+  X(paged_attention_prefill, PagedAttentionPrefillArgs, 7, Weight, true)            \
+  X(paged_attention_split, PagedAttentionSplitArgs, 9, Weight, true)                \
+  X(paged_attention_reduce, PagedAttentionReduceArgs, 4, Activation, true)          \
+  X(gather_rows, GatherRowsArgs, 3, Activation, false)                              \
+  X(moe_route, MoeRouteArgs, 3, Single, false)                                      \
+  X(moe_matmul, MoeMatmulArgs, 4, Weight, false)                                    \
+  X(moe_combine, MoeCombineArgs, 3, Activation, false)                              \
+  X(argmax, ArgmaxArgs, 2, Single, false)
+
+struct OpInfo {
+  const char* name;
+  const char* args_name;  // the struct's name in op_args.h (and in _core.ops)
+  size_t args_size;
+  int num_buffers;
+  OpFlavour flavour;
+  bool metal_only;
+};
+
+inline const std::vector<OpInfo>& op_table() {
+#define ME_OP_INFO(op, Args, buffers, flavour, metal_only) \
+  OpInfo{#op, #Args, sizeof(Args), buffers, OpFlavour::flavour, metal_only},
+  static const std::vector<OpInfo> table = {ME_OPS(ME_OP_INFO)};
+#undef ME_OP_INFO
+  return table;
+}
+
+// The largest argument struct and buffer count of any op: what a backend's recorded command must hold.
+#define ME_OP_ARGS_SIZE(op, Args, buffers, flavour, metal_only) sizeof(Args),
+#define ME_OP_BUFFERS(op, Args, buffers, flavour, metal_only) buffers,
+constexpr size_t kOpArgsSizes[] = {ME_OPS(ME_OP_ARGS_SIZE)};
+constexpr int kOpBufferCounts[] = {ME_OPS(ME_OP_BUFFERS)};
+#undef ME_OP_ARGS_SIZE
+#undef ME_OP_BUFFERS
+constexpr size_t max_op_args_size() {
+  size_t m = 0;
+  for (size_t s : kOpArgsSizes) m = s > m ? s : m;
+  return m;
+}
+constexpr int max_op_buffers() {
+  int m = 0;
+  for (int b : kOpBufferCounts) m = b > m ? b : m;
+  return m;
+}
+
+inline const OpInfo* find_op(const std::string& name) {
+  for (const OpInfo& op : op_table())
+    if (name == op.name) return &op;
+  return nullptr;
+}
+
+// The kernel names of an op on a backend: with_half_activations adds the Metal flavours (<op>_<wdt>_act_<wdt>,
+// <op>_act_<adt>).
+inline std::vector<std::string> op_kernel_names(const OpInfo& op, bool with_half_activations) {
+  const std::string n = op.name;
+  std::vector<std::string> v;
+  switch (op.flavour) {
+    case OpFlavour::Weight:
+      for (const char* w : {"f32", "f16", "bf16"}) v.push_back(n + "_" + w);
+      if (with_half_activations)
+        for (const char* w : {"f16", "bf16"}) v.push_back(n + "_" + w + "_act_" + w);
+      break;
+    case OpFlavour::Activation:
+      v.push_back(n);
+      if (with_half_activations)
+        for (const char* a : {"f16", "bf16"}) v.push_back(n + "_act_" + a);
+      break;
+    case OpFlavour::Single:
+      v.push_back(n);
+      break;
+  }
+  return v;
+}
+
+// The op a kernel name belongs to (the longest op name it starts with, followed by '_' or nothing); null if none.
+inline const OpInfo* op_of_kernel(const std::string& kernel) {
+  const OpInfo* best = nullptr;
+  size_t best_len = 0;
+  for (const OpInfo& op : op_table()) {
+    const size_t n = std::char_traits<char>::length(op.name);
+    if (kernel.compare(0, n, op.name) == 0 && (kernel.size() == n || kernel[n] == '_') && n > best_len) {
+      best = &op;
+      best_len = n;
+    }
+  }
+  return best;
+}
+
+}  // namespace metal_engine
