@@ -23,7 +23,7 @@ fi
 out=build/arm64
 mkdir -p "$out"
 aarch64-linux-gnu-g++ -std=c++17 -O2 -march=armv8.2-a+fp16 -static -Iinclude src/core/*.cpp src/cpu/*.cpp \
-  src/cpu/kernels/*.cpp examples/greedy_generate/main.cpp -o "$out/greedy_generate" -lpthread
+  src/cpu/kernels/*.cpp src/models/*.cpp examples/greedy_generate/main.cpp -o "$out/greedy_generate" -lpthread
 # The NEON register tiles of the GEMM against a double-precision reference, every remainder and dtype.
 aarch64-linux-gnu-g++ -std=c++17 -O2 -march=armv8.2-a+fp16 -static -Iinclude -Isrc tests/cpp/check_gemm_tiles.cpp \
   src/cpu/machine_probes.cpp src/cpu/thread_pool.cpp -o "$out/check_gemm_tiles" -lpthread
