@@ -99,7 +99,8 @@ struct KVWriteArgs {
 // paged_attention_<kvdt>: causal attention of each query token over its sequence's cached keys.
 // Query token i of sequence s sits at context position p = seq_lens[s] - q_len(s) + i and attends to
 // keys j <= p (and p - j < sliding_window when sliding_window > 0). GQA: head h reads kv head
-// h / (num_heads / num_kv_heads).
+// h / (num_heads / num_kv_heads). Scores are q . k * scale, then softcap * tanh(score / softcap) when
+// softcap > 0 (Gemma 2).
 // buffers: q f32 [num_tokens, q_stride], k_cache, v_cache kvdt [num_blocks, block_size, kv_heads, hd],
 //          block_tables i32 [num_seqs, block_table_width], query_start_loc i32 [num_seqs + 1],
 //          seq_lens i32 [num_seqs], out f32 [num_tokens, num_heads * head_dim]
@@ -115,6 +116,7 @@ struct PagedAttentionArgs {
   int sliding_window;
   float scale;
   int num_tokens;
+  float softcap;  // 0: none
 };
 
 // paged_attention_split_<kvdt> + paged_attention_reduce: the same attention as paged_attention, with each
@@ -198,6 +200,14 @@ struct GatherRowsArgs {
   int dim;
 };
 
+// softcap: out[r, i] = cap * tanh(x[r, i] / cap)       (Gemma 2's final logits; out may alias x)
+// buffers: x f32 [rows, cols], out f32 [rows, cols]
+struct SoftcapArgs {
+  int rows;
+  int cols;
+  float cap;
+};
+
 // argmax: out[r] = the first index of the largest value of row r (greedy decoding without reading logits back)
 // buffers: logits f32 [rows, vocab], out i32 [rows]
 struct ArgmaxArgs {
@@ -207,6 +217,7 @@ struct ArgmaxArgs {
 
 ME_STATIC_ASSERT(sizeof(EmbeddingArgs) == 16, "EmbeddingArgs layout");
 ME_STATIC_ASSERT(sizeof(ArgmaxArgs) == 8, "ArgmaxArgs layout");
+ME_STATIC_ASSERT(sizeof(SoftcapArgs) == 12, "SoftcapArgs layout");
 ME_STATIC_ASSERT(sizeof(RmsNormArgs) == 16, "RmsNormArgs layout");
 ME_STATIC_ASSERT(sizeof(MatmulArgs) == 16, "MatmulArgs layout");
 ME_STATIC_ASSERT(sizeof(RopeArgs) == 32, "RopeArgs layout");
@@ -216,11 +227,11 @@ ME_STATIC_ASSERT(sizeof(MoeRouteArgs) == 16, "MoeRouteArgs layout");
 ME_STATIC_ASSERT(sizeof(MoeMatmulArgs) == 20, "MoeMatmulArgs layout");
 ME_STATIC_ASSERT(sizeof(MoeCombineArgs) == 12, "MoeCombineArgs layout");
 ME_STATIC_ASSERT(sizeof(KVWriteArgs) == 28, "KVWriteArgs layout");
-ME_STATIC_ASSERT(sizeof(PagedAttentionArgs) == 40, "PagedAttentionArgs layout");
+ME_STATIC_ASSERT(sizeof(PagedAttentionArgs) == 44, "PagedAttentionArgs layout");
 ME_STATIC_ASSERT(sizeof(GatherRowsArgs) == 8, "GatherRowsArgs layout");
-ME_STATIC_ASSERT(sizeof(PagedAttentionSplitArgs) == 48, "PagedAttentionSplitArgs layout");
+ME_STATIC_ASSERT(sizeof(PagedAttentionSplitArgs) == 52, "PagedAttentionSplitArgs layout");
 ME_STATIC_ASSERT(sizeof(PagedAttentionReduceArgs) == 16, "PagedAttentionReduceArgs layout");
-ME_STATIC_ASSERT(sizeof(PagedAttentionPrefillArgs) == 44, "PagedAttentionPrefillArgs layout");
-ME_STATIC_ASSERT(sizeof(PagedAttentionDecodeArgs) == 52, "PagedAttentionDecodeArgs layout");
+ME_STATIC_ASSERT(sizeof(PagedAttentionPrefillArgs) == 48, "PagedAttentionPrefillArgs layout");
+ME_STATIC_ASSERT(sizeof(PagedAttentionDecodeArgs) == 56, "PagedAttentionDecodeArgs layout");
 
 }  // namespace metal_engine

@@ -77,7 +77,8 @@ inline void attend_range(constant PagedAttentionArgs& a, device const A* q, devi
     for (int h = 0; h < group; ++h) {
       float partial = 0.0f;
       for (int i = 0; i < kMaxDimPerLane; ++i) partial += qv[h][i] * kk[i];
-      const float score = simd_sum(partial) * a.scale;
+      float score = simd_sum(partial) * a.scale;
+      if (a.softcap > 0.0f) score = a.softcap * precise::tanh(score / a.softcap);
       const float m_new = max(m[h], score);
       const float c = exp(m[h] - m_new);
       const float p = exp(score - m_new);

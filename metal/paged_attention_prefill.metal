@@ -86,13 +86,16 @@ kernel void paged_attention_prefill(constant PagedAttentionPrefillArgs& args [[b
       float m_new = row_max[r];
       for (int c = 0; c < kKeys; ++c) {
         const int j = kb + c;
-        if (r < rows && j >= lo && j <= p) m_new = max(m_new, ss[r * kKeys + c] * a.scale);
+        float s = ss[r * kKeys + c] * a.scale;
+        if (a.softcap > 0.0f) s = a.softcap * precise::tanh(s / a.softcap);
+        ss[r * kKeys + c] = s;
+        if (r < rows && j >= lo && j <= p) m_new = max(m_new, s);
       }
       float sum = 0.0f;
       for (int c = 0; c < kKeys; ++c) {
         const int j = kb + c;
         const bool ok = r < rows && j >= lo && j <= p && m_new != -INFINITY;
-        const float pr = ok ? exp(ss[r * kKeys + c] * a.scale - m_new) : 0.0f;
+        const float pr = ok ? exp(ss[r * kKeys + c] - m_new) : 0.0f;
         ss[r * kKeys + c] = pr;
         sum += pr;
       }

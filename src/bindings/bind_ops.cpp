@@ -160,10 +160,13 @@ void init_ops(nb::module_& m) {
       .def_rw("block_table_width", &PagedAttentionArgs::block_table_width)
       .def_rw("q_stride", &PagedAttentionArgs::q_stride).def_rw("sliding_window", &PagedAttentionArgs::sliding_window)
       .def_rw("scale", &PagedAttentionArgs::scale)
-      .def_rw("num_tokens", &PagedAttentionArgs::num_tokens);
+      .def_rw("num_tokens", &PagedAttentionArgs::num_tokens).def_rw("softcap", &PagedAttentionArgs::softcap);
   nb::class_<ArgmaxArgs>(ops, "ArgmaxArgs")
       .def(nb::init<>())
       .def_rw("rows", &ArgmaxArgs::rows).def_rw("vocab", &ArgmaxArgs::vocab);
+  nb::class_<SoftcapArgs>(ops, "SoftcapArgs")
+      .def(nb::init<>())
+      .def_rw("rows", &SoftcapArgs::rows).def_rw("cols", &SoftcapArgs::cols).def_rw("cap", &SoftcapArgs::cap);
   nb::class_<GatherRowsArgs>(ops, "GatherRowsArgs")
       .def(nb::init<>())
       .def_rw("rows", &GatherRowsArgs::rows).def_rw("dim", &GatherRowsArgs::dim);

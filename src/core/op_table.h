@@ -40,6 +40,7 @@ enum class OpFlavour { Weight, Activation, Single };
   X(moe_route, MoeRouteArgs, 3, Single, false)                                      \
   X(moe_matmul, MoeMatmulArgs, 4, Weight, false)                                    \
   X(moe_combine, MoeCombineArgs, 3, Activation, false)                              \
+  X(softcap, SoftcapArgs, 2, Single, false)                                         \
   X(argmax, ArgmaxArgs, 2, Single, false)
 
 struct OpInfo {

@@ -1,11 +1,12 @@
-// Gemma 3 (Gemma Team 2025), text: a decoder with a norm before and after each block:
+// Gemma 2 (Gemma Team 2024) and Gemma 3 (2025), text: a decoder with a norm before and after each block:
 //   h = embed(tokens) * sqrt(hidden)
 //   per layer:  h += post_attention_norm(o_proj(attention(rope(q), rope(k), v)))  with q, k, v from input_norm(h)
 //               h += post_feedforward_norm(down_proj(gelu_tanh(gate) * up))      with gate, up from pre_feedforward_norm(h)
-//   logits = lm_head(norm(h))
+//   logits = lm_head(norm(h))                            (Gemma 2: softcapped, cap * tanh(logits / cap))
 // Every RMSNorm multiplies by (1 + w): the weights are made 1 + w once, at load. Attention scales q . k by
 // query_pre_attn_scalar^-1/2. Layers alternate sliding-window and full attention ("layer_types"; Gemma 3: five
-// sliding to one full, each kind with its own RoPE base); Gemma 3 RMS-norms q and k per head before RoPE.
+// sliding to one full, each kind with its own RoPE base; Gemma 2: even layers slide). Gemma 3 RMS-norms q and k
+// per head before RoPE; Gemma 2 softcaps the attention scores, cap * tanh(score / cap).
 #include <cmath>
 #include <cstring>
 
@@ -18,7 +19,7 @@ namespace {
 struct GemmaLayer {
   Weight input_norm;              // [H]        (1 + w)
   Weight qkv_proj;                // [QD + 2 KD, H]: q_proj | k_proj | v_proj
-  Weight q_norm, k_norm;          // [hd], [hd] (1 + w)
+  Weight q_norm, k_norm;          // [hd], [hd] (1 + w)  Gemma 3
   Weight o_proj;                  // [H, QD]
   Weight post_attention_norm;     // [H]        (1 + w)
   Weight pre_feedforward_norm;    // [H]        (1 + w)
@@ -30,6 +31,7 @@ struct GemmaLayer {
 class Gemma : public Model {
  public:
   Gemma(const ConfigReader& j, ModelConfig& c) {
+    gemma3_ = c.architecture == "Gemma3ForCausalLM";
     const std::string act = j.get_str("hidden_activation", j.get_str("hidden_act", "gelu_pytorch_tanh"));
     if (act != "gelu_pytorch_tanh" && act != "gelu_tanh")
       j.fail("hidden_activation '" + act + "' is not supported by " + c.architecture + " (only 'gelu_pytorch_tanh')");
@@ -38,8 +40,9 @@ class Gemma : public Model {
     if (j.get_bool("use_bidirectional_attention", false))
       j.fail("use_bidirectional_attention is not supported (metal_engine runs causal decoders)");
     query_scale_ = float(1.0 / std::sqrt(j.get_num("query_pre_attn_scalar", c.head_dim)));
-    for (const char* cap : {"attn_logit_softcapping", "final_logit_softcapping"})
-      if (j.get_num(cap, 0.0) != 0.0) j.fail(std::string(cap) + " is not supported yet (Gemma 2's tanh softcapping)");
+    attn_softcap_ = float(j.get_num("attn_logit_softcapping", 0.0));
+    final_softcap_ = float(j.get_num("final_logit_softcapping", 0.0));
+    if (attn_softcap_ < 0 || final_softcap_ < 0) j.fail("softcapping values must be >= 0");
     c.tie_word_embeddings = j.get_bool("tie_word_embeddings", true);
     // Which layers slide: layer_types, else Gemma 3's sliding_window_pattern (every 6th full), Gemma 2's
     // alternation (even layers slide).
@@ -47,13 +50,15 @@ class Gemma : public Model {
     if (j.has("layer_types")) {
       read_layer_types(j, c);
     } else {
-      const int pattern = j.get_int("sliding_window_pattern", 6);
+      const int pattern = gemma3_ ? j.get_int("sliding_window_pattern", 6) : 2;
       for (int l = 0; l < c.num_layers; ++l) c.layer_uses_sliding_window[size_t(l)] = pattern > 0 && (l + 1) % pattern != 0;
     }
     // RoPE per layer kind: rope_parameters per layer type (transformers 5), else rope_theta / rope_scaling for
     // the full layers and rope_local_base_freq for the sliding ones.
     const bool nested = j.has("rope_parameters") && j.child("rope_parameters").has("sliding_attention");
-    if (nested) {
+    if (!gemma3_) {  // Gemma 2: one RoPE for every layer
+      global_params_ = local_params_ = read_rope_params(j, c.head_dim, c.max_position_embeddings, "", 1e4);
+    } else if (nested) {
       global_params_ = read_rope_params(j, c.head_dim, c.max_position_embeddings, "full_attention", 1e6);
       local_params_ = read_rope_params(j, c.head_dim, c.max_position_embeddings, "sliding_attention", 1e4);
     } else {
@@ -84,8 +89,10 @@ class Gemma : public Model {
       L.qkv_proj = w.fused({{p + "self_attn.q_proj.weight", {QD, H}},
                             {p + "self_attn.k_proj.weight", {KD, H}},
                             {p + "self_attn.v_proj.weight", {KD, H}}});
-      L.q_norm = w.get_plus_one(p + "self_attn.q_norm.weight", {hd});
-      L.k_norm = w.get_plus_one(p + "self_attn.k_norm.weight", {hd});
+      if (gemma3_) {
+        L.q_norm = w.get_plus_one(p + "self_attn.q_norm.weight", {hd});
+        L.k_norm = w.get_plus_one(p + "self_attn.k_norm.weight", {hd});
+      }
       L.o_proj = w.get(p + "self_attn.o_proj.weight", {H, QD});
       L.post_attention_norm = w.get_plus_one(p + "post_attention_layernorm.weight", {H});
       L.pre_feedforward_norm = w.get_plus_one(p + "pre_feedforward_layernorm.weight", {H});
@@ -114,10 +121,11 @@ class Gemma : public Model {
       Ops::Scope layer_scratch(ops);  // this layer's temporaries are the next one's
       Tensor qkv = ops.linear(h, L.qkv_proj, Weight{}, "qkv");   // [T, QD + 2 KD] = q | k | v
       Tensor q = qkv.columns(0, QD), k = qkv.columns(QD, KD), v = qkv.columns(QD + KD, KD);
-      ops.qk_norm(q, k, L.q_norm, L.k_norm, c_.num_heads, c_.num_kv_heads, eps);
+      if (gemma3_) ops.qk_norm(q, k, L.q_norm, L.k_norm, c_.num_heads, c_.num_kv_heads, eps);
       ops.rope(sliding ? local_rope_ : global_rope_, sliding ? local_freq : global_freq, q, k, c_.num_heads,
                c_.num_kv_heads);
-      AttentionParams attn{c_.num_heads, c_.num_kv_heads, hd, query_scale_, sliding ? c_.sliding_window : 0};
+      AttentionParams attn{c_.num_heads, c_.num_kv_heads, hd, query_scale_, sliding ? c_.sliding_window : 0,
+                           attn_softcap_};
       Tensor o = ops.alloc(T, QD, "attn");                       // [T, heads * hd]
       ops.attention(l, q, k, v, attn, o);
       ops.linear(o, L.o_proj, Weight{}, h);                      // [T, H]
@@ -135,14 +143,17 @@ class Gemma : public Model {
     Tensor sel_res = ops.gather_logit_rows(residual, "selected residual");  // [R, H]
     Tensor sel_h = ops.gather_logit_rows(h, "selected h");                  // [R, H]
     ops.add_rms_norm(sel_h, sel_res, final_norm_, eps, sel_h);
-    return ops.logits(sel_h, lm_head_);                                     // f32 [R, V]
+    Tensor logits = ops.logits(sel_h, lm_head_);                            // f32 [R, V]
+    if (final_softcap_ > 0.0f) ops.softcap(logits, final_softcap_);          // cap * tanh(logits / cap)
+    return logits;
   }
 
  private:
   static float round_to(float x, DType t);
 
   ModelConfig c_;
-  float query_scale_ = 1.0f, embed_scale_ = 1.0f;
+  bool gemma3_ = false;
+  float query_scale_ = 1.0f, embed_scale_ = 1.0f, attn_softcap_ = 0.0f, final_softcap_ = 0.0f;
   RopeParams global_params_, local_params_;
   RotaryEmbedding global_rope_, local_rope_;  // full-attention layers, sliding-window layers
   Weight embed_tokens_, final_norm_, lm_head_;  // [V, H], [H] (1 + w), [V, H] (embed_tokens_ when tied)
@@ -166,8 +177,8 @@ float Gemma::round_to(float x, DType t) {
 }  // namespace
 
 Architecture gemma_family() {
-  return Architecture{{"Gemma3ForCausalLM"},
-                      {"gemma3_text"},
+  return Architecture{{"Gemma3ForCausalLM", "Gemma2ForCausalLM"},
+                      {"gemma3_text", "gemma2"},
                       [](const ConfigReader& j, ModelConfig& c) -> std::unique_ptr<Model> {
                         return std::make_unique<Gemma>(j, c);
                       }};

@@ -64,6 +64,6 @@ std::pair<ModelConfig, std::unique_ptr<Model>> read_model(const std::string& tex
 
 // The families, each defined in its own file.
 Architecture llama_family();  // llama.cpp: Llama, Mistral, Qwen2, Qwen3, Phi-3, Mixtral, Qwen3-MoE
-Architecture gemma_family();  // gemma.cpp: Gemma 3 (text)
+Architecture gemma_family();  // gemma.cpp: Gemma 2, Gemma 3 (text)
 
 }  // namespace metal_engine::models

@@ -180,7 +180,8 @@ void Ops::attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v
   const std::string w = dtype_name(kv_.shape().dtype);
   const std::string ax = act_suffix();
   const int bs = kv_.block_size(), W = in_.block_table_width, slots = int(kv_.num_slots());
-  PagedAttentionArgs pa{S_, p.num_heads, p.num_kv_heads, p.head_dim, bs, W, q.stride, p.sliding_window, p.scale, T_};
+  PagedAttentionArgs pa{S_, p.num_heads, p.num_kv_heads, p.head_dim, bs, W, q.stride, p.sliding_window, p.scale, T_,
+                        p.softcap};
   BufferArg kc = kv_.key_cache(layer), vc = kv_.value_cache(layer);
   if (path_ == AttentionPath::FusedDecode) {
     run("paged_attention_decode_" + w + ax, PagedAttentionDecodeArgs{pa, k.stride, v.stride, slots},
@@ -234,6 +235,12 @@ void Ops::moe(const Tensor& x, const Weight& router, const Weight& gate_up, cons
   Tensor y = alloc(T * K, H, "experts' down");                             // [T * K, H]
   run(kernel_name("moe_matmul", down.dtype), MoeMatmulArgs{T * K, H, I, E, 1}, {act.arg, down.arg, ids.arg, y.arg});
   run("moe_combine" + act_suffix(), MoeCombineArgs{T, K, H}, {y.arg, weights.arg, out.arg});  // [T, H]
+}
+
+void Ops::softcap(const Tensor& x, float cap) {
+  check_rows(x, "softcap");
+  if (x.dtype != DType::F32) throw std::logic_error("softcap: takes f32 (the logits)");
+  if (x.rows > 0) run("softcap", SoftcapArgs{x.rows, x.cols, cap}, {x.arg, x.arg});
 }
 
 Tensor Ops::gather_logit_rows(const Tensor& x, const char* label) {

@@ -49,6 +49,7 @@ struct AttentionParams {
   int head_dim = 0;
   float scale = 1.0f;      // applied to q . k
   int sliding_window = 0;  // 0: full causal attention; else a query at p sees keys p - window < j <= p
+  float softcap = 0.0f;    // > 0: scores become softcap * tanh(score / softcap) (Gemma 2)
 };
 
 // Resolved kernels by name, shared by every step (pipelines are built once, on first use).
@@ -146,6 +147,8 @@ class Ops {
   // down [E * H, I]
   void moe(const Tensor& x, const Weight& router, const Weight& gate_up, const Weight& down, int num_experts,
            int top_k, bool renormalize, const Tensor& out);
+  // x = cap * tanh(x / cap) in place (Gemma 2's final logits)                  x f32 [rows, cols]
+  void softcap(const Tensor& x, float cap);
   // The step's logit rows of x (logits_indices)                               x [T, cols] -> [R, cols]
   Tensor gather_logit_rows(const Tensor& x, const char* label);
 

@@ -144,7 +144,7 @@ TEST(MetalSimKernelsSanitized, PagedAttention) {
   for (const char* dt : kDtypes)
     for (int window : {0, 5}) {
       Weights kc(dt, size_t(NB) * BS * KVH * HD), vc(dt, size_t(NB) * BS * KVH * HD);
-      const PagedAttentionArgs attn{S, H, KVH, HD, BS, W, H * HD, window, 0.125f, T};
+      const PagedAttentionArgs attn{S, H, KVH, HD, BS, W, H * HD, window, 0.125f, T, 0.0f};
       run(std::string("paged_attention_") + dt, attn,
           {q.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(), out.data()});
       const int P = 3;  // partitions of 16 keys cover the 40-token context
@@ -166,7 +166,7 @@ TEST(MetalSimKernelsSanitized, DecodeAttentionFusedWithKVWrite) {
   auto q = randn(S * H * HD), k = randn(size_t(S) * KS), v = randn(size_t(S) * KS), out = randn(S * H * HD);
   for (const char* dt : kDtypes) {
     Weights kc(dt, size_t(NB) * BS * KVH * HD), vc(dt, size_t(NB) * BS * KVH * HD);
-    const PagedAttentionArgs attn{S, H, KVH, HD, BS, W, H * HD, 0, 0.125f, S};
+    const PagedAttentionArgs attn{S, H, KVH, HD, BS, W, H * HD, 0, 0.125f, S, 0.0f};
     run(std::string("paged_attention_decode_") + dt, PagedAttentionDecodeArgs{attn, KS, KS, NB * BS},
         {q.data(), k.data(), v.data(), slots.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(),
          out.data()});
@@ -209,7 +209,7 @@ TEST(MetalSimKernelsSanitized, SixteenBitActivations) {
     slots[13] = 3 * BS + 7;
     run("kv_write_" + x, KVWriteArgs{T, KVH, HD, BS, NB * BS, KVH * HD, KVH * HD},
         {kk.data(), vv.data(), slots.data(), kc.data(), vc.data()});
-    const PagedAttentionArgs attn{S, H, KVH, HD, BS, W, H * HD, 5, 0.125f, T};
+    const PagedAttentionArgs attn{S, H, KVH, HD, BS, W, H * HD, 5, 0.125f, T, 50.0f};
     run("paged_attention_" + x, attn, {q.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(), o.data()});
     run("paged_attention_prefill_" + x, PagedAttentionPrefillArgs{attn, 13},
         {q.data(), kc.data(), vc.data(), bt.data(), qsl.data(), lens.data(), o.data()});
@@ -222,7 +222,7 @@ TEST(MetalSimKernelsSanitized, SixteenBitActivations) {
     // decode: one new token per sequence
     std::vector<int32_t> dqsl = {0, 1, 2}, dlens = {13, 40};
     std::vector<int64_t> dslots = {12, 3 * BS + 7};
-    const PagedAttentionArgs dattn{S, H, KVH, HD, BS, W, H * HD, 0, 0.125f, S};
+    const PagedAttentionArgs dattn{S, H, KVH, HD, BS, W, H * HD, 0, 0.125f, S, 20.0f};
     run("paged_attention_decode_" + x, PagedAttentionDecodeArgs{dattn, KVH * HD, KVH * HD, NB * BS},
         {q.data(), kk.data(), vv.data(), dslots.data(), kc.data(), vc.data(), bt.data(), dqsl.data(), dlens.data(),
          o.data()});

@@ -1,6 +1,6 @@
 """Tiny random checkpoints made by transformers, for tests that need a real model quickly."""
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "mixtral", "qwen3_moe")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gemma2", "mixtral", "qwen3_moe")
 
 
 def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
@@ -42,6 +42,12 @@ def make_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
                                                "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
                                                **overrides})
         cls = transformers.Gemma3ForCausalLM
+    elif arch == "gemma2":  # even layers slide (window 7); attention and final-logit softcapping; GeGLU
+        cfg = transformers.Gemma2Config(**{**common, "num_hidden_layers": 4, "head_dim": 32, "sliding_window": 7,
+                                           "query_pre_attn_scalar": 24, "attn_logit_softcapping": 3.0,
+                                           "final_logit_softcapping": 4.0, "tie_word_embeddings": True,
+                                           "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1, **overrides})
+        cls = transformers.Gemma2ForCausalLM
     elif arch == "mixtral":  # 8 experts, top-2, renormalised; sliding window 5
         cfg = transformers.MixtralConfig(**{**common, "num_local_experts": 8, "num_experts_per_tok": 2,
                                             "sliding_window": 5, **overrides})

@@ -55,8 +55,13 @@ static void attend_chunk_blas(const PagedAttentionArgs& a, const BlasItem& it, c
       const int lo = (a.sliding_window > 0 ? std::max(0, p - a.sliding_window + 1) : 0) - first;
       const int hi = p - first;  // inclusive
       float mx = -std::numeric_limits<float>::infinity();
+      float scale = a.scale;
+      if (a.softcap > 0.0f) {  // Gemma 2: scores softcap * tanh(s * scale / softcap), then a plain softmax
+        for (int j = lo; j <= hi; ++j) sr[j] = a.softcap * std::tanh(sr[j] * a.scale / a.softcap);
+        scale = 1.0f;
+      }
       for (int j = lo; j <= hi; ++j) mx = std::max(mx, sr[j]);
-      const float inv = 1.0f / exp_scaled_sum(sr + lo, hi - lo + 1, a.scale, mx * a.scale);
+      const float inv = 1.0f / exp_scaled_sum(sr + lo, hi - lo + 1, scale, mx * scale);
       for (int j = 0; j < lo; ++j) sr[j] = 0.f;
       for (int j = lo; j <= hi; ++j) sr[j] *= inv;
       for (int j = hi + 1; j < n; ++j) sr[j] = 0.f;
@@ -221,6 +226,8 @@ static void paged_attention(const PagedAttentionArgs& a, void* const* b, ThreadP
     thread_local std::vector<float> scores;
     scores.resize(size_t(group) * size_t(n));  // [group, n]
     attend_row_scores(q_group, k_head, v_head, key_at.data(), n, group, hd, a.scale, scores.data());
+    if (a.softcap > 0.0f)  // Gemma 2
+      for (float& s : scores) s = a.softcap * std::tanh(s / a.softcap);
     for (int h = 0; h < group; ++h) {  // softmax over the keys
       float* sc = scores.data() + size_t(h) * n;
       float mx = -std::numeric_limits<float>::infinity();

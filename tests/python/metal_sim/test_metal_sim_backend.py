@@ -81,6 +81,7 @@ def test_prefill_and_decode_match_cpu(checkpoints, arch, dtype):
     x = "" if w == "f32" else f"_act_{w}"  # 16-bit weights: 16-bit activations on Metal
     act = "gelu_tanh_mul" if arch.startswith("gemma") else "silu_mul"
     extra = [f"qk_norm_{w}{x}"] if arch in ("qwen3", "gemma3", "qwen3_moe") else []
+    extra += ["softcap"] if arch == "gemma2" else []
     if arch in MOE:
         extra += ["moe_route", f"moe_matmul_{w}{x}", f"moe_combine{x}"]
     for kernel in [f"paged_attention_prefill_{w}{x}", f"paged_attention_split_{w}{x}", f"paged_attention_reduce{x}",

@@ -251,7 +251,7 @@ def test_matmul(dtype, m, n, k, bias, reverse):
     y.check_guards()
 
 
-def attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, seed):
+def attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, seed, softcap=0.0):
     """Inputs of one attention step over shuffled, non-contiguous blocks, and the cpu op's output.
     Returns (args, [q, k_cache, v_cache, block_tables, query_start_loc, seq_lens], reference)."""
     rng = np.random.default_rng(seed)
@@ -272,7 +272,7 @@ def attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, see
     lens = np.array(seq_lens, np.int32)
     a = args("PagedAttentionArgs", num_seqs=S, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, block_size=bs,
              block_table_width=width, q_stride=heads * hd, sliding_window=window, scale=1.0 / np.sqrt(hd),
-             num_tokens=T)
+             num_tokens=T, softcap=softcap)
     inputs = [q, kc, vc, bt, qsl, lens]
     ref = np.zeros((T, heads * hd), np.float32)
     cpu(f"paged_attention_{dtype}", a, inputs + [ref])
@@ -347,6 +347,20 @@ def test_paged_attention_decode_fuses_the_kv_write(dtype, seq_lens, heads, kv_he
 
 
 @ORDERS
+@pytest.mark.parametrize("rows,cols,cap", [(1, 1, 30.0), (3, 211, 4.0), (2, 5000, 30.0)])
+def test_softcap(rows, cols, cap, reverse):
+    rng = np.random.default_rng(cols)
+    x = (3 * cap * rng.standard_normal((rows, cols))).astype(np.float32)
+    a = args("SoftcapArgs", rows=rows, cols=cols, cap=cap)
+    ref = np.zeros_like(x)
+    cpu("softcap", a, [x, ref])
+    out = Guarded((rows, cols))
+    sim("softcap", a, [x, out.array], reverse)
+    np.testing.assert_allclose(out.array, ref, rtol=1e-6, atol=1e-6 * cap)
+    out.check_guards()
+
+
+@ORDERS
 @pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 7), (2, 49152), (4, 1000)])
 def test_argmax(rows, vocab, reverse):
     rng = np.random.default_rng(vocab)
@@ -412,6 +426,47 @@ def test_paged_attention_prefill(dtype, q_lens, seq_lens, heads, kv_heads, hd, b
     sim(f"paged_attention_prefill_{dtype}", pre, inputs + [out.array], reverse)
     np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=3e-5)
     out.check_guards()
+
+
+@ORDERS
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_attention_softcap_on_every_path(dtype, reverse):
+    """Gemma 2's softcapped scores through the per-row, fused decode, split-and-reduce and tiled prefill kernels."""
+    q_lens, seq_lens, heads, kv_heads, hd, bs, window = [20, 1, 33], [50, 7, 33], 9, 3, 64, 16, 7
+    a, inputs, ref = attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, 5, softcap=1.5)
+    _, _, plain = attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, 5)
+    assert np.abs(ref - plain).max() > 1e-2  # the cap changes the result
+    T = sum(q_lens)
+    out = Guarded((T, heads * hd))
+    sim(f"paged_attention_{dtype}", a, inputs + [out.array], reverse)
+    np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=2e-5)
+    pre = _core.ops.PagedAttentionPrefillArgs()
+    pre.attn, pre.max_query_len = a, max(q_lens)
+    out = Guarded((T, heads * hd))
+    sim(f"paged_attention_prefill_{dtype}", pre, inputs + [out.array], reverse)
+    np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=3e-5)
+    P = -(-max(seq_lens) // 16)
+    split = _core.ops.PagedAttentionSplitArgs()
+    split.attn, split.partition_size, split.max_partitions = a, 16, P
+    pmax, psum, pout = np.zeros((T, heads, P), np.float32), np.zeros((T, heads, P), np.float32), np.zeros(
+        (T, heads, P, hd), np.float32)
+    sim(f"paged_attention_split_{dtype}", split, inputs + [pmax, psum, pout], reverse)
+    red = _core.ops.PagedAttentionReduceArgs()
+    red.num_tokens, red.num_heads, red.head_dim, red.max_partitions = T, heads, hd, P
+    out = Guarded((T, heads * hd))
+    sim("paged_attention_reduce", red, [pmax, psum, pout, out.array], reverse)
+    np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=2e-5)
+    # decode: one token per sequence, the KV write fused (slots -1: attend over what the cache holds)
+    d_lens = [9, 40]
+    attn, (q, kc, vc, bt, qsl, lens), dref = attention_case(dtype, [1, 1], d_lens, heads, kv_heads, hd, bs, 0, 6,
+                                                           softcap=1.5)
+    dec = _core.ops.PagedAttentionDecodeArgs()
+    dec.attn, dec.k_stride, dec.v_stride, dec.num_slots = attn, kv_heads * hd, kv_heads * hd, kc.shape[0] * bs
+    kv = np.zeros((2, kv_heads * hd), np.float32)
+    out = Guarded((2, heads * hd))
+    sim(f"paged_attention_decode_{dtype}", dec, [q, kv, kv, np.full(2, -1, np.int64), kc, vc, bt, qsl, lens, out.array],
+        reverse)
+    np.testing.assert_allclose(out.array, dref, rtol=1e-4, atol=2e-5)
 
 
 def test_paged_attention_limits_are_refused():

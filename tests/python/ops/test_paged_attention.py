@@ -6,7 +6,7 @@ import pytest
 from op_testing import DTYPES, Guarded, args, from_storage, run, to_storage
 
 
-def dense_reference(q, k, v, q_lens, seq_lens, scale, window):
+def dense_reference(q, k, v, q_lens, seq_lens, scale, window, softcap=0.0):
     """q [T, H, D]; k, v per sequence [L, KVH, D] (float64). Causal, GQA, optional sliding window."""
     out = np.zeros_like(q)
     H, KVH = q.shape[1], k[0].shape[1]
@@ -18,6 +18,8 @@ def dense_reference(q, k, v, q_lens, seq_lens, scale, window):
             for h in range(H):
                 g = h // (H // KVH)
                 sc = k[s][lo : p + 1, g] @ q[t, h] * scale
+                if softcap:
+                    sc = softcap * np.tanh(sc / softcap)
                 w = np.exp(sc - sc.max())
                 out[t, h] = (w / w.sum()) @ v[s][lo : p + 1, g]
             t += 1
@@ -43,7 +45,8 @@ CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, window)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("q_lens,seq_lens,heads,kv_heads,hd,bs,window", CASES)
-def test_paged_attention(dev, dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window):
+@pytest.mark.parametrize("softcap", [0.0, 1.5])  # Gemma 2's tanh softcapping of the scores
+def test_paged_attention(dev, dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, softcap):
     rng = np.random.default_rng(sum(seq_lens) + hd)
     S, T = len(q_lens), sum(q_lens)
     nblocks = [-(-l // bs) for l in seq_lens]
@@ -71,11 +74,11 @@ def test_paged_attention(dev, dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, 
     out = Guarded((T, heads * hd))
     scale = 1.0 / np.sqrt(hd)
     a = args("PagedAttentionArgs", num_seqs=S, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, block_size=bs,
-             block_table_width=width, q_stride=heads * hd, sliding_window=window, scale=scale)
+             block_table_width=width, q_stride=heads * hd, sliding_window=window, scale=scale, softcap=softcap)
     run(dev, f"paged_attention_{dtype}", a,
         [q.reshape(T, -1), kc, vc, bt, qsl, np.array(seq_lens, np.int32), out.array])
     kr = [from_storage(to_storage(x, dtype), dtype) for x in k_seq]
     vr = [from_storage(to_storage(x, dtype), dtype) for x in v_seq]
-    ref = dense_reference(q.astype(np.float64), kr, vr, q_lens, seq_lens, scale, window)
+    ref = dense_reference(q.astype(np.float64), kr, vr, q_lens, seq_lens, scale, window, softcap)
     np.testing.assert_allclose(out.array.reshape(T, heads, hd), ref, atol=5e-5, rtol=1e-4)
     out.check_guards()
