@@ -31,26 +31,50 @@ Ops::Ops(Device& device, KernelCache& kernels, ScratchPool& pool, PagedKVCache& 
   T_ = in.num_tokens();
   S_ = in.num_seqs();
   R_ = int(in.logits_indices.size());
-  for (int s = 0; s < S_; ++s) {
-    max_query_len_ = std::max(max_query_len_, in.query_start_loc[size_t(s) + 1] - in.query_start_loc[size_t(s)]);
-    max_seq_len_ = std::max(max_seq_len_, in.seq_lens[size_t(s)]);
-  }
   for (int32_t p : in.positions) max_position_ = std::max(max_position_, int(p));
-  // The attention path of the step: the tiled prefill kernel when a chunk has many rows; split into
-  // partitions of keys (and reduced) when a context is long; fused with the KV write when every sequence
-  // has one new token; else the one-threadgroup-per-row kernel (always, on cpu).
-  if (caps_.prefill_attention_min_rows > 0 && max_query_len_ >= caps_.prefill_attention_min_rows)
-    path_ = AttentionPath::Prefill;
-  else if (caps_.split_attention_keys > 0 && max_seq_len_ > caps_.split_attention_keys)
-    path_ = AttentionPath::Split;
-  else if (caps_.fused_decode_attention && max_query_len_ == 1)
-    path_ = AttentionPath::FusedDecode;
-  if (path_ == AttentionPath::Split) {
-    partitions_ = (max_seq_len_ + caps_.split_attention_keys - 1) / caps_.split_attention_keys;
-    const int rows = T_ * num_heads * partitions_;
-    part_max_ = alloc_f32(rows, 1, "attention partition max");          // f32 [T, heads, P]
-    part_sum_ = alloc_f32(rows, 1, "attention partition sum");          // f32 [T, heads, P]
-    part_out_ = alloc_f32(rows, head_dim, "attention partition out");   // f32 [T, heads, P, hd]
+  auto path_of = [&](int s) {
+    const int qlen = in.query_start_loc[size_t(s) + 1] - in.query_start_loc[size_t(s)];
+    if (caps_.prefill_attention_min_rows > 0 && qlen >= caps_.prefill_attention_min_rows) return AttentionPath::Prefill;
+    if (caps_.split_attention_keys > 0 && in.seq_lens[size_t(s)] > caps_.split_attention_keys) return AttentionPath::Split;
+    if (caps_.fused_decode_attention && qlen == 1) return AttentionPath::FusedDecode;
+    return AttentionPath::PerRow;
+  };
+  int split_rows = 0;  // rows x partitions of the largest split group
+  for (int s = 0; s < S_; ++s) {
+    const AttentionPath path = path_of(s);
+    if (groups_.empty() || groups_.back().path != path) {
+      AttentionGroup g;
+      g.s0 = s;
+      g.t0 = in.query_start_loc[size_t(s)];
+      g.path = path;
+      groups_.push_back(g);
+    }
+    AttentionGroup& g = groups_.back();
+    g.s1 = s + 1;
+    g.t1 = in.query_start_loc[size_t(s) + 1];
+    g.max_query_len = std::max(g.max_query_len, g.t1 - in.query_start_loc[size_t(s)]);
+    if (path == AttentionPath::Split) {
+      g.partitions = std::max(g.partitions, (in.seq_lens[size_t(s)] + caps_.split_attention_keys - 1) /
+                                                caps_.split_attention_keys);
+      split_rows = std::max(split_rows, (g.t1 - g.t0) * g.partitions);
+    }
+  }
+  for (AttentionGroup& g : groups_) {
+    if (groups_.size() == 1) {
+      g.query_start_loc = step_.query_start_loc;
+      continue;
+    }
+    Tensor qsl = alloc_i32(1, g.s1 - g.s0 + 1, "query_start_loc of an attention group");  // i32 [S_g + 1]
+    g.query_start_loc = qsl.arg;
+    if (measuring_) continue;
+    int32_t* dst = static_cast<int32_t*>(pool_.host_ptr(qsl.arg));
+    for (int s = g.s0; s <= g.s1; ++s) dst[s - g.s0] = in.query_start_loc[size_t(s)] - g.t0;
+  }
+  if (split_rows > 0) {
+    const int rows = split_rows * num_heads;
+    part_max_ = alloc_f32(rows, 1, "attention partition max");          // f32 [T_g, heads, P]
+    part_sum_ = alloc_f32(rows, 1, "attention partition sum");          // f32 [T_g, heads, P]
+    part_out_ = alloc_f32(rows, head_dim, "attention partition out");   // f32 [T_g, heads, P, hd]
   }
 }
 
@@ -173,6 +197,10 @@ void Ops::qk_norm(const Tensor& q, const Tensor& k, const Weight& q_weight, cons
       {q.arg, k.arg, q_weight.arg, k_weight.arg});
 }
 
+namespace {
+BufferArg at(BufferArg b, size_t bytes) { return BufferArg{b.buffer, b.offset + bytes}; }
+}  // namespace
+
 void Ops::attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v, const AttentionParams& p,
                     const Tensor& out) {
   check_rows(out, "attention output");
@@ -180,30 +208,37 @@ void Ops::attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v
   const std::string w = dtype_name(kv_.shape().dtype);
   const std::string ax = act_suffix();
   const int bs = kv_.block_size(), W = in_.block_table_width, slots = int(kv_.num_slots());
-  PagedAttentionArgs pa{S_, p.num_heads, p.num_kv_heads, p.head_dim, bs, W, q.stride, p.sliding_window, p.scale, T_,
-                        p.softcap};
-  BufferArg kc = kv_.key_cache(layer), vc = kv_.value_cache(layer);
-  if (path_ == AttentionPath::FusedDecode) {
-    run("paged_attention_decode_" + w + ax, PagedAttentionDecodeArgs{pa, k.stride, v.stride, slots},
-                {q.arg, k.arg, v.arg, step_.slot_mapping, kc, vc, step_.block_tables, step_.query_start_loc,
-                 step_.seq_lens, out.arg});
-    return;
-  }
-  run("kv_write_" + w + ax, KVWriteArgs{T_, p.num_kv_heads, p.head_dim, bs, slots, k.stride, v.stride},
-              {k.arg, v.arg, step_.slot_mapping, kc, vc});
-  if (path_ == AttentionPath::Prefill && p.head_dim % caps_.prefill_attention_head_dim_multiple == 0) {
-    run("paged_attention_prefill_" + w + ax, PagedAttentionPrefillArgs{pa, max_query_len_},
-                {q.arg, kc, vc, step_.block_tables, step_.query_start_loc, step_.seq_lens, out.arg});
-  } else if (path_ == AttentionPath::Split) {
-    run("paged_attention_split_" + w + ax,
-                PagedAttentionSplitArgs{pa, caps_.split_attention_keys, partitions_},
-                {q.arg, kc, vc, step_.block_tables, step_.query_start_loc, step_.seq_lens, part_max_.arg, part_sum_.arg,
-                 part_out_.arg});
-    run("paged_attention_reduce" + ax, PagedAttentionReduceArgs{T_, p.num_heads, p.head_dim, partitions_},
-                {part_max_.arg, part_sum_.arg, part_out_.arg, out.arg});
-  } else {
-    run("paged_attention_" + w + ax, pa,
-                {q.arg, kc, vc, step_.block_tables, step_.query_start_loc, step_.seq_lens, out.arg});
+  const BufferArg kc = kv_.key_cache(layer), vc = kv_.value_cache(layer);
+  const size_t a = dtype_size(act_);
+  for (const AttentionGroup& g : groups_) {
+    const int S = g.s1 - g.s0, T = g.t1 - g.t0;
+    // the group's rows, slots, seq_lens and block tables
+    const BufferArg gq = at(q.arg, a * size_t(g.t0) * q.stride), gk = at(k.arg, a * size_t(g.t0) * k.stride),
+                    gv = at(v.arg, a * size_t(g.t0) * v.stride), go = at(out.arg, a * size_t(g.t0) * out.stride);
+    const BufferArg slot = at(step_.slot_mapping, sizeof(int64_t) * g.t0);
+    const BufferArg lens = at(step_.seq_lens, sizeof(int32_t) * g.s0);
+    const BufferArg bt = at(step_.block_tables, sizeof(int32_t) * size_t(g.s0) * W);
+    const BufferArg qsl = g.query_start_loc;
+    PagedAttentionArgs pa{S, p.num_heads, p.num_kv_heads, p.head_dim, bs, W, q.stride, p.sliding_window, p.scale, T,
+                          p.softcap};
+    if (g.path == AttentionPath::FusedDecode) {
+      run("paged_attention_decode_" + w + ax, PagedAttentionDecodeArgs{pa, k.stride, v.stride, slots},
+          {gq, gk, gv, slot, kc, vc, bt, qsl, lens, go});
+      continue;
+    }
+    run("kv_write_" + w + ax, KVWriteArgs{T, p.num_kv_heads, p.head_dim, bs, slots, k.stride, v.stride},
+        {gk, gv, slot, kc, vc});
+    if (g.path == AttentionPath::Prefill && p.head_dim % caps_.prefill_attention_head_dim_multiple == 0) {
+      run("paged_attention_prefill_" + w + ax, PagedAttentionPrefillArgs{pa, g.max_query_len},
+          {gq, kc, vc, bt, qsl, lens, go});
+    } else if (g.path == AttentionPath::Split) {
+      run("paged_attention_split_" + w + ax, PagedAttentionSplitArgs{pa, caps_.split_attention_keys, g.partitions},
+          {gq, kc, vc, bt, qsl, lens, part_max_.arg, part_sum_.arg, part_out_.arg});
+      run("paged_attention_reduce" + ax, PagedAttentionReduceArgs{T, p.num_heads, p.head_dim, g.partitions},
+          {part_max_.arg, part_sum_.arg, part_out_.arg, go});
+    } else {
+      run("paged_attention_" + w + ax, pa, {gq, kc, vc, bt, qsl, lens, go});
+    }
   }
 }
 

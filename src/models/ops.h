@@ -175,11 +175,23 @@ class Ops {
   StepTensors step_;
   bool measuring_;
   int T_ = 0, S_ = 0, R_ = 0;
-  int max_query_len_ = 0, max_seq_len_ = 0, max_position_ = 0;
-  // the step's attention path, chosen once per step from its shape and the device's caps
-  enum class AttentionPath { PerRow, FusedDecode, Prefill, Split } path_ = AttentionPath::PerRow;
-  int partitions_ = 1;
-  Tensor part_max_, part_sum_, part_out_;  // split attention's partial results (allocated on first use)
+  int max_position_ = 0;
+  // Attention: each sequence takes the kernel that suits it (vLLM splits decode rows and prefill chunks within
+  // a batch): a long chunk the tiled prefill kernel, a long context the split-and-reduce one, one new token the
+  // decode kernel fused with its KV write, anything else the one-threadgroup-per-row kernel (always, on cpu).
+  // Consecutive sequences of one path form a group, dispatched as a step of its own: its rows, KV slots,
+  // seq_lens and block tables bound at their offsets, its query_start_loc uploaded rebased to 0.
+  enum class AttentionPath { PerRow, FusedDecode, Prefill, Split };
+  struct AttentionGroup {
+    int s0 = 0, s1 = 0;  // sequences [s0, s1)
+    int t0 = 0, t1 = 0;  // their tokens [t0, t1)
+    AttentionPath path = AttentionPath::PerRow;
+    int max_query_len = 0;
+    int partitions = 1;   // Split: key partitions of its longest context
+    BufferArg query_start_loc;  // i32 [s1 - s0 + 1], rebased to t0 (the step's own when the group is the step)
+  };
+  std::vector<AttentionGroup> groups_;
+  Tensor part_max_, part_sum_, part_out_;  // split attention's partial results, sized for the largest group
 };
 
 }  // namespace metal_engine::models

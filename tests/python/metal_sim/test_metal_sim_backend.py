@@ -114,6 +114,43 @@ def test_chunked_alone_and_short_contexts(checkpoints, arch, dtype, activation_d
     assert profile[f"kv_write_{w}{x}"][0] == profile[f"paged_attention_{w}{x}"][0]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_one_step_gives_each_sequence_its_own_attention_kernel(checkpoints, arch):
+    """One step with two decode rows (short contexts), a 20-row prefill chunk and a decode row over 300 keys:
+    the decode rows take the kernel fused with the KV write, the chunk the tiled prefill kernel, the long
+    context split-and-reduce, all in that one step, and the logits equal the cpu backend's."""
+    from engine_harness import Seq
+
+    rng = np.random.default_rng(21)
+    lens = {"a": 9, "b": 30, "c": 20, "d": 300}  # a, b, d decode their last token; c prefills its 20
+    def step(backend, profile=None):
+        engine = Engine(checkpoints[arch], backend=backend, dtype="float32", num_kv_blocks=96)
+        h = Harness(engine)
+        seqs = {k: Seq(tokens=rng_tokens[k]) for k in lens}
+        h.step([(seqs[k], lens[k] - 1) for k in ("a", "b", "d")])  # everything but the last token cached
+        if profile is not None:
+            engine._engine.set_profiling(True)
+            engine._engine.take_profile()
+        out = h.step([(seqs["a"], 1), (seqs["b"], 1), (seqs["c"], 20), (seqs["d"], 1)], all_logits=True)
+        if profile is not None:
+            profile.update(engine._engine.take_profile())
+        return np.concatenate(out)
+    rng_tokens = {k: rng.integers(0, 211, n).tolist() for k, n in lens.items()}
+    profile = {}
+    ref, got = step("cpu"), step(METAL, profile)
+    np.testing.assert_allclose(got, ref, atol=TOL["float32"], rtol=0)
+    for kernel in ("paged_attention_decode_f32", "paged_attention_prefill_f32", "paged_attention_split_f32",
+                   "paged_attention_reduce"):
+        assert profile.get(kernel, (0, 0))[0] == engine_layers(checkpoints[arch]), (kernel, sorted(profile))
+    assert "paged_attention_f32" not in profile
+
+
+def engine_layers(path):
+    import json
+
+    return json.loads((path / "config.json").read_text())["num_hidden_layers"]
+
+
 def test_activation_dtype_is_checked(checkpoints):
     assert Engine(checkpoints["llama"], backend=METAL, dtype="bfloat16").activation_dtype == "bf16"
     assert Engine(checkpoints["llama"], backend="cpu", dtype="bfloat16").activation_dtype == "f32"
