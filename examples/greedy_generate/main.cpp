@@ -23,7 +23,7 @@ int main(int argc, char** argv) {
     EngineConfig config;
     const char* dtype = std::getenv("METAL_ENGINE_DTYPE");  // weights and KV cache; default float32
     config.dtype = dtype ? dtype : "float32";
-    config.kv_cache_memory_mb = 64;
+    config.kv_cache_memory = size_t(64) << 20;
     auto engine = Engine::from_checkpoint(argv[1], config);
     const ModelConfig& m = engine->model_config();
     const int new_tokens = std::atoi(argv[2]);

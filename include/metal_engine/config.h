@@ -1,4 +1,5 @@
-// Engine knobs (one struct, every default in one place) and the model's config.json.
+// Engine knobs (one struct: every default and unit is defined here once; the Python layer takes its defaults
+// from it) and the model's config.json.
 #pragma once
 #include <cstddef>
 #include <string>
@@ -10,13 +11,15 @@ namespace metal_engine {
 
 struct EngineConfig {
   std::string backend = "cpu";       // "cpu", and "metal" (Apple) or "metal-sim" (Linux) where built
-  std::string dtype = "auto";        // weights + KV cache: auto (the checkpoint's) | float32 | float16 | bfloat16
+  // weights + KV cache: auto | float32 | float16 | bfloat16. auto is vLLM's: bfloat16 checkpoints run in
+  // bfloat16, float32 and float16 ones in float16 (resolve_dtype).
+  std::string dtype = "auto";
   // activations (the residual stream, q/k/v, MLP): auto = the 16-bit dtype of the weights on Metal backends,
   // float32 on cpu (its reference); or float32, or the weights' 16-bit dtype (Metal backends only)
   std::string activation_dtype = "auto";
   int block_size = 16;               // tokens per KV-cache block
-  size_t kv_cache_memory_mb = 256;   // budget for K and V of all layers; sets the number of blocks
-  int num_kv_blocks = 0;             // > 0 overrides kv_cache_memory_mb
+  size_t kv_cache_memory = size_t(256) << 20;  // bytes for K and V of all layers; sets the number of blocks
+  int num_kv_blocks = 0;             // > 0 overrides kv_cache_memory
   size_t scratch_pool_mb = 512;      // per-step arena; env VLLM_METAL_SCRATCH_POOL_MB overrides
   int num_threads = 0;               // cpu backend worker threads; 0 = all cores
 
@@ -24,6 +27,9 @@ struct EngineConfig {
   // A malformed value throws std::invalid_argument naming the variable.
   void apply_env();
 };
+
+// The dtype a checkpoint saved in `checkpoint` runs in for the setting `dtype` ("auto" or a dtype name).
+DType resolve_dtype(const std::string& dtype, DType checkpoint);
 
 // What the engine core needs from a Hugging Face config.json: the shapes every decoder shares (KV cache,
 // validation, scratch). Everything particular to an architecture is read by its file in src/models/.

@@ -13,8 +13,8 @@ def _engine_args(p: argparse.ArgumentParser):
     g.add_argument("--backend", default="auto", choices=["auto", "cpu", "metal", "metal-sim"])
     g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="bytes for the KV cache")
-    g.add_argument("--threads", type=int, default=0, help="cpu backend threads (0: all cores)")
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (default 256 MiB)")
+    g.add_argument("--threads", type=int, default=None, help="cpu backend threads (default 0: all cores)")
 
 
 def _sampling_args(p: argparse.ArgumentParser):
@@ -97,9 +97,9 @@ def cmd_serve(args) -> int:
     from metal_engine.config import EngineConfig
     from metal_engine.llm_engine import LLMEngine
 
+    given = dict(kv_cache_memory=args.kv_cache_memory, num_threads=args.threads)
     config = EngineConfig(model=args.model, dtype=args.dtype, backend=args.backend, max_model_len=args.max_model_len,
-                          kv_cache_memory=args.kv_cache_memory, num_threads=args.threads,
-                          max_num_seqs=args.max_num_seqs)
+                          max_num_seqs=args.max_num_seqs, **{k: v for k, v in given.items() if v is not None})
     engine = LLMEngine(config)
     name = args.served_model_name or server.default_model_name(args.model)
     server.serve(engine, args.host, args.port, name, api_key=args.api_key, max_waiting=args.max_waiting,

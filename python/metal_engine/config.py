@@ -1,5 +1,6 @@
 """EngineConfig: every knob of the Python engine with its default, and the environment variables
-that map onto them (documented in the README)."""
+that map onto them (documented in the README). The knobs the native engine has take their defaults from it
+(include/metal_engine/config.h, through _core.EngineConfig()): each is defined once, in one unit."""
 
 from __future__ import annotations
 
@@ -40,24 +41,32 @@ def _env_flag(name: str) -> Optional[bool]:
     raise ValueError(f"{name}={v!r}: use 1 or 0")
 
 
+def native_default(name: str):
+    """A knob's default as the native engine defines it (include/metal_engine/config.h)."""
+    from . import _core
+
+    return getattr(_core.EngineConfig(), name)
+
+
 @dataclass
 class EngineConfig:
     model: Optional[str] = None           # checkpoint folder or .gguf file; None = the default model
     dtype: str = "auto"                   # auto: float16 for float32/float16 checkpoints, bfloat16 for bfloat16
+                                          # (vLLM's; resolved by the native engine, config.h)
     activation_dtype: str = "auto"        # auto: the weights' 16-bit dtype on Metal, float32 on cpu; or float32
     backend: str = "auto"                 # auto | cpu | metal | metal-sim
     max_model_len: Optional[int] = None   # default: the model's max_position_embeddings, capped at 4096
-    block_size: int = 16
-    kv_cache_memory: int = 256 << 20      # bytes for K and V of all layers
+    block_size: int = field(default_factory=lambda: native_default("block_size"))
+    kv_cache_memory: int = field(default_factory=lambda: native_default("kv_cache_memory"))  # bytes, K and V
     num_kv_blocks: Optional[int] = None   # overrides kv_cache_memory (vLLM's num_gpu_blocks_override)
     max_num_seqs: int = 64
     max_num_batched_tokens: Optional[int] = None  # token budget per step; env VLLM_METAL_MAX_BATCH_SIZE, else 256
     enable_prefix_caching: bool = True
-    scratch_pool_mb: Optional[int] = None  # env VLLM_METAL_SCRATCH_POOL_MB, else 512
+    scratch_pool_mb: Optional[int] = None  # env VLLM_METAL_SCRATCH_POOL_MB, else the native default (512)
     engine_prefill: bool = True           # env VLLM_APPLE_ENGINE_PREFILL; prefill always runs in the engine
     strict: Optional[bool] = None         # env VLLM_METAL_STRICT_NO_MPS: never fall back silently, raise
     seed: int = 0
-    num_threads: int = 0                  # cpu backend; 0 = all cores
+    num_threads: int = field(default_factory=lambda: native_default("num_threads"))  # cpu backend; 0 = all cores
     extra: dict = field(default_factory=dict)
 
     def resolve(self) -> "EngineConfig":
@@ -68,7 +77,7 @@ class EngineConfig:
         if env_scratch is not None:
             self.scratch_pool_mb = env_scratch
         elif self.scratch_pool_mb is None:
-            self.scratch_pool_mb = 512
+            self.scratch_pool_mb = native_default("scratch_pool_mb")
         prefill = _env_flag(ENV_ENGINE_PREFILL)
         if prefill is not None:
             self.engine_prefill = prefill

@@ -22,15 +22,19 @@ class Engine:
         self,
         model: str | os.PathLike,
         *,
-        dtype: str = "auto",
-        activation_dtype: str = "auto",
-        backend: str = "cpu",
-        block_size: int = 16,
-        kv_cache_memory_mb: int = 256,
-        num_kv_blocks: int = 0,
-        scratch_pool_mb: int = 512,
-        num_threads: int = 0,
+        dtype: Optional[str] = None,
+        activation_dtype: Optional[str] = None,
+        backend: Optional[str] = None,
+        block_size: Optional[int] = None,
+        kv_cache_memory: Optional[int] = None,
+        num_kv_blocks: Optional[int] = None,
+        scratch_pool_mb: Optional[int] = None,
+        num_threads: Optional[int] = None,
     ):
+        """Every knob left None takes its one default, defined in include/metal_engine/config.h
+        (``_core.EngineConfig()``): dtype "auto" (bfloat16 checkpoints in bfloat16, float32 and float16 ones
+        in float16), backend "cpu", block_size 16, kv_cache_memory 256 MiB (bytes), scratch_pool_mb 512
+        (env VLLM_METAL_SCRATCH_POOL_MB), num_threads 0 (all cores)."""
         path = os.fspath(model)
         if not os.path.isdir(path):
             raise FileNotFoundError(
@@ -38,14 +42,12 @@ class Engine:
                 "(config.json + *.safetensors)"
             )
         cfg = _core.EngineConfig()
-        cfg.backend = backend
-        cfg.dtype = str(dtype).replace("torch.", "")
-        cfg.activation_dtype = str(activation_dtype).replace("torch.", "")
-        cfg.block_size = int(block_size)
-        cfg.kv_cache_memory_mb = int(kv_cache_memory_mb)
-        cfg.num_kv_blocks = int(num_kv_blocks)
-        cfg.scratch_pool_mb = int(scratch_pool_mb)
-        cfg.num_threads = int(num_threads)
+        for name, value, kind in (("backend", backend, str), ("dtype", dtype, str),
+                                  ("activation_dtype", activation_dtype, str), ("block_size", block_size, int),
+                                  ("kv_cache_memory", kv_cache_memory, int), ("num_kv_blocks", num_kv_blocks, int),
+                                  ("scratch_pool_mb", scratch_pool_mb, int), ("num_threads", num_threads, int)):
+            if value is not None:
+                setattr(cfg, name, kind(value).replace("torch.", "") if kind is str else kind(value))
         self.path = path
         self._engine = _core.Engine.from_checkpoint(path, cfg)
 

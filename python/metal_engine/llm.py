@@ -31,18 +31,20 @@ class StreamDelta:
 class LLM:
     def __init__(self, model: Optional[str] = None, *, dtype: str = "auto", activation_dtype: str = "auto",
                  max_model_len: Optional[int] = None,
-                 backend: str = "auto", block_size: int = 16, kv_cache_memory: int = 256 << 20,
+                 backend: str = "auto", block_size: Optional[int] = None, kv_cache_memory: Optional[int] = None,
                  num_kv_blocks: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: Optional[int] = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 scratch_pool_mb: Optional[int] = None, num_threads: int = 0, strict: Optional[bool] = None,
-                 progress: bool = True):
+                 scratch_pool_mb: Optional[int] = None, num_threads: Optional[int] = None,
+                 strict: Optional[bool] = None, progress: bool = True):
+        """Knobs left None take EngineConfig's default (python/metal_engine/config.py), itself the native
+        engine's where it has the knob."""
+        given = dict(block_size=block_size, kv_cache_memory=kv_cache_memory, num_threads=num_threads)
         config = EngineConfig(model=None if model is None else str(model), dtype=dtype,
                               activation_dtype=activation_dtype, backend=backend,
-                              max_model_len=max_model_len, block_size=block_size, kv_cache_memory=kv_cache_memory,
-                              num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
+                              max_model_len=max_model_len, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
                               enable_prefix_caching=enable_prefix_caching, scratch_pool_mb=scratch_pool_mb,
-                              strict=strict, seed=seed, num_threads=num_threads)
+                              strict=strict, seed=seed, **{k: v for k, v in given.items() if v is not None})
         self.llm_engine = LLMEngine(config, progress=progress)
 
     def get_tokenizer(self):

@@ -40,16 +40,6 @@ def resolve_model_path(model: Optional[str], progress: bool = True) -> Path:
     raise FileNotFoundError(f"model {str(model)!r} is neither a checkpoint folder nor a .gguf file")
 
 
-def auto_dtype(checkpoint: Path) -> str:
-    """vLLM's 'auto': bfloat16 checkpoints run in bfloat16, float32 and float16 ones in float16."""
-    try:
-        cfg = json.loads((checkpoint / "config.json").read_text())
-    except (OSError, ValueError):
-        return "float16"
-    dt = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float16").replace("torch.", "")
-    return "bfloat16" if dt == "bfloat16" else "float16"
-
-
 @dataclass
 class _Sample:
     """Per-sample state the engine keeps beside the scheduler's Request."""
@@ -91,14 +81,13 @@ class LLMEngine:
         self.config = config.resolve()
         backend = config.select_backend()
         self.model_path = resolve_model_path(config.model, progress=progress)
-        dtype = auto_dtype(self.model_path) if config.dtype == "auto" else config.dtype
         self.engine = Engine(
             self.model_path,
-            dtype=dtype,
+            dtype=config.dtype,
             activation_dtype=config.activation_dtype,
             backend=backend,
             block_size=config.block_size,
-            kv_cache_memory_mb=max(1, config.kv_cache_memory >> 20),
+            kv_cache_memory=config.kv_cache_memory,
             num_kv_blocks=config.num_kv_blocks or 0,
             scratch_pool_mb=config.scratch_pool_mb,
             num_threads=config.num_threads,

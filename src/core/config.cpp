@@ -20,6 +20,11 @@ void EngineConfig::apply_env() {
   }
 }
 
+DType resolve_dtype(const std::string& dtype, DType checkpoint) {
+  if (dtype != "auto") return dtype_from_string(dtype);
+  return checkpoint == DType::BF16 ? DType::BF16 : DType::F16;
+}
+
 ModelConfig ModelConfig::from_json(const std::string& text, const std::string& source) {
   return models::read_model(text, source).first;
 }

@@ -250,7 +250,7 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   auto [model_config, arch] = models::read_model(read_text_file(dir + "/config.json"), dir + "/config.json");
   impl->model = std::move(model_config);
   impl->arch = std::move(arch);
-  impl->dtype = config.dtype == "auto" ? impl->model.checkpoint_dtype : dtype_from_string(config.dtype);
+  impl->dtype = resolve_dtype(config.dtype, impl->model.checkpoint_dtype);
   impl->device = create_device(config);
   const DeviceCaps caps = impl->device->caps();
   if (config.activation_dtype == "auto") {
@@ -285,7 +285,7 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   kvs.head_dim = impl->model.head_dim;
   kvs.dtype = impl->dtype;
   kvs.num_blocks = config.num_kv_blocks > 0 ? config.num_kv_blocks
-                                            : KVCacheShape::blocks_for_budget(config.kv_cache_memory_mb << 20, kvs);
+                                            : KVCacheShape::blocks_for_budget(config.kv_cache_memory, kvs);
   impl->kv = std::make_unique<PagedKVCache>(*impl->device, kvs);
   impl->scratch = std::make_unique<ScratchPool>(*impl->device, config.scratch_pool_mb << 20);
   impl->kernels = std::make_unique<models::KernelCache>(*impl->device);

@@ -19,7 +19,7 @@ int KVCacheShape::blocks_for_budget(size_t budget_bytes, const KVCacheShape& s) 
   if (per_block == 0) throw std::invalid_argument("KV cache shape has a zero dimension");
   size_t n = budget_bytes / per_block;
   if (n < 1)
-    throw std::invalid_argument("kv_cache_memory_mb is too small: one block of " + std::to_string(s.block_size) +
+    throw std::invalid_argument("kv_cache_memory is too small: one block of " + std::to_string(s.block_size) +
                                 " tokens needs " + std::to_string(per_block) + " bytes for all layers");
   if (n > 0x7fffffff / size_t(s.block_size)) n = 0x7fffffff / size_t(s.block_size);
   return int(n);
@@ -52,7 +52,7 @@ void PagedKVCache::check_slot(int64_t slot) const {
     throw std::out_of_range("KV slot " + std::to_string(slot) + " does not exist: the cache has " +
                             std::to_string(num_slots()) + " slots (" + std::to_string(shape_.num_blocks) +
                             " blocks x " + std::to_string(shape_.block_size) +
-                            "); raise kv_cache_memory_mb or schedule fewer tokens");
+                            "); raise kv_cache_memory or schedule fewer tokens");
 }
 
 }  // namespace metal_engine

@@ -35,7 +35,7 @@ def prompts(n, lengths, vocab=211, seed=0):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefill_and_decode_match_transformers(tiny_checkpoints, arch):
     path = tiny_checkpoints[arch]
-    engine = metal_engine.Engine(path, dtype="float32", kv_cache_memory_mb=8)
+    engine = metal_engine.Engine(path, dtype="float32", kv_cache_memory=8 << 20)
     [prompt] = prompts(1, [19])
     (logits, tokens), = Harness(engine).prefill_and_decode([prompt], DECODE_STEPS)
     assert logits.shape == (len(prompt) + DECODE_STEPS, 211)
@@ -47,7 +47,7 @@ def test_prefill_and_decode_match_transformers(tiny_checkpoints, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_of_different_lengths_equals_each_alone(tiny_checkpoints, arch):
-    engine = metal_engine.Engine(tiny_checkpoints[arch], dtype="float32", kv_cache_memory_mb=8)
+    engine = metal_engine.Engine(tiny_checkpoints[arch], dtype="float32", kv_cache_memory=8 << 20)
     ps = prompts(4, [3, 17, 1, 40], seed=1)
     batched = Harness(engine, seed=2).prefill_and_decode(ps, 6, batched=True)
     alone = Harness(engine, seed=3).prefill_and_decode(ps, 6, batched=False)
@@ -58,7 +58,7 @@ def test_batch_of_different_lengths_equals_each_alone(tiny_checkpoints, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chunked_prefill_continues_over_cached_pages(tiny_checkpoints, arch):
-    engine = metal_engine.Engine(tiny_checkpoints[arch], dtype="float32", kv_cache_memory_mb=8)
+    engine = metal_engine.Engine(tiny_checkpoints[arch], dtype="float32", kv_cache_memory=8 << 20)
     ps = prompts(2, [37, 22], seed=4)
     whole = Harness(engine).prefill_and_decode(ps, 4)
     chunked = Harness(engine, seed=5).prefill_and_decode(ps, 4, chunk=7)  # 7: not a block multiple

@@ -42,7 +42,7 @@ def hf_model(checkpoint):
 
 @pytest.fixture(scope="module")
 def fp32_run(checkpoint, prompt_ids):
-    engine = metal_engine.Engine(checkpoint, dtype="float32", kv_cache_memory_mb=64)
+    engine = metal_engine.Engine(checkpoint, dtype="float32", kv_cache_memory=64 << 20)
     return Harness(engine).prefill_and_decode(prompt_ids, NEW_TOKENS)
 
 
@@ -78,7 +78,7 @@ def test_fp32_greedy_equals_transformers_generate(fp32_run, prompt_ids, hf_model
 
 
 def test_fp16_logits_stay_close_to_fp32(checkpoint, fp32_run):
-    engine = metal_engine.Engine(checkpoint, dtype="float16", kv_cache_memory_mb=64)
+    engine = metal_engine.Engine(checkpoint, dtype="float16", kv_cache_memory=64 << 20)
     h = Harness(engine)
     for logits32, tokens in fp32_run:
         # teacher-force the fp32 continuation so both see the same tokens
