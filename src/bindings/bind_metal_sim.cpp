@@ -38,7 +38,9 @@ static void run_sim(const std::string& name, const Args& args, const std::vector
   for (const auto& c : spec.pipelines[size_t(plan.first)].constants)
     opt.constants.push_back(metal_sim::FunctionConstant{c.first, {static_cast<unsigned char>(c.second)}});
   nb::gil_scoped_release release;
-  metal_sim::dispatch(name, ptrs, {g.groups[0], g.groups[1], g.groups[2]}, {g.threads[0], g.threads[1], g.threads[2]},
+  // the MSL function the plan picks (a backend-neutral name such as matmul_f32 runs matmul_gemv_f32 or _gemm_)
+  const std::string function = spec.pipelines[size_t(plan.first)].function;
+  metal_sim::dispatch(function, ptrs, {g.groups[0], g.groups[1], g.groups[2]}, {g.threads[0], g.threads[1], g.threads[2]},
                       opt);
 }
 

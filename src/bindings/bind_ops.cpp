@@ -7,6 +7,7 @@
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstdint>
 #include <cstring>
 #include <optional>
 
@@ -27,7 +28,8 @@ using namespace metal_engine;
 using AnyArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
 
 // cpu: the arrays themselves are the buffers. Other backends: device buffers, copied in before and out after
-// (whole arrays, guard bands included, so an out-of-bounds write still shows).
+// (whole arrays, guard bands included, so an out-of-bounds write still shows); an array lying inside an earlier
+// one (a view: k inside the q | k | v rows) is bound as that array's buffer at its offset, as the engine binds it.
 template <class Args>
 static void run_kernel(Device& d, const std::string& name, const Args& args,
                        const std::vector<std::optional<AnyArray>>& arrays) {
@@ -36,10 +38,24 @@ static void run_kernel(Device& d, const std::string& name, const Args& args,
   Kernel k = d.kernel(name);
   const bool copy = d.name() != "cpu";
   std::vector<std::unique_ptr<Buffer>> buffers;
+  std::vector<size_t> owner(arrays.size(), SIZE_MAX);  // the array whose buffer holds array i (copy backends)
   BufferArg b[10] = {};
   for (size_t i = 0; i < arrays.size(); ++i) {
     const auto& a = arrays[i];
     if (!a) continue;
+    const char* p = static_cast<const char*>(a->data());
+    bool aliased = false;
+    for (size_t j = 0; copy && j < i && !aliased; ++j) {
+      if (!arrays[j] || owner[j] != j) continue;
+      const char* q = static_cast<const char*>(arrays[j]->data());
+      if (p >= q && p + a->nbytes() <= q + arrays[j]->nbytes()) {
+        b[i] = BufferArg{b[j].buffer, size_t(p - q)};
+        owner[i] = j;
+        aliased = true;
+      }
+    }
+    if (aliased) continue;
+    owner[i] = i;
     if (copy) {
       buffers.push_back(d.allocate(a->nbytes(), "op test array " + std::to_string(i)));
       std::memcpy(buffers.back()->data(), a->data(), a->nbytes());
@@ -72,7 +88,7 @@ static void run_kernel(Device& d, const std::string& name, const Args& args,
   }
   if (copy)
     for (size_t i = 0, j = 0; i < arrays.size(); ++i)
-      if (arrays[i]) std::memcpy(arrays[i]->data(), buffers[j++]->data(), arrays[i]->nbytes());
+      if (arrays[i] && owner[i] == i) std::memcpy(arrays[i]->data(), buffers[j++]->data(), arrays[i]->nbytes());
 }
 
 template <class Args>

@@ -1,12 +1,16 @@
-"""The op table (src/core/op_table.h) is the list the op tests are checked against: every op has its cpu test
-against float64 numpy (tests/python/ops/) and its metal-sim test against the cpu op, the backends have every
+"""The op table (src/core/op_table.h) is the list the op tests are checked against: every op the cpu backend has
+has cases in tests/python/ops/cases.py (run by test_backend_ops.py on every backend), every Metal-only op a test
+in the metal-sim suite, every 16-bit-activation flavour a test in the 16-bit suite; the backends have every
 kernel it names, and nothing else."""
 
 import pathlib
+import sys
 
 import pytest
 
 from metal_engine import _core
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "ops"))
 
 HERE = pathlib.Path(__file__).parent
 OPS = _core.ops.op_table()
@@ -18,16 +22,26 @@ def mentions(path, op):
     return any(s in text for s in (f'"{op}"', f'"{op}_', f'f"{op}_', f'"{op}" +', f'"{op}{{'))
 
 
+def op_of(kernel):
+    """The op a kernel name belongs to: the longest op name it starts with (as op_table.h's op_of_kernel)."""
+    names = [o["name"] for o in OPS if kernel == o["name"] or kernel.startswith(o["name"] + "_")]
+    return max(names, key=len) if names else None
+
+
 @pytest.mark.parametrize("op", [o for o in OPS if not o["metal_only"]], ids=lambda o: o["name"])
-def test_every_op_has_a_cpu_test(op):
-    files = sorted((HERE / "ops").glob("test_*.py"))
-    assert any(mentions(f, op["name"]) for f in files), f"no test in tests/python/ops/ launches {op['name']}"
+def test_every_op_has_cases_for_every_kernel(op):
+    """Every kernel of the op (each dtype flavour) has a case, run on the cpu and every other backend."""
+    from cases import CASES
+
+    kernels = {c.kernel for c in CASES if op_of(c.kernel) == op["name"]}
+    assert set(op["cpu_kernels"]) <= kernels, f"no case in tests/python/ops/cases.py for {set(op['cpu_kernels']) - kernels}"
 
 
 @pytest.mark.parametrize("op", OPS, ids=lambda o: o["name"])
 def test_every_op_has_a_metal_sim_test(op):
-    f32 = HERE / "metal_sim" / "test_metal_sim_kernels.py"
-    assert mentions(f32, op["name"]), f"test_metal_sim_kernels.py does not launch {op['name']}"
+    if op["metal_only"]:
+        f32 = HERE / "metal_sim" / "test_metal_sim_kernels.py"
+        assert mentions(f32, op["name"]), f"test_metal_sim_kernels.py does not launch {op['name']}"
     if any("_act_" in k for k in op["metal_kernels"]):
         half = HERE / "metal_sim" / "test_metal_kernels_16bit_activations.py"
         assert mentions(half, op["name"]), f"test_metal_kernels_16bit_activations.py does not launch {op['name']}"

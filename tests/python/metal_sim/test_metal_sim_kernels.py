@@ -1,6 +1,8 @@
-"""The .metal kernels against the cpu backend's op (the reference), over dtypes and odd shapes, with guard
-bands around outputs: on metal-sim's CPU emulator, with threads run first-to-last and last-to-first; on a
-Mac without the emulator, on the real Metal device through the Metal backend (the macOS workflow)."""
+"""The Metal backend's own attention paths (the KV write fused into decode attention, split-and-reduce, the tiled
+prefill kernel) against the cpu backend's paged_attention, the kernels' limits, the emulator's registry and
+function constants. Every op the cpu backend has is run on every backend by tests/python/ops/test_backend_ops.py
+(its cases in tests/python/ops/cases.py). On metal-sim's CPU emulator with threads first-to-last and
+last-to-first, and through the Metal backend; on a Mac without the emulator, on the real Metal device."""
 
 import numpy as np
 import pytest
@@ -29,226 +31,6 @@ def sim(kernel, a, buffers, reverse):
 
 def cpu(kernel, a, buffers):
     run(device("cpu", 2), kernel, a, buffers)
-
-
-@ORDERS
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,dim", [(1, 1), (3, 7), (2, 64), (5, 576), (4, 300)])
-@pytest.mark.parametrize("add_residual", [False, True])
-def test_rms_norm(dtype, rows, dim, add_residual, reverse):
-    rng = np.random.default_rng(rows * 7 + dim)
-    x = rng.standard_normal((rows, dim)).astype(np.float32)
-    res = rng.standard_normal((rows, dim)).astype(np.float32)
-    w = to_storage(1 + 0.1 * rng.standard_normal(dim), dtype)
-    a = args("RmsNormArgs", rows=rows, dim=dim, eps=1e-5, add_residual=int(add_residual))
-    ref_out, ref_res = np.zeros_like(x), res.copy()
-    cpu(f"rms_norm_{dtype}", a, [x, ref_res if add_residual else None, w, ref_out])
-    out, sim_res = Guarded((rows, dim)), Guarded((rows, dim), fill=res)
-    sim(f"rms_norm_{dtype}", a, [x, sim_res.array if add_residual else None, w, out.array], reverse)
-    np.testing.assert_allclose(out.array, ref_out, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(sim_res.array, ref_res, rtol=1e-6, atol=1e-6)
-    out.check_guards()
-    sim_res.check_guards()
-
-
-@ORDERS
-@pytest.mark.parametrize("rows,dim,fused", [(1, 1, False), (3, 7, False), (9, 1536, False), (2, 1000, False),
-                                            (3, 7, True), (4, 1536, True)])
-@pytest.mark.parametrize("op", ["silu_mul", "gelu_tanh_mul"])
-def test_silu_mul(op, rows, dim, fused, reverse):
-    """fused: gate and up are the two halves of one [rows, 2 * dim] array (in_stride = 2 * dim)."""
-    rng = np.random.default_rng(dim)
-    stride = 2 * dim if fused else dim
-    gu = rng.standard_normal((rows, 2 * dim)).astype(np.float32)
-    gu[:, :dim] *= 4
-    if fused:
-        g, u = gu, gu.ravel()[dim:]
-    else:
-        g, u = np.ascontiguousarray(gu[:, :dim]), np.ascontiguousarray(gu[:, dim:])
-    a = args("SiluMulArgs", rows=rows, dim=dim, in_stride=stride)
-    ref = np.zeros((rows, dim), np.float32)
-    cpu(op, a, [g, u, ref])
-    out = Guarded((rows, dim))
-    sim(op, a, [g, u, out.array], reverse)
-    np.testing.assert_allclose(out.array, ref, rtol=2e-6, atol=1e-6)
-    out.check_guards()
-
-
-@ORDERS
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,hidden,vocab", [(1, 1, 1), (5, 7, 11), (33, 64, 1000), (3, 576, 49)])
-@pytest.mark.parametrize("scale", [1.0, 8.0])
-def test_embedding(dtype, tokens, hidden, vocab, scale, reverse):
-    rng = np.random.default_rng(tokens + hidden)
-    table = to_storage(rng.standard_normal((vocab, hidden)), dtype)
-    ids = rng.integers(0, vocab, tokens).astype(np.int32)
-    a = args("EmbeddingArgs", num_tokens=tokens, hidden=hidden, vocab=vocab, scale=scale)
-    ref = np.zeros((tokens, hidden), np.float32)
-    cpu(f"embedding_{dtype}", a, [ids, table, ref])
-    out = Guarded((tokens, hidden))
-    sim(f"embedding_{dtype}", a, [ids, table, out.array], reverse)
-    np.testing.assert_array_equal(out.array, ref)
-    out.check_guards()
-
-
-@ORDERS
-@pytest.mark.parametrize("rows,dim", [(1, 1), (3, 17), (8, 576)])
-def test_gather_rows(rows, dim, reverse):
-    rng = np.random.default_rng(rows)
-    src = rng.standard_normal((11, dim)).astype(np.float32)
-    idx = rng.integers(0, 11, rows).astype(np.int32)
-    a = args("GatherRowsArgs", rows=rows, dim=dim)
-    out = Guarded((rows, dim))
-    sim("gather_rows", a, [src, idx, out.array], reverse)
-    ref = np.zeros((rows, dim), np.float32)
-    cpu("gather_rows", a, [src, idx, ref])
-    np.testing.assert_array_equal(out.array, ref)
-    out.check_guards()
-
-
-@ORDERS
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,heads,kv_heads,hd", [(1, 1, 1, 2), (5, 4, 2, 24), (3, 9, 3, 64), (2, 2, 1, 256)])
-def test_qk_norm(dtype, tokens, heads, kv_heads, hd, reverse):
-    """q and k with the row stride of fused qkv rows (the strides the engine passes); separate arrays, as the
-    emulator and the backend copy each buffer in and out."""
-    rng = np.random.default_rng(tokens * hd + heads)
-    stride = (heads + 2 * kv_heads) * hd
-    qkv = rng.standard_normal((tokens, stride)).astype(np.float32) * 3
-    qw, kw = (to_storage(1 + 0.1 * rng.standard_normal(hd), dtype) for _ in range(2))
-    a = args("QKNormArgs", num_tokens=tokens, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, q_stride=stride,
-             k_stride=stride, eps=1e-6)
-    ref_q, ref_k = qkv.copy(), qkv.copy()
-    cpu(f"qk_norm_{dtype}", a, [ref_q, ref_k.ravel()[heads * hd:], qw, kw])
-    got_q, got_k = Guarded(qkv.shape, fill=qkv), Guarded(qkv.shape, fill=qkv)
-    sim(f"qk_norm_{dtype}", a, [got_q.array, got_k.array.ravel()[heads * hd:], qw, kw], reverse)
-    np.testing.assert_allclose(got_q.array, ref_q, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(got_k.array, ref_k, rtol=2e-5, atol=2e-5)
-    got_q.check_guards()
-    got_k.check_guards()
-
-
-@ORDERS
-@pytest.mark.parametrize("tokens,experts,k,renormalize", [(1, 2, 1, 0), (5, 8, 2, 1), (9, 60, 4, 0), (3, 128, 8, 1)])
-def test_moe_route(tokens, experts, k, renormalize, reverse):
-    rng = np.random.default_rng(tokens * experts)
-    logits = (3 * rng.standard_normal((tokens, experts))).astype(np.float32)
-    logits[0, :2] = logits[0].max() + 1.0  # a tie at the top: the lower id wins
-    a = args("MoeRouteArgs", num_tokens=tokens, num_experts=experts, top_k=k, renormalize=renormalize)
-    ref_ids, ref_w = np.zeros((tokens, k), np.int32), np.zeros((tokens, k), np.float32)
-    cpu("moe_route", a, [logits, ref_ids, ref_w])
-    ids, w = Guarded((tokens, k), np.int32), Guarded((tokens, k))
-    sim("moe_route", a, [logits, ids.array, w.array], reverse)
-    np.testing.assert_array_equal(ids.array, ref_ids)
-    np.testing.assert_allclose(w.array, ref_w, rtol=1e-6, atol=1e-7)
-    ids.check_guards()
-    w.check_guards()
-
-
-@ORDERS
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,k,experts,n,kdim,div", [(1, 2, 8, 24, 16, 2), (3, 2, 8, 17, 33, 1), (7, 4, 16, 9, 70, 4)])
-def test_moe_matmul(dtype, tokens, k, experts, n, kdim, div, reverse):
-    rng = np.random.default_rng(tokens * 13 + n)
-    rows = tokens * k
-    x = rng.standard_normal((rows // div, kdim)).astype(np.float32)
-    w = to_storage(rng.standard_normal((experts, n, kdim)) * 0.1, dtype)
-    ids = rng.integers(0, experts, rows).astype(np.int32)
-    ids[-1] = -1
-    a = args("MoeMatmulArgs", rows=rows, n=n, k=kdim, num_experts=experts, x_row_div=div)
-    ref = np.full((rows, n), np.nan, np.float32)
-    cpu(f"moe_matmul_{dtype}", a, [x, w, ids, ref])
-    y = Guarded((rows, n), fill=np.nan)
-    sim(f"moe_matmul_{dtype}", a, [x, w, ids, y.array], reverse)
-    np.testing.assert_allclose(y.array, ref, rtol=2e-5, atol=2e-5)
-    y.check_guards()
-
-
-@ORDERS
-@pytest.mark.parametrize("tokens,k,dim", [(1, 1, 1), (5, 2, 33), (4, 8, 576)])
-def test_moe_combine(tokens, k, dim, reverse):
-    rng = np.random.default_rng(tokens + dim)
-    y = rng.standard_normal((tokens * k, dim)).astype(np.float32)
-    w = rng.random((tokens, k)).astype(np.float32)
-    a = args("MoeCombineArgs", num_tokens=tokens, top_k=k, dim=dim)
-    ref = np.zeros((tokens, dim), np.float32)
-    cpu("moe_combine", a, [y, w, ref])
-    out = Guarded((tokens, dim))
-    sim("moe_combine", a, [y, w, out.array], reverse)
-    np.testing.assert_allclose(out.array, ref, rtol=1e-6, atol=1e-6)
-    out.check_guards()
-
-
-@ORDERS
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,kv_heads,hd,block_size,blocks", [(1, 1, 2, 1, 1), (7, 2, 16, 16, 3), (20, 3, 64, 8, 5)])
-def test_kv_write(dtype, tokens, kv_heads, hd, block_size, blocks, reverse):
-    rng = np.random.default_rng(tokens)
-    num_slots = blocks * block_size
-    slots = rng.permutation(num_slots)[:tokens].astype(np.int64)
-    slots[0] = -1
-    k = rng.standard_normal((tokens, kv_heads * hd)).astype(np.float32)
-    v = rng.standard_normal((tokens, kv_heads * hd)).astype(np.float32)
-    storage = to_storage(np.zeros(1), dtype).dtype
-    a = args("KVWriteArgs", num_tokens=tokens, num_kv_heads=kv_heads, head_dim=hd, block_size=block_size,
-             num_slots=num_slots, k_stride=kv_heads * hd, v_stride=kv_heads * hd)
-    ref_k = np.zeros((blocks, block_size, kv_heads, hd), storage)
-    ref_v = np.zeros_like(ref_k)
-    cpu(f"kv_write_{dtype}", a, [k, v, slots, ref_k, ref_v])
-    kc, vc = Guarded(ref_k.shape, dtype=storage), Guarded(ref_v.shape, dtype=storage)
-    sim(f"kv_write_{dtype}", a, [k, v, slots, kc.array, vc.array], reverse)
-    np.testing.assert_array_equal(kc.array, ref_k)
-    np.testing.assert_array_equal(vc.array, ref_v)
-    kc.check_guards()
-    vc.check_guards()
-
-
-@ORDERS
-@pytest.mark.parametrize("tokens,heads,kv_heads,hd,rot,scaling",
-                         [(1, 1, 1, 2, 2, 1.0), (5, 4, 2, 16, 16, 1.0), (7, 9, 3, 64, 64, 1.0), (3, 2, 1, 128, 128, 1.0),
-                          (4, 3, 1, 96, 72, 1.0), (6, 2, 2, 64, 32, 1.19)])
-def test_rope(tokens, heads, kv_heads, hd, rot, scaling, reverse):
-    rng = np.random.default_rng(tokens * hd)
-    pos = rng.integers(0, 5000, tokens).astype(np.int32)
-    inv_freq = (1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)
-    q0 = rng.standard_normal((tokens, heads * hd)).astype(np.float32)
-    k0 = rng.standard_normal((tokens, kv_heads * hd)).astype(np.float32)
-    a = args("RopeArgs", num_tokens=tokens, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, rotary_dim=rot,
-             q_stride=heads * hd, k_stride=kv_heads * hd, scaling=scaling)
-    ref_q, ref_k = q0.copy(), k0.copy()
-    cpu("rope", a, [pos, inv_freq, ref_q, ref_k])
-    q, k = Guarded(q0.shape, fill=q0), Guarded(k0.shape, fill=k0)
-    sim("rope", a, [pos, inv_freq, q.array, k.array], reverse)
-    np.testing.assert_allclose(q.array, ref_q, atol=1e-5)
-    np.testing.assert_allclose(k.array, ref_k, atol=1e-5)
-    q.check_guards()
-    k.check_guards()
-
-
-MATMUL_SHAPES = [  # (m, n, k): GEMV rows (m <= 4) and GEMM tiles with their edges; k % 4 != 0 takes the scalar path
-    (1, 1, 1), (1, 17, 7), (2, 33, 64), (4, 31, 130), (5, 16, 16), (7, 40, 33), (33, 65, 48), (64, 96, 100),
-]
-
-
-@ORDERS
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k", MATMUL_SHAPES)
-@pytest.mark.parametrize("bias", [False, True])
-def test_matmul(dtype, m, n, k, bias, reverse):
-    rng = np.random.default_rng(m * 1000 + n * 10 + k)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    w = to_storage(rng.standard_normal((n, k)), dtype)
-    b = to_storage(rng.standard_normal(n), dtype) if bias else None
-    a = args("MatmulArgs", m=m, n=n, k=k, has_bias=int(bias))
-    ref = np.zeros((m, n), np.float32)
-    cpu(f"matmul_{dtype}", a, [x, w, b, ref])
-    kernel = {"matmul_gemv": f"matmul_gemv_{dtype}", "matmul_gemm": f"matmul_gemm_{dtype}"}[
-        _core.ops.metal_matmul_kernel_prefix(a)]
-    assert kernel.startswith("matmul_gemv" if m <= 4 else "matmul_gemm")
-    y = Guarded((m, n))
-    sim(kernel, a, [x, w, b, y.array], reverse)
-    np.testing.assert_allclose(y.array, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
-    y.check_guards()
 
 
 def attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, seed, softcap=0.0):
@@ -289,18 +71,6 @@ ATTENTION_CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size,
     ([20, 1, 33], [50, 7, 33], 9, 3, 64, 16, 7),  # long chunks (the cpu op's sgemm path) with a window
     ([150], [170], 2, 1, 64, 8, 0),               # 150 queries after 20 cached tokens
 ]
-
-
-@ORDERS
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q_lens,seq_lens,heads,kv_heads,hd,bs,window", ATTENTION_CASES)
-def test_paged_attention(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, reverse):
-    a, inputs, ref = attention_case(dtype, q_lens, seq_lens, heads, kv_heads, hd, bs, window, sum(seq_lens) + hd)
-    T = sum(q_lens)
-    out = Guarded((T, heads * hd))
-    sim(f"paged_attention_{dtype}", a, inputs + [out.array], reverse)
-    np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=2e-5)
-    out.check_guards()
 
 
 DECODE_CASES = [  # (seq_lens, heads, kv_heads, head_dim, block_size, window): one new token per sequence
@@ -344,37 +114,6 @@ def test_paged_attention_decode_fuses_the_kv_write(dtype, seq_lens, heads, kv_he
     np.testing.assert_allclose(out.array, ref, rtol=1e-4, atol=2e-5)
     for g_ in (out, gk, gv):
         g_.check_guards()
-
-
-@ORDERS
-@pytest.mark.parametrize("rows,cols,cap", [(1, 1, 30.0), (3, 211, 4.0), (2, 5000, 30.0)])
-def test_softcap(rows, cols, cap, reverse):
-    rng = np.random.default_rng(cols)
-    x = (3 * cap * rng.standard_normal((rows, cols))).astype(np.float32)
-    a = args("SoftcapArgs", rows=rows, cols=cols, cap=cap)
-    ref = np.zeros_like(x)
-    cpu("softcap", a, [x, ref])
-    out = Guarded((rows, cols))
-    sim("softcap", a, [x, out.array], reverse)
-    np.testing.assert_allclose(out.array, ref, rtol=1e-6, atol=1e-6 * cap)
-    out.check_guards()
-
-
-@ORDERS
-@pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 7), (2, 49152), (4, 1000)])
-def test_argmax(rows, vocab, reverse):
-    rng = np.random.default_rng(vocab)
-    x = rng.standard_normal((rows, vocab)).astype(np.float32)
-    if vocab > 10:
-        x[0, 5] = x[0, vocab - 3] = x[0].max() + 1  # a tie across threads: the first index wins
-    a = args("ArgmaxArgs", rows=rows, vocab=vocab)
-    ref = np.zeros(rows, np.int32)
-    cpu("argmax", a, [x, ref])
-    out = Guarded((rows,), dtype=np.int32)
-    sim("argmax", a, [x, out.array], reverse)
-    np.testing.assert_array_equal(out.array, ref)
-    np.testing.assert_array_equal(out.array, x.argmax(-1))
-    out.check_guards()
 
 
 SPLIT_CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, window, partition_size)
