@@ -88,31 +88,18 @@ void Ops::check_rows(const Tensor& t, const char* what) const {
   if (!t.contiguous()) throw std::logic_error(std::string(what) + ": this op takes contiguous rows");
 }
 
-Tensor Ops::alloc(int rows, int cols, const char* label) {
+Tensor Ops::alloc_as(DType dtype, int rows, int cols, const char* label) {
   Tensor t;
-  t.dtype = act_;
+  t.dtype = dtype;
   t.rows = rows;
   t.cols = t.stride = cols;
-  t.arg = pool_.alloc(dtype_size(act_) * size_t(std::max(rows, 1)) * size_t(cols), label);
+  t.arg = pool_.alloc(dtype_size(dtype) * size_t(std::max(rows, 1)) * size_t(cols), label);
   return t;
 }
 
-Tensor Ops::alloc_f32(int rows, int cols, const char* label) {
-  Tensor t;
-  t.rows = rows;
-  t.cols = t.stride = cols;
-  t.arg = pool_.alloc(sizeof(float) * size_t(std::max(rows, 1)) * size_t(cols), label);
-  return t;
-}
-
-Tensor Ops::alloc_i32(int rows, int cols, const char* label) {
-  Tensor t;
-  t.dtype = DType::I32;
-  t.rows = rows;
-  t.cols = t.stride = cols;
-  t.arg = pool_.alloc(sizeof(int32_t) * size_t(std::max(rows, 1)) * size_t(cols), label);
-  return t;
-}
+Tensor Ops::alloc(int rows, int cols, const char* label) { return alloc_as(act_, rows, cols, label); }
+Tensor Ops::alloc_f32(int rows, int cols, const char* label) { return alloc_as(DType::F32, rows, cols, label); }
+Tensor Ops::alloc_i32(int rows, int cols, const char* label) { return alloc_as(DType::I32, rows, cols, label); }
 
 Tensor Ops::rope_table(const RotaryEmbedding& rope) {
   if (!rope.params.per_step()) {

@@ -95,6 +95,7 @@ class Ops {
   DType act_dtype() const { return act_; }
 
   // ---- scratch tensors: the pool is carved anew each step; a Scope hands back what was allocated inside it
+  Tensor alloc_as(DType dtype, int rows, int cols, const char* label);
   Tensor alloc(int rows, int cols, const char* label);               // activation dtype
   Tensor alloc_f32(int rows, int cols, const char* label);
   Tensor alloc_i32(int rows, int cols, const char* label);

@@ -190,3 +190,22 @@ def test_half_precision_checkpoints_load_in_place(tmp_path, tiny_checkpoints, sr
     (logits, tokens), = Harness(engine).prefill_and_decode([prompt], 2)
     ref = hf_logits(tmp_path / "half", tokens)  # transformers upcasts to fp32 on request
     assert np.abs(logits - ref).max() < 0.05
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in ("llama", "mistral", "qwen2")])
+def test_llm_greedy_text_equals_transformers(tmp_path, arch):
+    """The new architectures through LLM with a real tokenizer: the greedy text of transformers' generate."""
+    from tiny_models import make_tiny_text_checkpoint
+
+    path = make_tiny_text_checkpoint(tmp_path / arch, arch, seed=4)
+    llm = metal_engine.LLM(str(path), dtype="float32", max_model_len=128, progress=False)
+    prompt = "The quick brown fox"
+    [out] = llm.generate([prompt], metal_engine.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                         use_tqdm=False)
+    tok = llm.get_tokenizer()
+    ids = out.prompt_token_ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.outputs[0].token_ids == ref[0, len(ids):].tolist()
+    # the text as far as it decodes: a byte-level BPE's trailing incomplete character is held back
+    assert out.outputs[0].text == tok.decode(ref[0, len(ids):].tolist()).rstrip("\ufffd")
