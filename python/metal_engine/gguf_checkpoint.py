@@ -27,9 +27,12 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 _PERMUTED_QK = ("llama", "mistral")  # llama.cpp permutes Q/K rows only for llama-style (interleaved) RoPE
-# llama.cpp's merged expert tensors [E, out, in] -> the per-expert Hugging Face names
+# llama.cpp's merged expert tensors [E, out, in] -> the per-expert Hugging Face names (Qwen3-MoE; Mixtral,
+# which llama.cpp writes as general.architecture "llama" with experts)
 _EXPERT_NAMES = {"ffn_gate_exps.weight": "gate_proj.weight", "ffn_up_exps.weight": "up_proj.weight",
                  "ffn_down_exps.weight": "down_proj.weight"}
+_MIXTRAL_EXPERT_NAMES = {"ffn_gate_exps.weight": "w1.weight", "ffn_up_exps.weight": "w3.weight",
+                         "ffn_down_exps.weight": "w2.weight"}
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -121,6 +124,10 @@ def gguf_config(reader) -> dict:
     }
     if arch == "llama" and "blk.0.attn_q.bias" in names:
         cfg["attention_bias"] = True
+    if arch == "llama" and _field(reader, p + "expert_count"):  # Mixtral: Llama with a mixture of experts
+        cfg["architectures"], cfg["model_type"] = ["MixtralForCausalLM"], "mixtral"
+        cfg["num_local_experts"] = int(_field(reader, p + "expert_count"))
+        cfg["num_experts_per_tok"] = int(_field(reader, p + "expert_used_count"))
     if arch == "qwen3moe":
         cfg["num_experts"] = int(_field(reader, p + "expert_count"))
         cfg["num_experts_per_tok"] = int(_field(reader, p + "expert_used_count"))
@@ -141,7 +148,9 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
     reader = gguf.GGUFReader(str(gguf_path))
     cfg = gguf_config(reader)
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    unpermute_qk = cfg["model_type"] in _PERMUTED_QK
+    unpermute_qk = reader.fields["general.architecture"].contents() in _PERMUTED_QK
+    mixtral = cfg["model_type"] == "mixtral"
+    expert_names = _MIXTRAL_EXPERT_NAMES if mixtral else _EXPERT_NAMES
     tensors = {}
     for t in tqdm(reader.tensors, desc=f"converting {Path(gguf_path).name}", unit="tensor", disable=not progress):
         if t.name in ("token_embd.weight", "output_norm.weight", "output.weight"):
@@ -151,14 +160,17 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
             _, layer, rest = t.name.split(".", 2)
             w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
             w = w.reshape([int(d) for d in reversed(t.shape)])  # [experts, out, in]
+            block = "block_sparse_moe" if mixtral else "mlp"
             for e in range(w.shape[0]):
-                tensors[f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT_NAMES[rest]}"] = np.ascontiguousarray(w[e])
+                tensors[f"model.layers.{layer}.{block}.experts.{e}.{expert_names[rest]}"] = np.ascontiguousarray(w[e])
             continue
         elif t.name.startswith("blk."):
             _, layer, rest = t.name.split(".", 2)
             if rest not in _LAYER_NAMES:
                 raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r}")
             name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+            if mixtral and rest == "ffn_gate_inp.weight":
+                name = f"model.layers.{layer}.block_sparse_moe.gate.weight"
         elif t.name == "rope_freqs.weight":
             raise ValueError(f"{gguf_path}: GGUF RoPE frequency tables (rope_freqs) are not supported yet")
         else:
