@@ -2,16 +2,30 @@
 LRU free queue, and a KVCacheManager that gives requests their blocks (allocate_slots / free) and
 reuses cached blocks of shared prefixes (automatic prefix caching).
 
-Full blocks are identified by a hash chain over their tokens: hash(block i) covers block i's tokens and
-hash(block i-1), so equal hashes mean equal whole prefixes. A freed block keeps its hash and its
+Full blocks are identified by a hash chain over their tokens: hash(block i) is the SHA-256 of hash(block i-1),
+the request's cache salt and block i's tokens, so equal hashes mean equal whole prefixes (and salts), and a
+crafted prompt cannot collide into another user's blocks (vLLM moved to SHA-256 after CVE-2025-25183; Python's
+hash() of a tuple is not collision-resistant). A freed block keeps its hash and its
 contents until it is handed out again, so a later request with the same prefix can take it back;
 the free queue evicts least recently used first.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Optional
+
+import numpy as np
+
+
+def block_hash(parent: Optional[bytes], tokens, salt: Optional[str]) -> bytes:
+    """SHA-256 over the parent block's hash, the cache salt (length-prefixed) and the block's tokens."""
+    h = hashlib.sha256(parent if parent is not None else b"\0" * 32)
+    s = b"" if salt is None else str(salt).encode()
+    h.update(len(s).to_bytes(8, "little") + s)
+    h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    return h.digest()
 
 
 class KVCacheBlock:
@@ -20,7 +34,7 @@ class KVCacheBlock:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash = None  # (parent hash, tokens, salt) key once the block is full and cached
+        self.block_hash = None  # SHA-256 of the whole prefix up to this block once it is full and cached
 
     def __repr__(self):
         return f"KVCacheBlock({self.block_id}, ref_cnt={self.ref_cnt})"
@@ -107,8 +121,8 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= upto_tokens:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            tokens = tuple(request.token(j) for j in range(i * bs, (i + 1) * bs))
-            hashes.append((hash(parent), tokens, request.cache_salt))
+            tokens = [request.token(j) for j in range(i * bs, (i + 1) * bs)]
+            hashes.append(block_hash(parent, tokens, request.cache_salt))
         return hashes
 
     def get_computed_blocks(self, request) -> tuple[list, int]:

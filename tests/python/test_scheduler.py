@@ -119,3 +119,18 @@ def test_block_pool_evicts_least_recently_used_first():
     # so the cached prefix [1,2] survives longest
     kv.allocate_slots(b, 5)
     assert kv.get_computed_blocks(R("c", [1, 2, 0]))[1] == 2
+
+
+def test_prefix_cache_keys_are_sha256_of_the_whole_prefix_and_salt():
+    """A block's key is a SHA-256 chain over every token before it and the request's cache salt (vLLM after
+    CVE-2025-25183): the same block after another prefix, or under another salt, is another key."""
+    import hashlib
+
+    from metal_engine.kv_cache_manager import block_hash
+
+    h1 = block_hash(None, [1, 2], None)
+    assert len(h1) == 32 and h1 == hashlib.sha256(b"\0" * 32 + (0).to_bytes(8, "little") +
+                                                  np.array([1, 2], np.int64).tobytes()).digest()
+    assert block_hash(h1, [3, 4], None) != block_hash(block_hash(None, [1, 5], None), [3, 4], None)
+    assert block_hash(None, [1, 2], "user-a") != block_hash(None, [1, 2], "user-b") != h1
+    assert block_hash(None, [1, 2], "ab") != block_hash(None, [1, 2], "a")  # the salt is length-prefixed
