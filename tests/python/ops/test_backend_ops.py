@@ -102,3 +102,28 @@ def test_backend_against_cpu(case, backend):
             np.testing.assert_array_equal(got[i], want[i], err_msg=f"buffer {i}")
         else:
             np.testing.assert_allclose(as_float(got[i]), as_float(want[i]), rtol=rtol, atol=atol, err_msg=f"buffer {i}")
+
+
+@pytest.mark.skipif(not EMULATOR, reason="the emulator's registry")
+def test_the_cases_run_every_msl_function_of_the_cpu_ops():
+    """Each MSL function behind the cpu backend's ops (f32 activations) is run by some case on the emulator:
+    matmul_<wdt> as matmul_gemv_<wdt> (up to 4 rows) and matmul_gemm_<wdt> (more), gated for silu_mul and
+    gelu_tanh_mul (one template, two host names), every other kernel under its own name."""
+    ran = set()
+    for c in METAL_CASES:
+        if c.kernel.startswith("matmul_"):
+            ran.add(f"{_core.ops.metal_matmul_kernel_prefix(c.args)}_{c.kernel[len('matmul_'):]}")
+        else:
+            ran.add(c.kernel)
+    ops = [o for o in _core.ops.op_table() if not o["metal_only"]]
+    want = set()
+    for o in ops:
+        for k in o["metal_kernels"]:
+            if "_act_" in k:
+                continue  # the 16-bit-activation flavours: tests/python/metal_sim/test_metal_kernels_16bit_activations.py
+            if o["name"] == "matmul":
+                want |= {k.replace("matmul_", "matmul_gemv_"), k.replace("matmul_", "matmul_gemm_")}
+            else:
+                want.add(k)
+    assert want <= ran, sorted(want - ran)
+    assert want <= set(_core.metal_sim.kernel_names())
