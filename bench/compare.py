@@ -208,7 +208,7 @@ def work_transformers(batches, new_tokens):
 
     torch.set_num_threads(THREADS)
     t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(default_checkpoint(progress=False),
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_checkpoint(progress=False, dequantize=True),
                                                               dtype=torch.float32).eval()
     load = time.perf_counter() - t0
     res = {"load_s": load}
@@ -324,7 +324,7 @@ def weights_bytes_fp16() -> int:
 
     from metal_engine.gguf_checkpoint import default_checkpoint
 
-    cfg = _json.loads((default_checkpoint(progress=False) / "config.json").read_text())
+    cfg = _json.loads((default_checkpoint(progress=False, dequantize=True) / "config.json").read_text())
     H, I, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     hd = cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd

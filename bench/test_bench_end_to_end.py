@@ -22,7 +22,7 @@ def engine(request, tmp_path_factory):
         path = tmp_path_factory.mktemp("tiny") / "llama"
         make_tiny_checkpoint(path, "llama", seed=1)
         return metal_engine.Engine(path, dtype="float16", backend="metal-sim", num_threads=2)
-    return metal_engine.Engine(default_checkpoint(progress=False), dtype="float16", backend=request.param,
+    return metal_engine.Engine(default_checkpoint(progress=False, dequantize=True), dtype="float16", backend=request.param,
                                num_threads=2)
 
 

@@ -45,6 +45,7 @@ struct DeviceCaps {
   int split_attention_keys = 0;         // > 0: contexts longer take paged_attention_split_* in parts this long
   int max_attention_head_dim = 0;       // 0: any
   int max_query_heads_per_kv_head = 0;  // 0: any
+  bool quantized_weights = true;        // <op>_<q> kernels for the quantized weight formats (metal_engine/quant.h)
 };
 
 class Device {

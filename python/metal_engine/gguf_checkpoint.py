@@ -1,9 +1,12 @@
 """GGUF -> Hugging Face checkpoint conversion, and the default model.
 
 The engine runs Hugging Face safetensors checkpoints. A GGUF file (llama.cpp's format) is read with the
-`gguf` package: its metadata becomes config.json, its tensors are dequantized to float32 and renamed
-to Hugging Face names, and llama.cpp's Q/K row permutation (for its interleaved RoPE) is undone. The
-result is cached, so the second start is fast.
+`gguf` package: its metadata becomes config.json, its tensors are renamed to Hugging Face names and
+llama.cpp's Q/K row permutation (for its interleaved RoPE) is undone. Quantized tensors stay quantized:
+their blocks are written as they are (U8 [rows, row bytes], the format named in the safetensors metadata as
+"quant.<name>", include/metal_engine/quant.h) and the engine runs them in place; float tensors become
+float32. The result is cached, so the second start is fast. `dequantize=True` writes every tensor as
+float32 instead (the tests' dequantized twin of a quantized file).
 """
 
 from __future__ import annotations
@@ -138,14 +141,51 @@ def gguf_config(reader) -> dict:
     return cfg
 
 
-def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
-    """Writes a Hugging Face checkpoint for a GGUF file: config.json, float32 model.safetensors,
-    tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json."""
+def quant_formats() -> dict:
+    """GGML type id -> the engine's format name, for every quantized format the engine runs."""
+    from metal_engine import _core
+
+    return {q["ggml_type"]: q["name"] for q in _core.ops.quant_types()}
+
+
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def _tensor(gguf, t, formats, dequantize, gguf_path):
+    """(array, format or None): the tensor as float32 [dims...] (GGUF lists dims innermost first), or its
+    quantized blocks as u8 [rows..., row bytes]."""
+    dims = [int(d) for d in reversed(t.shape)]
+    kind = t.tensor_type.name
+    if kind in _FLOAT_TYPES or dequantize:
+        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(dims), None
+    fmt = formats.get(int(t.tensor_type))
+    if fmt is None:
+        known = ", ".join(n.upper() for n in formats.values())
+        raise ValueError(f"{gguf_path}: tensor {t.name!r} is {kind}, a format metal_engine does not run "
+                         f"(it runs {known}, F16, BF16 and F32)")
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    if dims[-1] % block_elems:
+        raise ValueError(f"{gguf_path}: tensor {t.name!r} ({kind}) has rows of {dims[-1]} weights, not a whole "
+                         f"number of {block_elems}-weight blocks")
+    row_bytes = dims[-1] // block_elems * block_bytes
+    data = np.asarray(t.data).view(np.uint8).reshape(-1)
+    if data.size != int(np.prod(dims[:-1])) * row_bytes:
+        raise ValueError(f"{gguf_path}: tensor {t.name!r} holds {data.size} bytes but {kind} {dims} needs "
+                         f"{int(np.prod(dims[:-1])) * row_bytes}; the file is truncated or corrupt")
+    return data.reshape(dims[:-1] + [row_bytes]), fmt
+
+
+def convert_gguf(gguf_path, out_dir, progress: bool = True, dequantize: bool = False) -> Path:
+    """Writes a Hugging Face checkpoint for a GGUF file: config.json, model.safetensors (quantized tensors as
+    their blocks, unless `dequantize`; float tensors float32), tokenizer.json, tokenizer_config.json (with the
+    chat template) and generation_config.json."""
     import gguf
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
     reader = gguf.GGUFReader(str(gguf_path))
+    formats = quant_formats()
+    quantized = {}  # tensor name -> format
     cfg = gguf_config(reader)
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     unpermute_qk = reader.fields["general.architecture"].contents() in _PERMUTED_QK
@@ -158,11 +198,13 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
                     "output.weight": "lm_head.weight"}[t.name]
         elif t.name.startswith("blk.") and t.name.split(".", 2)[2] in _EXPERT_NAMES:
             _, layer, rest = t.name.split(".", 2)
-            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-            w = w.reshape([int(d) for d in reversed(t.shape)])  # [experts, out, in]
+            w, fmt = _tensor(gguf, t, formats, dequantize, gguf_path)  # [experts, out, in (or row bytes)]
             block = "block_sparse_moe" if mixtral else "mlp"
             for e in range(w.shape[0]):
-                tensors[f"model.layers.{layer}.{block}.experts.{e}.{expert_names[rest]}"] = np.ascontiguousarray(w[e])
+                name = f"model.layers.{layer}.{block}.experts.{e}.{expert_names[rest]}"
+                tensors[name] = np.ascontiguousarray(w[e])
+                if fmt:
+                    quantized[name] = fmt
             continue
         elif t.name.startswith("blk."):
             _, layer, rest = t.name.split(".", 2)
@@ -175,8 +217,12 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
             raise ValueError(f"{gguf_path}: GGUF RoPE frequency tables (rope_freqs) are not supported yet")
         else:
             raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r}")
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        w, fmt = _tensor(gguf, t, formats, dequantize, gguf_path)
+        if fmt and w.ndim != 2:
+            raise ValueError(f"{gguf_path}: tensor {t.name!r} is {t.tensor_type.name} with {w.ndim - 1} dims; "
+                             "metal_engine takes quantized matrices")
+        if fmt:
+            quantized[name] = fmt
         if unpermute_qk and rest_is(t.name, "attn_q.weight"):
             w = _unpermute(w, heads)
         elif unpermute_qk and rest_is(t.name, "attn_k.weight"):
@@ -189,7 +235,9 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
     generation = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if cfg.get(k) is not None}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": Path(gguf_path).name})
+    metadata = {"format": "pt", "source": Path(gguf_path).name}
+    metadata.update({f"quant.{name}": fmt for name, fmt in quantized.items()})
+    save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
@@ -198,20 +246,22 @@ def rest_is(name: str, suffix: str) -> bool:
     return name.startswith("blk.") and name.split(".", 2)[2] == suffix
 
 
-def cached_checkpoint(gguf_path, progress: bool = True) -> Path:
-    """The converted checkpoint of a GGUF file, converting it once into the cache."""
+def cached_checkpoint(gguf_path, progress: bool = True, dequantize: bool = False) -> Path:
+    """The converted checkpoint of a GGUF file, converting it once into the cache (quantized tensors kept as
+    they are; `dequantize`: a float32 copy of every tensor, cached apart)."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {str(gguf_path)!r} does not exist")
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v2".encode()).hexdigest()[:16]
-    target = cache_dir() / f"{gguf_path.stem}-{key}"
+    variant = "f32" if dequantize else "q"
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v3|{variant}".encode()).hexdigest()[:16]
+    target = cache_dir() / f"{gguf_path.stem}-{variant}-{key}"
     if all((target / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json")):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
     try:
-        convert_gguf(gguf_path, tmp, progress=progress)
+        convert_gguf(gguf_path, tmp, progress=progress, dequantize=dequantize)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first
@@ -222,5 +272,7 @@ def cached_checkpoint(gguf_path, progress: bool = True) -> Path:
     return target
 
 
-def default_checkpoint(progress: bool = True) -> Path:
-    return cached_checkpoint(default_gguf_path(), progress=progress)
+def default_checkpoint(progress: bool = True, dequantize: bool = False) -> Path:
+    """The default model's converted checkpoint: its Q4_1 / Q8_0 blocks as they are, or (`dequantize`) the
+    float32 twin transformers loads too."""
+    return cached_checkpoint(default_gguf_path(), progress=progress, dequantize=dequantize)

@@ -19,6 +19,7 @@
 #include "../cpu/machine_probes.h"
 #include "../cpu/blas.h"
 #include "../cpu/counters.h"
+#include "../cpu/quant_blocks.h"
 #include "metal_engine/config.h"
 #include "metal_engine/device.h"
 
@@ -213,7 +214,7 @@ void init_ops(nb::module_& m) {
           "Which Metal matmul kernel these arguments take: matmul_gemv or matmul_gemm.");
   // one ops.run overload per argument struct of the op table
   std::set<std::string> bound;
-#define ME_DEF_RUN(op, Args, buffers, flavour, metal_only) \
+#define ME_DEF_RUN(op, Args, buffers, flavour, metal_only, quantized) \
   if (bound.insert(#Args).second) def_run<Args>(ops);
   ME_OPS(ME_DEF_RUN)
 #undef ME_DEF_RUN
@@ -227,11 +228,45 @@ void init_ops(nb::module_& m) {
           d["args"] = op.args_name;
           d["num_buffers"] = op.num_buffers;
           d["metal_only"] = op.metal_only;
-          d["cpu_kernels"] = op.metal_only ? std::vector<std::string>{} : op_kernel_names(op, false);
-          d["metal_kernels"] = op_kernel_names(op, true);
+          d["quantized"] = op.quantized;
+          d["cpu_kernels"] = op.metal_only ? std::vector<std::string>{} : op_kernel_names(op, false, true);
+          d["metal_kernels"] = op_kernel_names(op, true, false);  // Metal's quantized kernels: not yet
           out.push_back(d);
         }
         return out;
       },
       "Every op (src/core/op_table.h): its argument struct, buffer count and kernel names per backend.");
+  ops.def(
+      "quant_types",
+      [] {
+        std::vector<nb::dict> out;
+        for (QuantType q : quant_types()) {
+          const QuantInfo& i = quant_info(q);
+          nb::dict d;
+          d["name"] = i.name;
+          d["block_elems"] = i.block_elems;
+          d["block_bytes"] = i.block_bytes;
+          d["ggml_type"] = i.ggml_type;
+          out.push_back(d);
+        }
+        return out;
+      },
+      "The quantized weight formats (include/metal_engine/quant.h): name, weights and bytes per block, GGML type.");
+  ops.def(
+      "dequantize",
+      [](const std::string& format, nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> rows,
+         int64_t cols) {
+        const QuantType q = quant_from_string(format);
+        if (int64_t(rows.shape(1)) != quant_row_bytes(q, cols))
+          throw std::invalid_argument("dequantize: rows of " + std::to_string(rows.shape(1)) + " bytes are not " +
+                                      std::to_string(cols) + " " + format + " weights");
+        const int64_t n = int64_t(rows.shape(0));
+        float* out = new float[size_t(n * cols)];
+        nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+        for (int64_t r = 0; r < n; ++r)
+          cpu::dequantize_row(q, rows.data() + r * rows.shape(1), out + r * cols, cols);
+        return nb::ndarray<nb::numpy, float, nb::ndim<2>>(out, {size_t(n), size_t(cols)}, owner);
+      },
+      nb::arg("format"), nb::arg("rows"), nb::arg("cols"),
+      "The cpu backend's dequantization: u8 [rows, row bytes] of `format` blocks -> f32 [rows, cols].");
 }

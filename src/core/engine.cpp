@@ -102,6 +102,7 @@ class CheckpointWeights : public models::WeightLoader {
   Weight get(const std::string& name, const std::vector<int64_t>& shape, bool required) override {
     const TensorInfo* t = checked(name, shape, required);
     if (!t) return {};
+    if (t->quant != QuantType::None) return in_place(*t, shape);
     if (t->dtype != e_.dtype) return owned_copy({t}, shape, name, false);
     Weight w;  // used in place: the mmap'ed file is the weight
     w.dtype = e_.dtype;
@@ -126,11 +127,17 @@ class CheckpointWeights : public models::WeightLoader {
       shape[0] += part_shape[0];
       label += (label.empty() ? "" : " + ") + name;
     }
+    for (const TensorInfo* t : infos)
+      if (t->quant != QuantType::None) return quant_concat(infos, shape, label);
     return owned_copy(infos, shape, label, false);
   }
 
   Weight get_plus_one(const std::string& name, const std::vector<int64_t>& shape) override {
-    return owned_copy({checked(name, shape, true)}, shape, name, true);
+    const TensorInfo* t = checked(name, shape, true);
+    if (t->quant != QuantType::None)
+      throw std::invalid_argument("tensor '" + name + "' is " + quant_info(t->quant).name +
+                                  " but is a norm weight, which metal_engine takes in a float type");
+    return owned_copy({t}, shape, name, true);
   }
 
   Weight constant(const std::vector<float>& values, const std::string& label) override {
@@ -158,13 +165,51 @@ class CheckpointWeights : public models::WeightLoader {
     if (t->shape != expected)
       throw std::invalid_argument("tensor '" + name + "' has shape " + shape_str(t->shape) +
                                   " but config.json implies " + shape_str(expected));
+    if (t->quant != QuantType::None) return t;
     if (!t->dtype_supported)
       throw std::invalid_argument("tensor '" + name + "' has dtype " + t->dtype_str +
-                                  "; metal_engine loads F32, F16 and BF16 checkpoints");
+                                  "; metal_engine loads F32, F16 and BF16 checkpoints and quantized ones it wrote");
     if (t->dtype != e_.model.checkpoint_dtype)
       throw std::invalid_argument("tensor '" + name + "' is " + t->dtype_str + " but config.json says dtype " +
                                   dtype_name(e_.model.checkpoint_dtype) + "; fix config.json's \"dtype\"");
     return t;
+  }
+
+  // A quantized tensor used in place: the mmap'ed blocks are the weight.
+  Weight in_place(const TensorInfo& t, const std::vector<int64_t>& shape) {
+    Weight w;
+    w.quant = t.quant;
+    w.shape = shape;
+    w.arg = BufferArg{e_.file_buffers[size_t(t.file)].get(), t.offset};
+    e_.weights_in_place = true;
+    return w;
+  }
+
+  // Quantized parts stacked along dim 0 (their rows of blocks, concatenated): they must share one format.
+  Weight quant_concat(const std::vector<const TensorInfo*>& parts, std::vector<int64_t> shape, const std::string& label) {
+    for (const TensorInfo* t : parts)
+      if (t->quant != parts[0]->quant)
+        throw std::invalid_argument(label + ": the parts are in different formats (" + format_of(*parts[0]) + ", " +
+                                    format_of(*t) + "); metal_engine fuses them into one matmul, which takes one");
+    size_t bytes = 0;
+    for (const TensorInfo* t : parts) bytes += t->nbytes;
+    auto buf = e_.device->allocate(bytes, label);
+    size_t at = 0;
+    for (const TensorInfo* t : parts) {
+      std::memcpy(static_cast<uint8_t*>(buf->data()) + at, e_.checkpoint->data(*t), t->nbytes);
+      e_.checkpoint->files()[size_t(t->file)]->release(t->offset, t->nbytes);
+      at += t->nbytes;
+    }
+    Weight w;
+    w.quant = parts[0]->quant;
+    w.shape = std::move(shape);
+    w.arg = BufferArg{buf.get(), 0};
+    e_.owned_buffers.push_back(std::move(buf));
+    return w;
+  }
+
+  static std::string format_of(const TensorInfo& t) {
+    return t.quant != QuantType::None ? quant_info(t.quant).name : t.dtype_str;
   }
 
   // A device buffer holding `parts` stacked along dim 0, converted to the engine's dtype (with plus_one,
@@ -267,6 +312,12 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   }
   impl->check_device_limits();
   impl->checkpoint = SafetensorsCheckpoint::open(dir);
+  if (!caps.quantized_weights)
+    for (const auto& [name, t] : impl->checkpoint->tensors())
+      if (t.quant != QuantType::None)
+        throw std::invalid_argument(dir + " has quantized weights (" + name + " is " + quant_info(t.quant).name +
+                                    ") and the " + impl->device->name() +
+                                    " backend runs float weights only so far; use backend='cpu'");
   for (const auto& f : impl->checkpoint->files())
     impl->file_buffers.push_back(impl->device->wrap(const_cast<uint8_t*>(f->data()), f->size(), f->path()));
   {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../../metal/op_args.h"
+#include "metal_engine/quant.h"
 
 namespace metal_engine {
 
@@ -19,29 +20,31 @@ namespace metal_engine {
 //   Activation: <op>, and on Metal <op>_act_f16, <op>_act_bf16
 //   Single:     <op> alone (f32 in, f32 out)
 // metal_only: kernels only the Metal backend has (its other attention paths).
+// quantized: the op also takes quantized weights (include/metal_engine/quant.h): <op>_<q> for each format q,
+// and with 16-bit activations <op>_<q>_act_<adt>.
 enum class OpFlavour { Weight, Activation, Single };
 
-// X(op, Args, buffers, flavour, metal_only)
+// X(op, Args, buffers, flavour, metal_only, quantized)
 #define ME_OPS(X)                                                                   \
-  X(embedding, EmbeddingArgs, 3, Weight, false)                                     \
-  X(rms_norm, RmsNormArgs, 4, Weight, false)                                        \
-  X(matmul, MatmulArgs, 4, Weight, false)                                           \
-  X(qk_norm, QKNormArgs, 4, Weight, false)                                          \
-  X(rope, RopeArgs, 4, Activation, false)                                           \
-  X(silu_mul, SiluMulArgs, 3, Activation, false)                                    \
-  X(gelu_tanh_mul, SiluMulArgs, 3, Activation, false)                               \
-  X(kv_write, KVWriteArgs, 5, Weight, false)                                        \
-  X(paged_attention, PagedAttentionArgs, 7, Weight, false)                          \
-  X(paged_attention_decode, PagedAttentionDecodeArgs, 10, Weight, true)             \
-  X(paged_attention_prefill, PagedAttentionPrefillArgs, 7, Weight, true)            \
-  X(paged_attention_split, PagedAttentionSplitArgs, 9, Weight, true)                \
-  X(paged_attention_reduce, PagedAttentionReduceArgs, 4, Activation, true)          \
-  X(gather_rows, GatherRowsArgs, 3, Activation, false)                              \
-  X(moe_route, MoeRouteArgs, 3, Single, false)                                      \
-  X(moe_matmul, MoeMatmulArgs, 4, Weight, false)                                    \
-  X(moe_combine, MoeCombineArgs, 3, Activation, false)                              \
-  X(softcap, SoftcapArgs, 2, Single, false)                                         \
-  X(argmax, ArgmaxArgs, 2, Single, false)
+  X(embedding, EmbeddingArgs, 3, Weight, false, true)                                \
+  X(rms_norm, RmsNormArgs, 4, Weight, false, false)                                  \
+  X(matmul, MatmulArgs, 4, Weight, false, true)                                      \
+  X(qk_norm, QKNormArgs, 4, Weight, false, false)                                    \
+  X(rope, RopeArgs, 4, Activation, false, false)                                     \
+  X(silu_mul, SiluMulArgs, 3, Activation, false, false)                              \
+  X(gelu_tanh_mul, SiluMulArgs, 3, Activation, false, false)                         \
+  X(kv_write, KVWriteArgs, 5, Weight, false, false)                                  \
+  X(paged_attention, PagedAttentionArgs, 7, Weight, false, false)                    \
+  X(paged_attention_decode, PagedAttentionDecodeArgs, 10, Weight, true, false)       \
+  X(paged_attention_prefill, PagedAttentionPrefillArgs, 7, Weight, true, false)      \
+  X(paged_attention_split, PagedAttentionSplitArgs, 9, Weight, true, false)          \
+  X(paged_attention_reduce, PagedAttentionReduceArgs, 4, Activation, true, false)    \
+  X(gather_rows, GatherRowsArgs, 3, Activation, false, false)                        \
+  X(moe_route, MoeRouteArgs, 3, Single, false, false)                                \
+  X(moe_matmul, MoeMatmulArgs, 4, Weight, false, true)                               \
+  X(moe_combine, MoeCombineArgs, 3, Activation, false, false)                        \
+  X(softcap, SoftcapArgs, 2, Single, false, false)                                   \
+  X(argmax, ArgmaxArgs, 2, Single, false, false)
 
 struct OpInfo {
   const char* name;
@@ -50,19 +53,20 @@ struct OpInfo {
   int num_buffers;
   OpFlavour flavour;
   bool metal_only;
+  bool quantized;
 };
 
 inline const std::vector<OpInfo>& op_table() {
-#define ME_OP_INFO(op, Args, buffers, flavour, metal_only) \
-  OpInfo{#op, #Args, sizeof(Args), buffers, OpFlavour::flavour, metal_only},
+#define ME_OP_INFO(op, Args, buffers, flavour, metal_only, quantized) \
+  OpInfo{#op, #Args, sizeof(Args), buffers, OpFlavour::flavour, metal_only, quantized},
   static const std::vector<OpInfo> table = {ME_OPS(ME_OP_INFO)};
 #undef ME_OP_INFO
   return table;
 }
 
 // The largest argument struct and buffer count of any op: what a backend's recorded command must hold.
-#define ME_OP_ARGS_SIZE(op, Args, buffers, flavour, metal_only) sizeof(Args),
-#define ME_OP_BUFFERS(op, Args, buffers, flavour, metal_only) buffers,
+#define ME_OP_ARGS_SIZE(op, Args, buffers, flavour, metal_only, quantized) sizeof(Args),
+#define ME_OP_BUFFERS(op, Args, buffers, flavour, metal_only, quantized) buffers,
 constexpr size_t kOpArgsSizes[] = {ME_OPS(ME_OP_ARGS_SIZE)};
 constexpr int kOpBufferCounts[] = {ME_OPS(ME_OP_BUFFERS)};
 #undef ME_OP_ARGS_SIZE
@@ -85,8 +89,8 @@ inline const OpInfo* find_op(const std::string& name) {
 }
 
 // The kernel names of an op on a backend: with_half_activations adds the Metal flavours (<op>_<wdt>_act_<wdt>,
-// <op>_act_<adt>).
-inline std::vector<std::string> op_kernel_names(const OpInfo& op, bool with_half_activations) {
+// <op>_act_<adt>), with_quantized the quantized formats' (<op>_<q>[_act_<adt>]).
+inline std::vector<std::string> op_kernel_names(const OpInfo& op, bool with_half_activations, bool with_quantized) {
   const std::string n = op.name;
   std::vector<std::string> v;
   switch (op.flavour) {
@@ -104,6 +108,12 @@ inline std::vector<std::string> op_kernel_names(const OpInfo& op, bool with_half
       v.push_back(n);
       break;
   }
+  if (op.quantized && with_quantized)
+    for (QuantType q : quant_types()) {
+      v.push_back(n + "_" + quant_info(q).name);
+      if (with_half_activations)
+        for (const char* a : {"f16", "bf16"}) v.push_back(n + "_" + quant_info(q).name + "_act_" + a);
+    }
   return v;
 }
 

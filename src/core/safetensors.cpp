@@ -126,6 +126,10 @@ void SafetensorsCheckpoint::add_file(const std::string& path) {
   const size_t data_start = 8 + size_t(header_len);
   const size_t data_size = size - data_start;
   const int file_index = int(files_.size());
+  std::map<std::string, std::string> quantized;  // tensor -> format, from __metadata__'s "quant.<tensor>"
+  if (const json::Value* meta = root.find("__metadata__"); meta && meta->is_object())
+    for (const auto& kv : meta->object)
+      if (kv.first.rfind("quant.", 0) == 0 && kv.second.is_string()) quantized[kv.first.substr(6)] = kv.second.string;
   for (const auto& kv : root.object) {
     if (kv.first == "__metadata__") continue;
     const json::Value& e = kv.second;
@@ -162,10 +166,31 @@ void SafetensorsCheckpoint::add_file(const std::string& path) {
       throw std::invalid_argument(path + " is corrupt: tensor '" + kv.first + "' holds " +
                                   std::to_string(t.nbytes) + " bytes but its shape and dtype need " +
                                   std::to_string(numel * esize));
+    if (auto q = quantized.find(t.name); q != quantized.end()) {
+      try {
+        t.quant = quant_from_string(q->second);
+      } catch (const std::invalid_argument& err) {
+        throw std::invalid_argument(path + ": tensor '" + t.name + "': " + err.what());
+      }
+      const QuantInfo& qi = quant_info(t.quant);
+      if (t.dtype_str != "U8" || t.shape.size() != 2 || t.shape[1] % qi.block_bytes != 0)
+        throw std::invalid_argument(path + ": quantized tensor '" + t.name + "' must be U8 [rows, whole " + qi.name +
+                                    " blocks of " + std::to_string(qi.block_bytes) + " bytes]; it is " + t.dtype_str +
+                                    " " + [&] {
+                                      std::string d;
+                                      for (int64_t x : t.shape) d += (d.empty() ? "[" : ", ") + std::to_string(x);
+                                      return d + "]";
+                                    }());
+      t.shape[1] = t.shape[1] / qi.block_bytes * qi.block_elems;
+      quantized.erase(q);
+    }
     if (tensors_.count(t.name))
       throw std::invalid_argument(path + ": tensor '" + t.name + "' appears in more than one shard");
     tensors_[t.name] = t;
   }
+  if (!quantized.empty())
+    throw std::invalid_argument(path + ": __metadata__ names quantized tensor '" + quantized.begin()->first +
+                                "', which the file does not hold");
   files_.push_back(std::move(file));
 }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "metal_engine/dtype.h"
+#include "metal_engine/quant.h"
 
 namespace metal_engine {
 
@@ -35,6 +36,9 @@ struct TensorInfo {
   std::string dtype_str;          // as written in the header: "F32", "BF16", "I64", ...
   bool dtype_supported = false;   // F32, F16 or BF16
   DType dtype = DType::F32;       // valid when dtype_supported
+  // A quantized weight (include/metal_engine/quant.h): stored as U8 [rows, row bytes] and named in the header's
+  // __metadata__ as "quant.<tensor name>": "<format>"; `shape` is then the logical [rows, cols].
+  QuantType quant = QuantType::None;
   std::vector<int64_t> shape;
   int file = 0;                   // index into Checkpoint::files()
   size_t offset = 0;              // absolute byte offset in that file

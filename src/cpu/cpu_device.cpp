@@ -77,6 +77,7 @@ class CpuDevice : public Device {
     add_embedding_kernels(table_);
     add_rms_norm_kernels(table_);
     add_matmul_kernels(table_);
+    add_quant_matmul_kernels(table_);
     add_rope_kernels(table_);
     add_silu_mul_kernels(table_);
     add_qk_norm_kernels(table_);
@@ -102,7 +103,7 @@ class CpuDevice : public Device {
     }
     for (const OpInfo& op : op_table()) {
       if (op.metal_only) continue;
-      for (const std::string& name : op_kernel_names(op, false)) {
+      for (const std::string& name : op_kernel_names(op, false, /*with_quantized=*/true)) {
         bool found = false;
         for (const KernelDef& k : table_) found |= k.name == name;
         if (!found) throw std::logic_error("the cpu backend lacks kernel '" + name + "' of op " + op.name);

@@ -32,6 +32,7 @@ void matmul_rows(const float* x, int M, int K, const W* w, float* y, int N, Thre
 void add_embedding_kernels(std::vector<KernelDef>& table);
 void add_rms_norm_kernels(std::vector<KernelDef>& table);
 void add_matmul_kernels(std::vector<KernelDef>& table);
+void add_quant_matmul_kernels(std::vector<KernelDef>& table);  // matmul_<q>, embedding_<q>
 void add_rope_kernels(std::vector<KernelDef>& table);
 void add_silu_mul_kernels(std::vector<KernelDef>& table);
 void add_qk_norm_kernels(std::vector<KernelDef>& table);

@@ -46,7 +46,7 @@ using SpecTable = std::vector<std::pair<std::string, MetalKernelSpec>>;
 template <class Args>
 void add_op(SpecTable& t, const OpInfo& op) {
   const std::string op_name = op.name;
-  for (const std::string& name : op_kernel_names(op, /*with_half_activations=*/true)) {
+  for (const std::string& name : op_kernel_names(op, /*with_half_activations=*/true, /*with_quantized=*/false)) {
     if (op_name == "rms_norm") {
       t.emplace_back(name, MetalKernelSpec{sizeof(Args), op.num_buffers,
                                            {MetalPipelineKey{name, {{0, false}}}, MetalPipelineKey{name, {{0, true}}}},
@@ -71,7 +71,7 @@ void add_op(SpecTable& t, const OpInfo& op) {
 // Generated from the op table (src/core/op_table.h).
 SpecTable table() {
   SpecTable t;
-#define ME_METAL_SPECS(op, Args, buffers, flavour, metal_only) add_op<Args>(t, *find_op(#op));
+#define ME_METAL_SPECS(op, Args, buffers, flavour, metal_only, quantized) add_op<Args>(t, *find_op(#op));
   ME_OPS(ME_METAL_SPECS)
 #undef ME_METAL_SPECS
   return t;
@@ -93,6 +93,7 @@ DeviceCaps metal_device_caps() {
   c.split_attention_keys = 256;       // keys per partition of the split attention
   c.max_attention_head_dim = 128;     // every attention kernel keeps a head's accumulator in registers
   c.max_query_heads_per_kv_head = 8;
+  c.quantized_weights = false;        // no MSL kernels for the quantized formats yet (#11)
   return c;
 }
 

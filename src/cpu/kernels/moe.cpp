@@ -1,6 +1,6 @@
 // The mixture-of-experts ops (Mixtral, Qwen3-MoE):
 //  - moe_route: softmax of each token's router logits, its top_k experts and their (renormalised) weights;
-//  - moe_matmul_<wdt>: the selected experts' projection, rows grouped by expert, each expert's weights streamed
+//  - moe_matmul_<wdt> (f32, f16, bf16 and the quantized formats): the selected experts' projection, rows grouped by expert, each expert's weights streamed
 //    once through the matmul kernel's GEMV (1-3 rows) or GEMM tiles; experts no row selects are not read;
 //  - moe_combine: each token's weighted sum over its experts' outputs.
 #include <algorithm>
@@ -10,12 +10,18 @@
 
 #include "../counters.h"
 #include "../cpu_kernels.h"
+#include "../quant_blocks.h"
 
 namespace metal_engine::cpu {
 
 namespace {
 
 std::atomic<int64_t> g_expert_matmuls{0};
+
+template <class W>
+struct is_quant_format : std::false_type {};
+template <QuantType Q>
+struct is_quant_format<std::integral_constant<QuantType, Q>> : std::true_type {};
 
 void moe_route(const MoeRouteArgs& a, void* const* b, ThreadPool& pool) {
   const float* logits = static_cast<const float*>(b[0]);  // [num_tokens, num_experts]
@@ -45,10 +51,11 @@ void moe_route(const MoeRouteArgs& a, void* const* b, ThreadPool& pool) {
   });
 }
 
+// W: f32, f16, bf16, or a quantized format (QuantFormat<Q>: expert e's rows at e * n * row bytes)
 template <class W>
 void moe_matmul(const MoeMatmulArgs& a, void* const* b, ThreadPool& pool) {
   const float* x = static_cast<const float*>(b[0]);  // [rows / x_row_div, k]
-  const W* w = static_cast<const W*>(b[1]);          // [num_experts, n, k]
+  const void* w = b[1];                              // [num_experts, n, k]
   const int32_t* ids = static_cast<const int32_t*>(b[2]);  // [rows]
   float* y = static_cast<float*>(b[3]);              // [rows, n]
   const int N = a.n, K = a.k, E = a.num_experts;
@@ -68,7 +75,12 @@ void moe_matmul(const MoeMatmulArgs& a, void* const* b, ThreadPool& pool) {
     ys.resize(size_t(m) * N);
     for (int i = 0; i < m; ++i)
       std::copy_n(x + int64_t(rows[size_t(i)] / a.x_row_div) * K, K, xs.data() + int64_t(i) * K);
-    matmul_rows(xs.data(), m, K, w + int64_t(e) * N * K, ys.data(), N, pool);
+    if constexpr (is_quant_format<W>::value) {
+      const uint8_t* we = static_cast<const uint8_t*>(w) + int64_t(e) * N * quant_row_bytes(W::value, K);
+      quant_matmul_rows(W::value, xs.data(), m, K, we, ys.data(), N, pool);
+    } else {
+      matmul_rows(xs.data(), m, K, static_cast<const W*>(w) + int64_t(e) * N * K, ys.data(), N, pool);
+    }
     for (int i = 0; i < m; ++i) std::copy_n(ys.data() + int64_t(i) * N, N, y + int64_t(rows[size_t(i)]) * N);
     g_expert_matmuls.fetch_add(1, std::memory_order_relaxed);
   }
@@ -101,6 +113,11 @@ void add_moe_kernels(std::vector<KernelDef>& table) {
   table.push_back(make_kernel<MoeMatmulArgs>("moe_matmul_f32", 4, moe_matmul<float>));
   table.push_back(make_kernel<MoeMatmulArgs>("moe_matmul_f16", 4, moe_matmul<f16>));
   table.push_back(make_kernel<MoeMatmulArgs>("moe_matmul_bf16", 4, moe_matmul<bf16>));
+  for (QuantType q : quant_types())
+    with_format(q, [&](auto tag) {
+      table.push_back(make_kernel<MoeMatmulArgs>(std::string("moe_matmul_") + quant_info(q).name, 4,
+                                                 moe_matmul<decltype(tag)>));
+    });
   table.push_back(make_kernel<MoeCombineArgs>("moe_combine", 3, moe_combine));
 }
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from op_testing import DTYPES, args, from_storage, to_storage
+from op_testing import DTYPES, QUANT_FORMATS, args, from_storage, gguf_dequantize, random_quant_rows, to_storage
 
 
 @dataclass
@@ -30,6 +30,8 @@ class Case:
     backend_tol: tuple = (2e-5, 2e-5)  # another backend vs the cpu op
     views: dict = field(default_factory=dict)  # buffer index -> (base buffer index, element offset): aliasing views
     cpu_kernel: Optional[str] = None   # the kernel the backends are compared with, if not `kernel` itself
+    nmse: Optional[float] = None       # compare by normalised mean squared error instead (quantized matmuls:
+                                       # the activations' int8 rounding is the kernel's, as test-backend-ops)
 
     @property
     def op(self):
@@ -119,6 +121,46 @@ for dtype in DTYPES:
                      args=args("MatmulArgs", m=m, n=n, k=k, has_bias=int(bias)),
                      buffers=[x, w, b, np.zeros((m, n), np.float32)], outputs={3: None}, reference=ref, tol=tol,
                      backend_tol=(1e-4, 1e-4 * np.sqrt(k)))
+
+# ------------------------------------------------------------------ quantized weights: matmul_<q>, embedding_<q>
+# Weights are random blocks (every code, every packed sub-scale); the reference multiplies by gguf-py's
+# dequantization of them, so quantization error is not kernel error. The kernels quantize each row of x to
+# int8 groups of 32: NMSE <= 5e-4 against float64, as llama.cpp's test-backend-ops.
+QUANT_MATMUL_SHAPES = [  # (m, n, k): decode 1-4 rows, 4-row passes and remainders, 64-row blocks, odd n (NMSE
+    # over 8+ outputs: a single dot product of 32 random terms may cancel to near 0)
+    (1, 16, 32), (1, 17, 256), (2, 33, 512), (3, 100, 768), (4, 31, 256), (5, 16, 256), (7, 65, 512),
+    (13, 8, 256), (64, 40, 256), (67, 33, 768), (130, 20, 256),
+]
+for fmt, q in QUANT_FORMATS.items():
+    for m, n, k in QUANT_MATMUL_SHAPES:
+        if k % q["block_elems"]:
+            continue
+        for bias in ((None, "f32", "f16") if (m, n) in ((3, 100), (67, 33)) else (None,)):
+            rng = np.random.default_rng([m, n, k, q["ggml_type"]])
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            w = random_quant_rows(fmt, n, k, rng)
+            b = to_storage(rng.standard_normal(n), bias) if bias else None
+
+            def ref(x=x, w=w, b=b, fmt=fmt, k=k, bias=bias):
+                y = x.astype(np.float64) @ gguf_dequantize(fmt, w, k).T
+                return {3: y + from_storage(b, bias) if b is not None else y}
+
+            case(id=f"matmul_{fmt}-{m}x{n}x{k}-{'bias_' + bias if bias else 'nobias'}", kernel=f"matmul_{fmt}",
+                 args=args("MatmulArgs", m=m, n=n, k=k, has_bias=1 + DTYPES.index(bias) if bias else 0),
+                 buffers=[x, w, b, np.zeros((m, n), np.float32)], outputs={3: None}, reference=ref, nmse=5e-4)
+    for tokens, hidden, vocab in [(1, 256, 3), (5, 512, 11), (17, 768, 40)]:
+        if hidden % q["block_elems"]:
+            continue
+        for scale in (1.0, 24.0):
+            rng = np.random.default_rng([tokens, hidden, q["ggml_type"]])
+            table = random_quant_rows(fmt, vocab, hidden, rng)
+            ids = rng.integers(0, vocab, tokens).astype(np.int32)
+            ids[-1] = vocab - 1
+            case(id=f"embedding_{fmt}-{tokens}x{hidden}-v{vocab}-s{scale}", kernel=f"embedding_{fmt}",
+                 args=args("EmbeddingArgs", num_tokens=tokens, hidden=hidden, vocab=vocab, scale=scale),
+                 buffers=[ids, table, np.zeros((tokens, hidden), np.float32)], outputs={2: None},
+                 reference=lambda t=table, i=ids, f=fmt, h=hidden, s=scale: {2: gguf_dequantize(f, t, h)[i] * s},
+                 tol=(2e-6, 1e-7), backend_tol=(1e-6, 1e-7))
 
 # ------------------------------------------------------------------------------------------- rope, qk_norm
 def rope_ref(x, positions, inv_freq, scaling=1.0):
@@ -298,6 +340,25 @@ for dtype in DTYPES:
                  args=args("MoeMatmulArgs", rows=rows, n=n, k=kdim, num_experts=experts, x_row_div=div),
                  buffers=[x, w, ids, np.zeros((rows, n), np.float32)], outputs={3: None}, reference=ref,
                  tol=(1e-5, 1e-5 * np.sqrt(kdim)), backend_tol=(2e-5, 2e-5))
+
+for fmt, q in QUANT_FORMATS.items():  # the experts of a quantized MoE through the quantized matmul
+    for tokens, k, experts, n, kdim in [(1, 2, 8, 24, 256), (20, 2, 4, 40, 512)]:
+        for layout in ("gate_up", "down"):
+            rng = np.random.default_rng([tokens, n, q["ggml_type"]])
+            rows, div = tokens * k, (k if layout == "gate_up" else 1)
+            x = rng.standard_normal((rows // div, kdim)).astype(np.float32)
+            w = random_quant_rows(fmt, experts * n, kdim, rng)
+            ids = rng.integers(0, experts, rows).astype(np.int32)
+            ids[-1] = -1
+
+            def ref(x=x, w=w, ids=ids, fmt=fmt, div=div, n=n, experts=experts, kdim=kdim):
+                wf = gguf_dequantize(fmt, w, kdim).reshape(experts, n, kdim)
+                return {3: np.stack([x[r // div].astype(np.float64) @ wf[e].T if 0 <= e < experts else np.zeros(n)
+                                     for r, e in enumerate(ids)])}
+
+            case(id=f"moe_matmul_{fmt}-{tokens}t-top{k}-{experts}e-{n}x{kdim}-{layout}", kernel=f"moe_matmul_{fmt}",
+                 args=args("MoeMatmulArgs", rows=rows, n=n, k=kdim, num_experts=experts, x_row_div=div),
+                 buffers=[x, w, ids, np.zeros((rows, n), np.float32)], outputs={3: None}, reference=ref, nmse=5e-4)
 
 for tokens, k, dim in [(1, 1, 1), (5, 2, 33), (17, 8, 576)]:
     rng = np.random.default_rng(tokens + dim)

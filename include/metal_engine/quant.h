@@ -1,0 +1,28 @@
+// Quantized weight formats: a property of a weight (models::Weight::quant), independent of the activation
+// and KV-cache dtypes. The GGUF block formats as llama.cpp lays them out (ggml-common.h); rows are a whole
+// number of blocks, blocks run along the input dimension. Kernels are named <op>_<format> (matmul_q4_1).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace metal_engine {
+
+enum class QuantType : uint8_t { None, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K };
+
+struct QuantInfo {
+  const char* name;  // "q4_1": kernel names, safetensors metadata, the Python API
+  int block_elems;   // weights per block (32, or 256 for the K-quants)
+  int block_bytes;   // bytes per block
+  int ggml_type;     // GGML_TYPE_* of the format (gguf-py's GGMLQuantizationType)
+};
+
+const QuantInfo& quant_info(QuantType q);
+// Every format the engine runs (not None).
+const std::vector<QuantType>& quant_types();
+// "q4_1" / "Q4_1" -> Q4_1; throws std::invalid_argument naming the formats it knows.
+QuantType quant_from_string(const std::string& s);
+// Bytes of one row of `cols` weights; throws std::invalid_argument when cols is not a whole number of blocks.
+int64_t quant_row_bytes(QuantType q, int64_t cols);
+
+}  // namespace metal_engine

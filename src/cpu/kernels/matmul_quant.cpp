@@ -1,0 +1,375 @@
+// matmul_<q> for the quantized formats (src/cpu/quant_blocks.h): y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]),
+// x f32, W [n, k] as rows of blocks. Each row of x is quantized once per call to int16 groups of 32 with their
+// scale (finer than llama.cpp's int8 activations: logits as a float matmul's); each weight group's dot product
+// with it is an integer dot product (AVX2: madd on the codes widened to int16; AVX-512 VNNI / AVX-VNNI: dpwssd;
+// plain C++ elsewhere), scaled once per group.
+// A weight group is decoded once for up to 4 rows of x. Rows of x go in blocks of kRowBlock against the
+// thread's share of W (which stays in L2 between blocks); decode (1-4 rows) streams W once.
+// embedding_<q>: the table's rows dequantized on gather.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../cpu_kernels.h"
+#include "../gemm_tiles.h"
+#include "../quant_blocks.h"
+#include "metal_engine/dtype.h"
+
+namespace metal_engine::cpu {
+
+#if ME_AVX2
+static inline int hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
+void quantize_x_row(const float* x, int K, const XRows& rows, int r) {
+  const size_t at = size_t(r) * rows.G;
+  int16_t* qrow = const_cast<int16_t*>(rows.q) + at * 32;
+  float* drow = const_cast<float*>(rows.d) + at;
+  float* s0row = const_cast<float*>(rows.s0) + at;
+  float* s1row = const_cast<float*>(rows.s1) + at;
+  for (int g = 0; g < K / 32; ++g) {
+    const float* v = x + 32 * g;
+    int16_t* q16 = qrow + 32 * g;
+#if ME_AVX2
+    __m256 f[4];
+    __m256 amax = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < 4; ++i) {
+      f[i] = _mm256_loadu_ps(v + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, f[i]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float am = _mm_cvtss_f32(m);
+    const float d = am / 32767.0f, id = am > 0 ? 32767.0f / am : 0.0f;
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(f[i], _mm256_set1_ps(id)));
+    const int s0 = hsum_i32(_mm256_add_epi32(q[0], q[1])), s1 = hsum_i32(_mm256_add_epi32(q[2], q[3]));
+    for (int i = 0; i < 2; ++i) {  // packs works per 128-bit lane: put the 16 values back in order
+      const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2 * i], q[2 * i + 1]), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + 16 * i), p);
+    }
+#else
+    float am = 0;
+    for (int i = 0; i < 32; ++i) am = std::max(am, std::fabs(v[i]));
+    const float d = am / 32767.0f, id = am > 0 ? 32767.0f / am : 0.0f;
+    int s0 = 0, s1 = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int q = int(std::nearbyint(v[i] * id));
+      q16[i] = int16_t(q);
+      (i < 16 ? s0 : s1) += q;
+    }
+#endif
+    drow[g] = d;
+    s0row[g] = d * float(s0);
+    s1row[g] = d * float(s1);
+  }
+}
+
+namespace {
+
+// row [cols / block_elems blocks] -> f32 [cols]: w = a * code + b per group half
+template <QuantType Q>
+void dequantize_row_q(const uint8_t* row, float* out, int64_t cols) {
+  using F = Format<Q>;
+  GroupScales gs[F::kGroups];
+  for (int64_t blk = 0; blk < cols / (32 * F::kGroups); ++blk) {
+    const uint8_t* b = row + blk * F::kBytes;
+    F::scales(b, gs);
+    for (int j = 0; j < F::kGroups; ++j) {
+      float* o = out + (blk * F::kGroups + j) * 32;
+#if ME_AVX2
+      const __m256i c = F::codes(b, j);
+      const __m128i half[2] = {_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)};
+      for (int p = 0; p < 4; ++p) {
+        const __m128i bytes = p & 1 ? _mm_srli_si128(half[p / 2], 8) : half[p / 2];
+        const __m256i v = F::kSigned ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+        _mm256_storeu_ps(o + 8 * p, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(gs[j].a[p / 2]),
+                                                    _mm256_set1_ps(gs[j].b[p / 2])));
+      }
+#else
+      uint8_t c[32];
+      F::codes_scalar(b, j, c);
+      for (int i = 0; i < 32; ++i) {
+        const float code = F::kSigned ? float(int8_t(c[i])) : float(c[i]);
+        o[i] = gs[j].a[i / 16] * code + gs[j].b[i / 16];
+      }
+#endif
+    }
+  }
+}
+
+}  // namespace
+
+void dequantize_row(QuantType q, const uint8_t* row, float* out, int64_t cols) {
+  with_format(q, [&](auto tag) { dequantize_row_q<decltype(tag)::value>(row, out, cols); });
+}
+
+namespace {
+
+#if ME_AVX2
+// A group's 32 codes (u8, or i8 when signed) widened to int16, and their dot products with 32 int16 of x: dot()
+// 8 lanes summing both halves, dot_halves() half 0 (elements 0-15) and half 1 apart. AVX-512 (BW + VNNI): the 32
+// codes in one vector, one dpwssd; AVX2 (+ AVX-VNNI): two of each, madd or dpwssd.
+template <bool kSigned>
+struct GroupCodes {
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  __m512i c;
+  void set(__m256i codes) { c = kSigned ? _mm512_cvtepi8_epi16(codes) : _mm512_cvtepu8_epi16(codes); }
+  __m512i dot512(const int16_t* x) const { return _mm512_dpwssd_epi32(_mm512_setzero_si512(), c, _mm512_loadu_si512(x)); }
+  __m256i dot(const int16_t* x) const {
+    const __m512i d = dot512(x);
+    return _mm256_add_epi32(_mm512_castsi512_si256(d), _mm512_extracti64x4_epi64(d, 1));
+  }
+  void dot_halves(const int16_t* x, __m256i& h0, __m256i& h1) const {
+    const __m512i d = dot512(x);
+    h0 = _mm512_castsi512_si256(d);
+    h1 = _mm512_extracti64x4_epi64(d, 1);
+  }
+#else
+  __m256i lo, hi;
+  void set(__m256i codes) {
+    const __m128i a = _mm256_castsi256_si128(codes), b = _mm256_extracti128_si256(codes, 1);
+    lo = kSigned ? _mm256_cvtepi8_epi16(a) : _mm256_cvtepu8_epi16(a);
+    hi = kSigned ? _mm256_cvtepi8_epi16(b) : _mm256_cvtepu8_epi16(b);
+  }
+  static __m256i dot16(__m256i acc, __m256i a, const int16_t* x) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+  }
+  __m256i dot(const int16_t* x) const { return dot16(dot16(_mm256_setzero_si256(), lo, x), hi, x + 16); }
+  void dot_halves(const int16_t* x, __m256i& h0, __m256i& h1) const {
+    h0 = dot16(_mm256_setzero_si256(), lo, x);
+    h1 = dot16(_mm256_setzero_si256(), hi, x + 16);
+  }
+#endif
+};
+#endif
+
+// out[r] = W row . x row r0 + r for MR rows of x; the weight row is G groups.
+// AVX2: 8 groups a step, the codes widened to int16 against x's int16 (madd / VNNI's dpwssd). Groups scaled per
+// 32 weights: a group's 8 lanes summed over its halves, two rounds of hadd over 4 groups leave each group's sum
+// in its lane of [4 groups | the same 4], which one FMA scales by a * d_x (Format::chunk's layout). Q6_K (scales
+// per half): the 8 half-sums of 4 groups reduced as hsum8 to [half 0 of the 4 | half 1 of the 4]. Another FMA
+// adds the b * s_x terms. Groups past the last whole 8 (32-weight formats whose rows are not a multiple of 256)
+// go one at a time.
+template <QuantType Q, int MR>
+void dot_rows(const uint8_t* wrow, int G, const XRows& x, int r0, float* out) {
+  using F = Format<Q>;
+  float tail[MR] = {};
+  int g = 0;
+#if ME_AVX2
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (; g + 8 <= G; g += 8) {
+    __m256 A[2], B[2];
+    F::chunk(wrow, g, A, B);
+    for (int h = 0; h < 2; ++h) {
+      const int g4 = g + 4 * h;
+      GroupCodes<F::kSigned> c[4];
+      for (int i = 0; i < 4; ++i) {
+        const int gg = g4 + i;
+        c[i].set(F::codes(wrow + size_t(gg / F::kGroups) * F::kBytes, gg % F::kGroups));
+      }
+      for (int r = 0; r < MR; ++r) {
+        const size_t at = size_t(r0 + r) * G + g4;
+        const int16_t* xq = x.q + at * 32;
+        __m256i v;
+        if constexpr (F::kPerHalf) {
+          __m256i p[8];  // half 0 of groups 0-3, then half 1 of them
+          for (int i = 0; i < 4; ++i) c[i].dot_halves(xq + 32 * i, p[i], p[4 + i]);
+          const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+          const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+          v = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+        } else {
+          __m256i p[4];
+          for (int i = 0; i < 4; ++i) p[i] = c[i].dot(xq + 32 * i);
+          v = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+        }
+        const __m256 xd = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x.d + at));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(A[h], xd), acc[r]);
+        if constexpr (!F::kSigned)
+          acc[r] = _mm256_fmadd_ps(B[h], _mm256_loadu2_m128(x.s1 + at, x.s0 + at), acc[r]);
+      }
+    }
+  }
+  GroupScales gs[F::kGroups];
+  for (; g < G; ++g) {  // 32-weight formats only (K-quant rows are whole super-blocks of 8 groups)
+    const uint8_t* b = wrow + size_t(g / F::kGroups) * F::kBytes;
+    F::scales(b, gs);
+    const GroupScales& s = gs[g % F::kGroups];
+    GroupCodes<F::kSigned> c;
+    c.set(F::codes(b, g % F::kGroups));
+    for (int r = 0; r < MR; ++r) {
+      const size_t at = size_t(r0 + r) * G + g;
+      __m256i p0, p1;
+      c.dot_halves(x.q + at * 32, p0, p1);
+      const float h0 = float(hsum_i32(p0)), h1 = float(hsum_i32(p1));
+      tail[r] += (s.a[0] * h0 + s.a[1] * h1) * x.d[at] + s.b[0] * x.s0[at] + s.b[1] * x.s1[at];
+    }
+  }
+  for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]) + tail[r];
+#else
+  GroupScales gs[F::kGroups];
+  uint8_t c[32];
+  for (; g < G; ++g) {
+    const uint8_t* b = wrow + size_t(g / F::kGroups) * F::kBytes;
+    F::scales(b, gs);
+    const GroupScales& s = gs[g % F::kGroups];
+    F::codes_scalar(b, g % F::kGroups, c);
+    for (int r = 0; r < MR; ++r) {
+      const size_t at = size_t(r0 + r) * G + g;
+      const int16_t* xq = x.q + at * 32;
+      int32_t isum[2] = {0, 0};
+      for (int i = 0; i < 32; ++i)
+        isum[i / 16] += (F::kSigned ? int32_t(int8_t(c[i])) : int32_t(c[i])) * int32_t(xq[i]);
+      tail[r] += (s.a[0] * float(isum[0]) + s.a[1] * float(isum[1])) * x.d[at] + s.b[0] * x.s0[at] +
+                 s.b[1] * x.s1[at];
+    }
+  }
+  for (int r = 0; r < MR; ++r) out[r] = tail[r];
+#endif
+}
+
+constexpr int kMaxRowsPerPass = 4;  // rows of x per decoded weight group
+constexpr int kRowBlock = 64;       // rows of x per pass over the thread's W rows
+constexpr int kPrefetchBytes = 4096;
+
+// y[m0 + r, n] for r < mr (1..4), n in [n0, n1)
+template <QuantType Q>
+void rows_pass(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0, int mr, float* y, int N, int64_t n0,
+               int64_t n1) {
+  float out[kMaxRowsPerPass];
+  const uint8_t* end = w + n1 * row_bytes;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * row_bytes;
+#if ME_AVX2
+    // the thread's one stream of W, prefetched into L2 kPrefetchBytes ahead (as the float GEMV)
+    for (const uint8_t* p = wr + kPrefetchBytes; p < wr + kPrefetchBytes + row_bytes && p < end; p += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+#endif
+    switch (mr) {
+      case 1: dot_rows<Q, 1>(wr, x.G, x, m0, out); break;
+      case 2: dot_rows<Q, 2>(wr, x.G, x, m0, out); break;
+      case 3: dot_rows<Q, 3>(wr, x.G, x, m0, out); break;
+      default: dot_rows<Q, 4>(wr, x.G, x, m0, out); break;
+    }
+    for (int r = 0; r < mr; ++r) y[int64_t(m0 + r) * N + n] = out[r];
+  }
+}
+
+// Many rows of x (prefill, large batches): W dequantized to f32 a slab of rows at a time (L2-sized, on each
+// thread), each slab multiplied with every row of x by the float GEMM's register tiles (gemm_tiles.h). The
+// dequantization costs one pass per call, the tiles' FMAs dominate, and x stays unquantized.
+constexpr int kDequantMinRows = 12;  // measured: below this the integer passes are faster
+constexpr int kTileRowBlock = 32;    // rows of x per tile pass (as the float matmul)
+
+template <QuantType Q>
+void dequant_gemm(const float* x, int M, int K, const uint8_t* w, int64_t row_bytes, float* y, int N,
+                  ThreadPool& pool) {
+  const int64_t slab_rows = std::max<int64_t>(kTileW, ((256 << 10) / (int64_t(K) * 4)) / kTileW * kTileW);
+  pool.parallel_for((N + kTileW - 1) / kTileW, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> slab;
+    slab.resize(size_t(slab_rows) * K);
+    const int64_t n_end = std::min<int64_t>(N, b1 * kTileW);
+    for (int64_t s0 = b0 * kTileW; s0 < n_end; s0 += slab_rows) {
+      const int64_t s1 = std::min(n_end, s0 + slab_rows);
+      for (int64_t n = s0; n < s1; ++n) dequantize_row_q<Q>(w + n * row_bytes, slab.data() + (n - s0) * K, K);
+      for (int m0 = 0; m0 < M; m0 += kTileRowBlock)
+        gemm_xwt_tiles(x + int64_t(m0) * K, std::min(kTileRowBlock, M - m0), slab.data(), y + int64_t(m0) * N + s0,
+                       K, {K, K, N}, 0, s1 - s0);
+    }
+  });
+}
+
+template <QuantType Q>
+void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int N, ThreadPool& pool) {
+  const int64_t row_bytes = quant_row_bytes(Q, K);
+  if (M >= kDequantMinRows) {
+    dequant_gemm<Q>(x, M, K, w, row_bytes, y, N, pool);
+    return;
+  }
+  thread_local XRowsBuffer xbuf;
+  const XRows xq = xbuf.resize(M, K / 32);
+  if (M <= kMaxRowsPerPass) {
+    for (int m = 0; m < M; ++m) quantize_x_row(x + int64_t(m) * K, K, xq, m);
+    pool.parallel_for(N, [&](int64_t n0, int64_t n1) { rows_pass<Q>(w, row_bytes, xq, 0, M, y, N, n0, n1); });
+    return;
+  }
+  pool.parallel_for(M, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) quantize_x_row(x + m * K, K, xq, int(m));
+  });
+  pool.parallel_for(N, [&](int64_t n0, int64_t n1) {
+    for (int b0 = 0; b0 < M; b0 += kRowBlock)
+      for (int m0 = b0; m0 < std::min(M, b0 + kRowBlock); m0 += kMaxRowsPerPass)
+        rows_pass<Q>(w, row_bytes, xq, m0, std::min(kMaxRowsPerPass, M - m0), y, N, n0, n1);
+  });
+}
+
+float bias_at(const void* bias, int dtype_plus_one, int n) {
+  switch (dtype_plus_one) {
+    case 1 + int(DType::F16): return to_float(static_cast<const f16*>(bias)[n]);
+    case 1 + int(DType::BF16): return to_float(static_cast<const bf16*>(bias)[n]);
+    default: return static_cast<const float*>(bias)[n];
+  }
+}
+
+template <QuantType Q>
+void matmul_q(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
+  const float* x = static_cast<const float*>(b[0]);    // [m, k]
+  const uint8_t* w = static_cast<const uint8_t*>(b[1]);  // [n, k / block_elems blocks]
+  const void* bias = b[2];                             // [n] f32 / f16 / bf16 (has_bias: 1 + its DType), or null
+  float* y = static_cast<float*>(b[3]);                // [m, n]
+  quant_matmul<Q>(x, a.m, a.k, w, y, a.n, pool);
+  if (a.has_bias && bias)
+    for (int m = 0; m < a.m; ++m)
+      for (int n = 0; n < a.n; ++n) y[int64_t(m) * a.n + n] += bias_at(bias, a.has_bias, n);
+}
+
+template <QuantType Q>
+void embedding_q(const EmbeddingArgs& a, void* const* b, ThreadPool& pool) {
+  const int32_t* ids = static_cast<const int32_t*>(b[0]);    // [num_tokens]
+  const uint8_t* table = static_cast<const uint8_t*>(b[1]);  // [vocab, hidden / block_elems blocks]
+  float* out = static_cast<float*>(b[2]);                    // [num_tokens, hidden]
+  const int64_t row_bytes = quant_row_bytes(Q, a.hidden);
+  pool.parallel_for(a.num_tokens, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* o = out + t * a.hidden;
+      dequantize_row(Q, table + int64_t(ids[t]) * row_bytes, o, a.hidden);
+      if (a.scale != 1.0f)
+        for (int i = 0; i < a.hidden; ++i) o[i] *= a.scale;
+    }
+  });
+}
+
+}  // namespace
+
+void quant_matmul_rows(QuantType q, const float* x, int M, int K, const uint8_t* w, float* y, int N,
+                       ThreadPool& pool) {
+  with_format(q, [&](auto tag) { quant_matmul<decltype(tag)::value>(x, M, K, w, y, N, pool); });
+}
+
+void add_quant_matmul_kernels(std::vector<KernelDef>& table) {
+  for (QuantType q : quant_types()) {
+    const std::string name = quant_info(q).name;
+    with_format(q, [&](auto tag) {
+      constexpr QuantType Q = decltype(tag)::value;
+      table.push_back(make_kernel<MatmulArgs>("matmul_" + name, 4, matmul_q<Q>));
+      table.push_back(make_kernel<EmbeddingArgs>("embedding_" + name, 3, embedding_q<Q>));
+    });
+  }
+}
+
+}  // namespace metal_engine::cpu
