@@ -1,5 +1,6 @@
 """Compare metal_engine with llama.cpp (llama-cpp-python, F16 and the shipped Q4_1 GGUF) and transformers
-(torch CPU) on the default model, SmolLM2-135M-Instruct, in one run on this machine.
+(torch CPU) on the default model, SmolLM2-135M-Instruct, in one run on this machine: metal_engine in fp16
+(the GGUF dequantized, as llama.cpp F16) and from the Q4_1 file itself (as llama.cpp Q4_1).
 
     python bench/compare.py            # full: 3 interleaved repetitions, batch 1..16, writes docs/BENCHMARKS.md
     python bench/compare.py --quick    # under 3 minutes: 1 repetition, batch 1, 4, 16
@@ -26,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_LEN = 512          # prefill benchmark
 DECODE_PROMPT = 16        # prompt of each sequence in the decode benchmark
-ENGINES = ("metal_engine", "llama.cpp F16", "llama.cpp Q4_1", "transformers")
+ENGINES = ("metal_engine", "metal_engine Q4_1", "llama.cpp F16", "llama.cpp Q4_1", "transformers")
 THREADS = 2
 KV_POOL_BYTES = 256 << 20  # LLM's default kv_cache_memory, which the metal_engine worker uses
 _QUIET_LOG = None
@@ -87,11 +88,14 @@ def f16_gguf_path() -> Path:
 
 
 # ----------------------------------------------------------------------------------------- workers
-def work_metal_engine(batches, new_tokens):
+def work_metal_engine(batches, new_tokens, quantized=False):
+    """fp16 weights and KV cache (the Q4_1 file dequantized), or the Q4_1 file's own blocks (fp16 KV cache)."""
     from metal_engine import LLM, SamplingParams
+    from metal_engine.gguf_checkpoint import default_checkpoint
 
+    model = None if quantized else str(default_checkpoint(progress=False, dequantize=True))
     t0 = time.perf_counter()
-    llm = LLM(dtype="float16", max_num_batched_tokens=PROMPT_LEN, max_num_seqs=max(batches),
+    llm = LLM(model=model, dtype="float16", max_num_batched_tokens=PROMPT_LEN, max_num_seqs=max(batches),
               enable_prefix_caching=False, num_threads=THREADS, progress=False)
     load = time.perf_counter() - t0
     eng = llm.llm_engine
@@ -238,6 +242,8 @@ def work_transformers(batches, new_tokens):
 def worker_main(engine: str, batches: list, new_tokens: int):
     if engine == "metal_engine":
         res = work_metal_engine(batches, new_tokens)
+    elif engine == "metal_engine Q4_1":
+        res = work_metal_engine(batches, new_tokens, quantized=True)
     elif engine == "llama.cpp F16":
         res = work_llama_cpp(batches, new_tokens, f16_gguf_path())
     elif engine == "llama.cpp Q4_1":

@@ -40,7 +40,7 @@ kernel void matmul_gemv(constant MatmulArgs& args [[buffer(0)]],
       }
     }
     acc = simd_sum(acc);
-    if (lane == 0 && n < args.n) y[long(tg.y) * args.n + n] = Y(acc + (args.has_bias ? float(bias[n]) : 0.0f));
+    if (lane == 0 && n < args.n) y[long(tg.y) * args.y_stride + n] = Y(acc + (args.has_bias ? float(bias[n]) : 0.0f));
   }
 }
 
@@ -84,7 +84,7 @@ kernel void matmul_gemm(constant MatmulArgs& args [[buffer(0)]],
   for (int i = int(tid); i < 32 * 32; i += 128) {
     const int r = i / 32, c = i % 32;
     if (m0 + r < args.m && n0 + c < args.n)
-      y[long(m0 + r) * args.n + n0 + c] = Y(cs[i] + (args.has_bias ? float(bias[n0 + c]) : 0.0f));
+      y[long(m0 + r) * args.y_stride + n0 + c] = Y(cs[i] + (args.has_bias ? float(bias[n0 + c]) : 0.0f));
   }
 }
 

@@ -32,12 +32,15 @@ struct RmsNormArgs {
 };
 
 // matmul_<wdt>: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])      (x @ W^T, W in PyTorch layout)
-// buffers: x f32 [m, k], w wdt [n, k], bias wdt [n] (unbound if !has_bias), y f32 [m, n]
+// buffers: x f32 [m, k], w wdt [n, k], bias wdt [n] (unbound if !has_bias), y f32 [m, y_stride] (columns 0..n-1
+// of rows y_stride apart: one part of a fused output whose parts are in different formats)
+// matmul_<q> (quantized W, rows of blocks): has_bias is 0 or 1 + the bias's DType (f32, f16, bf16)
 struct MatmulArgs {
   int m;
   int n;
   int k;
   int has_bias;
+  int y_stride;  // >= n
 };
 
 // rope: rotates q and k in place, HF "rotate_half" layout over the first rotary_dim dims of each head (pairs i
@@ -219,7 +222,7 @@ ME_STATIC_ASSERT(sizeof(EmbeddingArgs) == 16, "EmbeddingArgs layout");
 ME_STATIC_ASSERT(sizeof(ArgmaxArgs) == 8, "ArgmaxArgs layout");
 ME_STATIC_ASSERT(sizeof(SoftcapArgs) == 12, "SoftcapArgs layout");
 ME_STATIC_ASSERT(sizeof(RmsNormArgs) == 16, "RmsNormArgs layout");
-ME_STATIC_ASSERT(sizeof(MatmulArgs) == 16, "MatmulArgs layout");
+ME_STATIC_ASSERT(sizeof(MatmulArgs) == 20, "MatmulArgs layout");
 ME_STATIC_ASSERT(sizeof(RopeArgs) == 32, "RopeArgs layout");
 ME_STATIC_ASSERT(sizeof(SiluMulArgs) == 12, "SiluMulArgs layout");
 ME_STATIC_ASSERT(sizeof(QKNormArgs) == 28, "QKNormArgs layout");

@@ -47,6 +47,7 @@ _LAYER_NAMES = {
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -126,7 +127,10 @@ def gguf_config(reader) -> dict:
         "dtype": "float32",
     }
     if arch == "llama" and "blk.0.attn_q.bias" in names:
-        cfg["attention_bias"] = True
+        cfg["attention_bias"] = True  # q, k, v and o (transformers' Llama has no way to say q/k/v only)
+        if "blk.0.attn_output.bias" not in names:
+            raise ValueError("this GGUF's attention has q/k/v biases but no output bias, which Llama's "
+                             "attention_bias cannot express")
     if arch == "llama" and _field(reader, p + "expert_count"):  # Mixtral: Llama with a mixture of experts
         cfg["architectures"], cfg["model_type"] = ["MixtralForCausalLM"], "mixtral"
         cfg["num_local_experts"] = int(_field(reader, p + "expert_count"))

@@ -135,7 +135,7 @@ void init_ops(nb::module_& m) {
   nb::class_<MatmulArgs>(ops, "MatmulArgs")
       .def(nb::init<>())
       .def_rw("m", &MatmulArgs::m).def_rw("n", &MatmulArgs::n).def_rw("k", &MatmulArgs::k)
-      .def_rw("has_bias", &MatmulArgs::has_bias);
+      .def_rw("has_bias", &MatmulArgs::has_bias).def_rw("y_stride", &MatmulArgs::y_stride);
   nb::class_<RopeArgs>(ops, "RopeArgs")
       .def(nb::init<>())
       .def_rw("num_tokens", &RopeArgs::num_tokens).def_rw("num_heads", &RopeArgs::num_heads)

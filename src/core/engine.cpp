@@ -127,8 +127,21 @@ class CheckpointWeights : public models::WeightLoader {
       shape[0] += part_shape[0];
       label += (label.empty() ? "" : " + ") + name;
     }
-    for (const TensorInfo* t : infos)
-      if (t->quant != QuantType::None) return quant_concat(infos, shape, label);
+    bool quantized = false, mixed = false;
+    for (const TensorInfo* t : infos) {
+      quantized |= t->quant != QuantType::None;
+      mixed |= t->quant != infos[0]->quant;
+    }
+    if (mixed) {  // a matmul per part (linear), each part as get() gives it
+      Weight w;
+      w.shape = shape;
+      for (size_t i = 0; i < parts.size(); ++i) w.parts.push_back(get(parts[i].first, parts[i].second, true));
+      w.arg = w.parts[0].arg;
+      w.quant = w.parts[0].quant;
+      w.dtype = w.parts[0].dtype;
+      return w;
+    }
+    if (quantized) return quant_concat(infos, shape, label);
     return owned_copy(infos, shape, label, false);
   }
 

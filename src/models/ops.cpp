@@ -134,14 +134,27 @@ void Ops::embedding(const Weight& table, const Tensor& out, float scale) {
 
 void Ops::linear(const Tensor& x, const Weight& w, const Weight& bias, const Tensor& y) {
   check_rows(x, "linear input");
-  check_rows(y, "linear output");
+  if (!w.parts.empty()) {  // parts in different formats: a matmul each, into its columns of y (and of the bias)
+    int row = 0;
+    for (const Weight& part : w.parts) {
+      Weight b;
+      if (bias.present()) {
+        b = bias;
+        b.arg.offset += size_t(row) * dtype_size(bias.dtype);
+        b.shape = {part.rows()};
+      }
+      linear(x, part, b, y.columns(row, int(part.rows())));
+      row += int(part.rows());
+    }
+    return;
+  }
   if (x.cols != w.cols() || y.cols != w.rows() || x.rows != y.rows)
     throw std::logic_error("linear: x [" + std::to_string(x.rows) + ", " + std::to_string(x.cols) + "] W [" +
                            std::to_string(w.rows()) + ", " + std::to_string(w.cols()) + "] y [" +
                            std::to_string(y.rows) + ", " + std::to_string(y.cols) + "]");
   // a quantized matmul's bias is in any float type: has_bias says which (1 + its DType)
   const int has_bias = !bias.present() ? 0 : w.quantized() ? 1 + int(float_weight(bias, "a bias").dtype) : 1;
-  run(kernel_name("matmul", w), MatmulArgs{x.rows, int(w.rows()), int(w.cols()), has_bias},
+  run(kernel_name("matmul", w), MatmulArgs{x.rows, int(w.rows()), int(w.cols()), has_bias, y.stride},
       {x.arg, w.arg, bias.arg, y.arg});
 }
 
@@ -156,10 +169,11 @@ Tensor Ops::logits(const Tensor& x, const Weight& w) { return linear_f32(x, w, "
 Tensor Ops::linear_f32(const Tensor& x, const Weight& w, const char* label) {
   Tensor y = alloc_f32(x.rows, int(w.rows()), label);
   check_rows(x, label);
+  if (!w.parts.empty()) throw std::invalid_argument(std::string(label) + ": its weight's parts are in different formats");
   if (x.rows == 0) return y;
   // 16-bit activations: the _logits flavour of the matmul writes f32
   const std::string name = kernel_name("matmul", w) + (act_ == DType::F32 ? "" : "_logits");
-  run(name, MatmulArgs{x.rows, int(w.rows()), int(w.cols()), 0}, {x.arg, w.arg, BufferArg{}, y.arg});
+  run(name, MatmulArgs{x.rows, int(w.rows()), int(w.cols()), 0, y.stride}, {x.arg, w.arg, BufferArg{}, y.arg});
   return y;
 }
 
@@ -257,6 +271,9 @@ void Ops::moe(const Tensor& x, const Weight& router, const Weight& gate_up, cons
   check_rows(x, "moe input");
   check_rows(out, "moe output");
   const int T = x.rows, H = x.cols, E = num_experts, K = top_k, I = int(down.cols());
+  if (!gate_up.parts.empty() || !down.parts.empty())
+    throw std::invalid_argument("moe: the experts' weights are in more than one format; metal_engine takes one per "
+                                "projection (gate | up, down)");
   if (router.rows() != E || gate_up.rows() != int64_t(E) * 2 * I || down.rows() != int64_t(E) * H || K < 1 || K > E)
     throw std::logic_error("moe: the router and expert weights disagree with num_experts / top_k");
   Tensor logits = linear_f32(x, router, "router logits");                   // f32 [T, E]

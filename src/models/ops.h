@@ -42,6 +42,9 @@ struct Weight {
   std::vector<int64_t> shape;
   bool present() const { return arg.buffer != nullptr; }
   bool quantized() const { return quant != QuantType::None; }
+  // A fused weight whose parts are in different formats (a Q4_K_M file's q, k in Q4_K and v in Q6_K): each part
+  // its own weight, rows stacked in order; `linear` runs one matmul per part into its columns of y.
+  std::vector<Weight> parts;
   // kernel names' weight part: "q4_1", else "f16" etc.
   const char* format_name() const { return quantized() ? quant_info(quant).name : dtype_name(dtype); }
   int64_t rows() const { return shape.empty() ? 0 : shape[0]; }
@@ -120,7 +123,7 @@ class Ops {
   // ---- ops (each encodes one or a few kernels; nothing runs before the step is submitted)
   // out[t] = table[token_ids[t]] * scale                            out [T, hidden]
   void embedding(const Weight& table, const Tensor& out, float scale = 1.0f);
-  // y = x W^T (+ bias)                                              x [m, k], W [n, k], y [m, n]
+  // y = x W^T (+ bias)                                 x [m, k], W [n, k], y [m, n] (rows may be strided)
   void linear(const Tensor& x, const Weight& w, const Weight& bias, const Tensor& y);
   Tensor linear(const Tensor& x, const Weight& w, const Weight& bias, const char* label);
   // The LM head: logits = x W^T in f32 whatever the activation dtype    x [R, k], logits f32 [R, vocab]

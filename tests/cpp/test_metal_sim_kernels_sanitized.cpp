@@ -130,7 +130,7 @@ TEST(MetalSimKernelsSanitized, Matmul) {
     for (auto [m, n, k] : {std::tuple{1, 17, 7}, {4, 31, 130}, {7, 40, 33}, {33, 65, 48}}) {
       auto x = randn(size_t(m) * k), y = randn(size_t(m) * n);
       Weights w(dt, size_t(n) * k), b(dt, size_t(n));
-      const MatmulArgs a{m, n, k, 1};
+      const MatmulArgs a{m, n, k, 1, n};
       run(std::string(matmul_kernel_prefix(a)) + "_" + dt, a, {x.data(), w.data(), b.data(), y.data()});
     }
 }
@@ -191,7 +191,7 @@ TEST(MetalSimKernelsSanitized, SixteenBitActivations) {
     for (auto [m, n, k] : {std::tuple{1, 17, 8}, {3, 31, 130}, {7, 40, 33}, {33, 65, 48}}) {
       auto xa = randh(size_t(m) * k), ya = randh(size_t(m) * n), wt = randh(size_t(n) * k), b = randh(size_t(n));
       std::vector<float> logits(size_t(m) * n);
-      const MatmulArgs a{m, n, k, 1};
+      const MatmulArgs a{m, n, k, 1, n};
       const std::string kern = std::string(matmul_kernel_prefix(a)) + "_" + x;
       run(kern, a, {xa.data(), wt.data(), b.data(), ya.data()});
       run(kern + "_logits", a, {xa.data(), wt.data(), b.data(), logits.data()});

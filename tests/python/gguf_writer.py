@@ -30,8 +30,9 @@ def quantized(x, fmt, rng):
 
 
 def write_gguf(src, dst, arch, quant=None, seed=0):
-    """A GGUF of checkpoint `src` as llama.cpp's converter lays it out; with `quant` (a format name), every
-    matrix in that format (norms stay F32)."""
+    """A GGUF of checkpoint `src` as llama.cpp's converter lays it out; with `quant` (a format name, or a function
+    of the GGUF tensor name giving one or None), its matrices in that format (norms stay F32)."""
+    fmt_of = quant if callable(quant) else (lambda name: quant)
     import gguf
     from safetensors.numpy import load_file
 
@@ -78,22 +79,22 @@ def write_gguf(src, dst, arch, quant=None, seed=0):
             x = permute(x, cfg["num_attention_heads"])
         elif arch in PERMUTED_QK and hf.endswith("k_proj.weight"):
             x = permute(x, cfg["num_key_value_heads"])
-        base = hf[: -len(".weight")]
+        base, suffix = hf.rsplit(".", 1)  # .weight or .bias
         g = names.get_name(base)
         if g is None and base.endswith("block_sparse_moe.gate"):
             g = f"blk.{base.split('.')[2]}.ffn_gate_inp"
         assert g is not None, hf
-        if quant and x.ndim == 2:
-            q, t = quantized(x, quant, rng)
-            w.add_tensor(g + ".weight", q, raw_dtype=t)
+        if x.ndim == 2 and fmt_of(f"{g}.{suffix}"):
+            q, t = quantized(x, fmt_of(f"{g}.{suffix}"), rng)
+            w.add_tensor(f"{g}.{suffix}", q, raw_dtype=t)
         else:
-            w.add_tensor(g + ".weight", x)
+            w.add_tensor(f"{g}.{suffix}", x)
     for (layer, proj), by_expert in sorted(experts.items()):
         kind = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
                 "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}[proj]
         x = np.stack([by_expert[e] for e in sorted(by_expert)])
-        if quant:
-            q, t = quantized(x, quant, rng)
+        if fmt_of(f"blk.{layer}.{kind}.weight"):
+            q, t = quantized(x, fmt_of(f"blk.{layer}.{kind}.weight"), rng)
             w.add_tensor(f"blk.{layer}.{kind}.weight", q, raw_dtype=t)
         else:
             w.add_tensor(f"blk.{layer}.{kind}.weight", x)

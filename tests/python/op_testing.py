@@ -99,6 +99,8 @@ def run(dev, kernel: str, args, buffers):
 
 def args(cls_name: str, **fields):
     a = getattr(_core.ops, cls_name)()
+    if cls_name == "MatmulArgs" and "y_stride" not in fields:
+        fields["y_stride"] = fields["n"]  # contiguous rows of y unless a case asks otherwise
     for k, v in fields.items():
         setattr(a, k, v)
     return a

@@ -130,6 +130,36 @@ def test_tiny_model_in_every_format_against_its_f32_twin(tmp_path, monkeypatch, 
         assert ((q - f) ** 2).sum() / (f**2).sum() < 5e-4
 
 
+def q4_k_m(name):
+    """llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for attn_v, ffn_down and the embedding / output."""
+    if name.endswith(("attn_v.weight", "ffn_down.weight", "token_embd.weight", "output.weight")):
+        return "q6_k"
+    return "q4_k"
+
+
+def test_q4_k_m_mix_runs_fused_parts_in_their_own_formats(tmp_path, monkeypatch):
+    """A Q4_K_M-style file: q and k in Q4_K, v in Q6_K: the fused q | k | v projection runs one matmul per format
+    into its columns of the output, and the model matches its float32 twin."""
+    monkeypatch.setenv("METAL_ENGINE_CACHE", str(tmp_path / "cache"))
+    src = make_tiny_text_checkpoint(tmp_path / "hf", "llama", seed=4, hidden_size=256, intermediate_size=512,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, attention_bias=True)
+    path = tmp_path / "tiny-q4_k_m.gguf"
+    write_gguf(src, path, "llama", quant=q4_k_m, seed=8)
+    ckpt = cached_checkpoint(path, progress=False)
+    with safe_open(str(ckpt / "model.safetensors"), "np") as f:
+        m = f.metadata()
+        assert m["quant.model.layers.0.self_attn.q_proj.weight"] == "q4_k"
+        assert m["quant.model.layers.0.self_attn.v_proj.weight"] == "q6_k"
+    ids = [[5, 17, 33, 2, 9, 100, 41, 7], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]]
+    twin = Harness(metal_engine.Engine(cached_checkpoint(path, progress=False, dequantize=True), dtype="float32",
+                                       kv_cache_memory=8 << 20)).prefill_and_decode(ids, 8)
+    forced = [t[len(p):] for (_, t), p in zip(twin, ids)]
+    native = Harness(metal_engine.Engine(ckpt, dtype="float32", kv_cache_memory=8 << 20)).prefill_and_decode(
+        ids, 8, forced=forced)
+    for (q, _), (f, _) in zip(native, twin):
+        assert ((q - f) ** 2).sum() / (f**2).sum() < 5e-4
+
+
 def test_bad_quantized_checkpoints_are_refused_clearly(tmp_path):
     """A quantized tensor of the wrong byte shape, an unknown format, metadata naming a tensor the file lacks:
     errors naming the tensor and the problem."""

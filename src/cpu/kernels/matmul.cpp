@@ -29,7 +29,7 @@ constexpr int kGemvMaxRows = 3;  // from 4 rows the tiles are faster (measured: 
 constexpr int kGemvPrefetchBytes = 4096;
 
 template <int MR, class W>
-void gemv_rows(const float* x, int K, const W* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+void gemv_rows(const float* x, int K, const W* w, float* y, int64_t N, int64_t n0, int64_t n1) {  // N: y's row stride
 #if ME_AVX2
   constexpr int U = MR == 1 ? 4 : 2;     // independent accumulators per row of x
   constexpr int kLine = 64 / sizeof(W);  // elements of W per cache line
@@ -100,23 +100,23 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
   const W* w = static_cast<const W*>(b[1]);          // [n, k]
   const W* bias = static_cast<const W*>(b[2]);       // [n] or null
   float* y = static_cast<float*>(b[3]);              // [m, n]
-  const int M = a.m, N = a.n, K = a.k;
+  const int M = a.m, N = a.n, K = a.k, LY = a.y_stride;
   if (M <= kGemvMaxRows) {
-    pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemv(x, M, K, w, y, N, n0, n1); });
+    pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemv(x, M, K, w, y, LY, n0, n1); });
   } else if (M > kRowBlock && (blas_preferred_for_gemm() || kViaBlas)) {
-    pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemm_blas(x, M, K, w, y, N, n0, n1); });
+    pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemm_blas(x, M, K, w, y, LY, n0, n1); });
   } else {
     // Blocks of kTileW rows of W split evenly over the threads; x in blocks of kRowBlock rows, each meeting
     // all of the thread's W rows, which stay in L2/L3 between blocks.
     pool.parallel_for((N + kTileW - 1) / kTileW, [&](int64_t b0, int64_t b1) {
       for (int m0 = 0; m0 < M; m0 += kRowBlock)
-        gemm_xwt_tiles(x + int64_t(m0) * K, std::min(kRowBlock, M - m0), w, y + int64_t(m0) * N, K, {K, K, N},
+        gemm_xwt_tiles(x + int64_t(m0) * K, std::min(kRowBlock, M - m0), w, y + int64_t(m0) * LY, K, {K, K, LY},
                        b0 * kTileW, std::min<int64_t>(N, b1 * kTileW));
     });
   }
   if (a.has_bias && bias) {
     for (int m = 0; m < M; ++m) {
-      float* yr = y + int64_t(m) * N;
+      float* yr = y + int64_t(m) * LY;
       for (int n = 0; n < N; ++n) yr[n] += to_float(bias[n]);
     }
   }
@@ -126,7 +126,7 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
 
 template <class W>
 void matmul_rows(const float* x, int M, int K, const W* w, float* y, int N, ThreadPool& pool) {
-  const MatmulArgs a{M, N, K, 0};
+  const MatmulArgs a{M, N, K, 0, N};
   void* b[4] = {const_cast<float*>(x), const_cast<W*>(w), nullptr, y};
   matmul<W>(a, b, pool);
 }

@@ -249,8 +249,8 @@ constexpr int kPrefetchBytes = 4096;
 
 // y[m0 + r, n] for r < mr (1..4), n in [n0, n1)
 template <QuantType Q>
-void rows_pass(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0, int mr, float* y, int N, int64_t n0,
-               int64_t n1) {
+void rows_pass(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0, int mr, float* y, int64_t ldy,
+               int64_t n0, int64_t n1) {
   float out[kMaxRowsPerPass];
   const uint8_t* end = w + n1 * row_bytes;
   for (int64_t n = n0; n < n1; ++n) {
@@ -266,7 +266,7 @@ void rows_pass(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0, int 
       case 3: dot_rows<Q, 3>(wr, x.G, x, m0, out); break;
       default: dot_rows<Q, 4>(wr, x.G, x, m0, out); break;
     }
-    for (int r = 0; r < mr; ++r) y[int64_t(m0 + r) * N + n] = out[r];
+    for (int r = 0; r < mr; ++r) y[int64_t(m0 + r) * ldy + n] = out[r];
   }
 }
 
@@ -277,7 +277,7 @@ constexpr int kDequantMinRows = 12;  // measured: below this the integer passes 
 constexpr int kTileRowBlock = 32;    // rows of x per tile pass (as the float matmul)
 
 template <QuantType Q>
-void dequant_gemm(const float* x, int M, int K, const uint8_t* w, int64_t row_bytes, float* y, int N,
+void dequant_gemm(const float* x, int M, int K, const uint8_t* w, int64_t row_bytes, float* y, int N, int ldy,
                   ThreadPool& pool) {
   const int64_t slab_rows = std::max<int64_t>(kTileW, ((256 << 10) / (int64_t(K) * 4)) / kTileW * kTileW);
   pool.parallel_for((N + kTileW - 1) / kTileW, [&](int64_t b0, int64_t b1) {
@@ -288,24 +288,24 @@ void dequant_gemm(const float* x, int M, int K, const uint8_t* w, int64_t row_by
       const int64_t s1 = std::min(n_end, s0 + slab_rows);
       for (int64_t n = s0; n < s1; ++n) dequantize_row_q<Q>(w + n * row_bytes, slab.data() + (n - s0) * K, K);
       for (int m0 = 0; m0 < M; m0 += kTileRowBlock)
-        gemm_xwt_tiles(x + int64_t(m0) * K, std::min(kTileRowBlock, M - m0), slab.data(), y + int64_t(m0) * N + s0,
-                       K, {K, K, N}, 0, s1 - s0);
+        gemm_xwt_tiles(x + int64_t(m0) * K, std::min(kTileRowBlock, M - m0), slab.data(), y + int64_t(m0) * ldy + s0,
+                       K, {K, K, ldy}, 0, s1 - s0);
     }
   });
 }
 
 template <QuantType Q>
-void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int N, ThreadPool& pool) {
+void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int N, int ldy, ThreadPool& pool) {
   const int64_t row_bytes = quant_row_bytes(Q, K);
   if (M >= kDequantMinRows) {
-    dequant_gemm<Q>(x, M, K, w, row_bytes, y, N, pool);
+    dequant_gemm<Q>(x, M, K, w, row_bytes, y, N, ldy, pool);
     return;
   }
   thread_local XRowsBuffer xbuf;
   const XRows xq = xbuf.resize(M, K / 32);
   if (M <= kMaxRowsPerPass) {
     for (int m = 0; m < M; ++m) quantize_x_row(x + int64_t(m) * K, K, xq, m);
-    pool.parallel_for(N, [&](int64_t n0, int64_t n1) { rows_pass<Q>(w, row_bytes, xq, 0, M, y, N, n0, n1); });
+    pool.parallel_for(N, [&](int64_t n0, int64_t n1) { rows_pass<Q>(w, row_bytes, xq, 0, M, y, ldy, n0, n1); });
     return;
   }
   pool.parallel_for(M, [&](int64_t m0, int64_t m1) {
@@ -314,7 +314,7 @@ void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int 
   pool.parallel_for(N, [&](int64_t n0, int64_t n1) {
     for (int b0 = 0; b0 < M; b0 += kRowBlock)
       for (int m0 = b0; m0 < std::min(M, b0 + kRowBlock); m0 += kMaxRowsPerPass)
-        rows_pass<Q>(w, row_bytes, xq, m0, std::min(kMaxRowsPerPass, M - m0), y, N, n0, n1);
+        rows_pass<Q>(w, row_bytes, xq, m0, std::min(kMaxRowsPerPass, M - m0), y, ldy, n0, n1);
   });
 }
 
@@ -331,11 +331,11 @@ void matmul_q(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
   const float* x = static_cast<const float*>(b[0]);    // [m, k]
   const uint8_t* w = static_cast<const uint8_t*>(b[1]);  // [n, k / block_elems blocks]
   const void* bias = b[2];                             // [n] f32 / f16 / bf16 (has_bias: 1 + its DType), or null
-  float* y = static_cast<float*>(b[3]);                // [m, n]
-  quant_matmul<Q>(x, a.m, a.k, w, y, a.n, pool);
+  float* y = static_cast<float*>(b[3]);                // [m, y_stride]
+  quant_matmul<Q>(x, a.m, a.k, w, y, a.n, a.y_stride, pool);
   if (a.has_bias && bias)
     for (int m = 0; m < a.m; ++m)
-      for (int n = 0; n < a.n; ++n) y[int64_t(m) * a.n + n] += bias_at(bias, a.has_bias, n);
+      for (int n = 0; n < a.n; ++n) y[int64_t(m) * a.y_stride + n] += bias_at(bias, a.has_bias, n);
 }
 
 template <QuantType Q>
@@ -358,7 +358,7 @@ void embedding_q(const EmbeddingArgs& a, void* const* b, ThreadPool& pool) {
 
 void quant_matmul_rows(QuantType q, const float* x, int M, int K, const uint8_t* w, float* y, int N,
                        ThreadPool& pool) {
-  with_format(q, [&](auto tag) { quant_matmul<decltype(tag)::value>(x, M, K, w, y, N, pool); });
+  with_format(q, [&](auto tag) { quant_matmul<decltype(tag)::value>(x, M, K, w, y, N, N, pool); });
 }
 
 void add_quant_matmul_kernels(std::vector<KernelDef>& table) {

@@ -122,6 +122,23 @@ for dtype in DTYPES:
                      buffers=[x, w, b, np.zeros((m, n), np.float32)], outputs={3: None}, reference=ref, tol=tol,
                      backend_tol=(1e-4, 1e-4 * np.sqrt(k)))
 
+# y_stride > n: one part of a fused output (its columns of wider rows, the rest untouched)
+for dtype in DTYPES:
+    for m, n, k in [(1, 17, 64), (3, 20, 40), (5, 33, 48), (40, 35, 64)]:
+        rng = np.random.default_rng([m, n, k, 7])
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w = to_storage(rng.standard_normal((n, k)), dtype)
+        y0 = rng.standard_normal((m, n + 9)).astype(np.float32)
+
+        def ref(x=x, w=w, d=dtype, y0=y0, n=n):
+            y = y0.astype(np.float64)
+            y[:, :n] = x.astype(np.float64) @ from_storage(w, d).T
+            return {3: y}
+
+        case(id=f"matmul_{dtype}-{m}x{n}x{k}-ystride{n + 9}", kernel=f"matmul_{dtype}",
+             args=args("MatmulArgs", m=m, n=n, k=k, has_bias=0, y_stride=n + 9), buffers=[x, w, None, y0.copy()],
+             outputs={3: y0}, reference=ref, tol=(1e-5, 1e-4 * np.sqrt(k) + 1e-5), backend_tol=(1e-4, 1e-4 * np.sqrt(k)))
+
 # ------------------------------------------------------------------ quantized weights: matmul_<q>, embedding_<q>
 # Weights are random blocks (every code, every packed sub-scale); the reference multiplies by gguf-py's
 # dequantization of them, so quantization error is not kernel error. The kernels quantize each row of x to
@@ -148,6 +165,20 @@ for fmt, q in QUANT_FORMATS.items():
             case(id=f"matmul_{fmt}-{m}x{n}x{k}-{'bias_' + bias if bias else 'nobias'}", kernel=f"matmul_{fmt}",
                  args=args("MatmulArgs", m=m, n=n, k=k, has_bias=1 + DTYPES.index(bias) if bias else 0),
                  buffers=[x, w, b, np.zeros((m, n), np.float32)], outputs={3: None}, reference=ref, nmse=5e-4)
+    for m in (2, 20):  # y_stride > n, through the integer passes and the dequantized tiles
+        rng = np.random.default_rng([m, q["ggml_type"], 9])
+        x = rng.standard_normal((m, 256)).astype(np.float32)
+        w = random_quant_rows(fmt, 24, 256, rng)
+        y0 = rng.standard_normal((m, 31)).astype(np.float32)
+
+        def ref(x=x, w=w, fmt=fmt, y0=y0):
+            y = y0.astype(np.float64)
+            y[:, :24] = x.astype(np.float64) @ gguf_dequantize(fmt, w, 256).T
+            return {3: y}
+
+        case(id=f"matmul_{fmt}-{m}x24x256-ystride31", kernel=f"matmul_{fmt}",
+             args=args("MatmulArgs", m=m, n=24, k=256, has_bias=0, y_stride=31), buffers=[x, w, None, y0.copy()],
+             outputs={3: y0}, reference=ref, nmse=5e-4)
     for tokens, hidden, vocab in [(1, 256, 3), (5, 512, 11), (17, 768, 40)]:
         if hidden % q["block_elems"]:
             continue
