@@ -150,6 +150,8 @@ def work_llama_cpp(batches, new_tokens, path):
         _QUIET_LOG = llama_cpp.llama_log_callback(lambda *a: None)
         llama_cpp.llama_log_set(_QUIET_LOG, ctypes.c_void_p(0))
     mparams = llama_cpp.llama_model_default_params()
+    if os.environ.get("BENCH_LLAMA_NO_REPACK"):
+        mparams.use_extra_bufts = False  # llama.cpp's -nr: no load-time weight repacking
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = 4096
@@ -276,11 +278,19 @@ def run_worker(engine, batches, new_tokens) -> dict:
            "--new-tokens", str(new_tokens)]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TQDM_DISABLE": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    no_repack = False
+    if engine.startswith("llama.cpp") and p.returncode == -11:
+        # Seen with llama-cpp-python 0.3.36 on an AVX-512 Xeon: llama_decode segfaults on repacked Q4_1/Q8_0
+        # weights. llama.cpp without its load-time repacking (-nr) still runs its own kernels.
+        no_repack = True
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**env, "BENCH_LLAMA_NO_REPACK": "1"},
+                           timeout=1800)
     line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
     if p.returncode != 0 or line is None:
         raise RuntimeError(f"{engine} worker failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     res = json.loads(line[7:])
     res["loadavg"] = [load_before, os.getloadavg()[0]]
+    res["no_repack"] = no_repack
     return res
 
 
@@ -369,9 +379,14 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
                     for e in eng_names),
         "",
         "## Engines",
-        "- metal_engine: cpu backend, fp16 weights and KV cache, fp32 activations; figures include the Python "
-        "layer (scheduler, sampling, detokenisation), which llama.cpp's and transformers' loops here skip.",
-        "- llama.cpp: llama-cpp-python, low-level `llama_decode` with one sequence id per batch row.",
+        "- metal_engine: cpu backend, fp16 weights and KV cache (the Q4_1 file dequantized), fp32 activations; "
+        "metal_engine Q4_1: the Q4_1 file's own blocks (Q8_0 embedding / LM head), int16-quantized activations in "
+        "its decode matmuls, fp16 KV cache. Figures include the Python layer (scheduler, sampling, "
+        "detokenisation), which llama.cpp's and transformers' loops here skip.",
+        "- llama.cpp: llama-cpp-python, low-level `llama_decode` with one sequence id per batch row."
+        + "".join(f" {e}: its load-time weight repacking crashed llama_decode (SIGSEGV) on this machine, so it ran "
+                  "without it (llama.cpp's -nr)." for e in eng_names if e.startswith("llama.cpp")
+                  and any(r.get("no_repack") for r in results[e])),
         "- transformers: torch CPU, fp32, a manual decode loop with the KV cache.",
     ]
     for e, why in skipped.items():
