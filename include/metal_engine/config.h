@@ -17,6 +17,9 @@ struct EngineConfig {
   // activations (the residual stream, q/k/v, MLP): auto = the 16-bit dtype of the weights on Metal backends,
   // float32 on cpu (its reference); or float32, or the weights' 16-bit dtype (Metal backends only)
   std::string activation_dtype = "auto";
+  // the KV cache (vLLM's kv_cache_dtype): auto = the weights' float dtype; or float32 | float16 | bfloat16 (fp32,
+  // fp16, bf16). Quantized weights leave the float dtype to `dtype`.
+  std::string kv_cache_dtype = "auto";
   int block_size = 16;               // tokens per KV-cache block
   size_t kv_cache_memory = size_t(256) << 20;  // bytes for K and V of all layers; sets the number of blocks
   int num_kv_blocks = 0;             // > 0 overrides kv_cache_memory

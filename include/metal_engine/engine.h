@@ -22,7 +22,8 @@ class Engine {
 
   const ModelConfig& model_config() const;
   const EngineConfig& engine_config() const;
-  DType dtype() const;  // weights and KV cache
+  DType dtype() const;  // float weights (quantized ones keep their format)
+  DType kv_cache_dtype() const;
   DType activation_dtype() const;  // residual stream and every activation (logits are always f32)
   Device& device();
   PagedKVCache& kv_cache();

@@ -24,6 +24,7 @@ class Engine:
         *,
         dtype: Optional[str] = None,
         activation_dtype: Optional[str] = None,
+        kv_cache_dtype: Optional[str] = None,
         backend: Optional[str] = None,
         block_size: Optional[int] = None,
         kv_cache_memory: Optional[int] = None,
@@ -43,7 +44,8 @@ class Engine:
             )
         cfg = _core.EngineConfig()
         for name, value, kind in (("backend", backend, str), ("dtype", dtype, str),
-                                  ("activation_dtype", activation_dtype, str), ("block_size", block_size, int),
+                                  ("activation_dtype", activation_dtype, str),
+                                  ("kv_cache_dtype", kv_cache_dtype, str), ("block_size", block_size, int),
                                   ("kv_cache_memory", kv_cache_memory, int), ("num_kv_blocks", num_kv_blocks, int),
                                   ("scratch_pool_mb", scratch_pool_mb, int), ("num_threads", num_threads, int)):
             if value is not None:
@@ -62,6 +64,10 @@ class Engine:
     @property
     def dtype(self) -> str:
         return self._engine.dtype
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        return self._engine.kv_cache_dtype
 
     @property
     def activation_dtype(self) -> str:

@@ -85,6 +85,7 @@ class LLMEngine:
             self.model_path,
             dtype=config.dtype,
             activation_dtype=config.activation_dtype,
+            kv_cache_dtype=config.kv_cache_dtype,
             backend=backend,
             block_size=config.block_size,
             kv_cache_memory=config.kv_cache_memory,

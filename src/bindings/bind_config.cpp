@@ -16,6 +16,7 @@ void init_config(nb::module_& m) {
       .def_rw("backend", &EngineConfig::backend)
       .def_rw("dtype", &EngineConfig::dtype)
       .def_rw("activation_dtype", &EngineConfig::activation_dtype)
+      .def_rw("kv_cache_dtype", &EngineConfig::kv_cache_dtype)
       .def_rw("block_size", &EngineConfig::block_size)
       .def_rw("kv_cache_memory", &EngineConfig::kv_cache_memory)
       .def_rw("num_kv_blocks", &EngineConfig::num_kv_blocks)

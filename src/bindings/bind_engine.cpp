@@ -59,6 +59,7 @@ void init_engine(nb::module_& m) {
       .def_prop_ro("engine_config", &Engine::engine_config, nb::rv_policy::reference_internal)
       .def_prop_ro("dtype", [](const Engine& e) { return std::string(dtype_name(e.dtype())); })
       .def_prop_ro("activation_dtype", [](const Engine& e) { return std::string(dtype_name(e.activation_dtype())); })
+      .def_prop_ro("kv_cache_dtype", [](const Engine& e) { return std::string(dtype_name(e.kv_cache_dtype())); })
       .def_prop_ro("backend", [](Engine& e) { return e.device().name(); })
       .def_prop_ro("num_kv_blocks", [](Engine& e) { return e.kv_cache().num_blocks(); })
       .def_prop_ro("block_size", [](Engine& e) { return e.kv_cache().block_size(); })

@@ -69,8 +69,9 @@ struct Engine::Impl {
   EngineConfig config;
   ModelConfig model;
   std::unique_ptr<models::Model> arch;  // the architecture's weights and forward
-  DType dtype = DType::F32;  // weights and KV cache
-  DType act = DType::F32;    // activations
+  DType dtype = DType::F32;     // float weights
+  DType kv_dtype = DType::F32;  // the KV cache (kv_cache_dtype; auto: dtype)
+  DType act = DType::F32;       // activations
   std::unique_ptr<Device> device;
   std::unique_ptr<models::KernelCache> kernels;
   std::unique_ptr<SafetensorsCheckpoint> checkpoint;
@@ -323,6 +324,24 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
                                   dtype_name(impl->dtype) + " weights: 16-bit activations take the weights' dtype "
                                   "(use 'auto', 'float32' or the weights' dtype)");
   }
+  if (config.kv_cache_dtype == "auto") {
+    impl->kv_dtype = impl->dtype;
+  } else {
+    const std::string k = config.kv_cache_dtype;
+    if (k.rfind("fp8", 0) == 0 || k.rfind("int8", 0) == 0)
+      throw std::invalid_argument("kv_cache_dtype '" + k + "': metal_engine keeps the KV cache in auto, float32, "
+                                  "float16 or bfloat16");
+    try {
+      impl->kv_dtype = dtype_from_string(k);
+    } catch (const std::invalid_argument&) {
+      throw std::invalid_argument("kv_cache_dtype '" + k + "': use auto, float32, float16 or bfloat16");
+    }
+  }
+  if (impl->act != DType::F32 && impl->kv_dtype != impl->act)
+    throw std::invalid_argument("kv_cache_dtype '" + config.kv_cache_dtype + "' with " + dtype_name(impl->act) +
+                                " activations: the " + impl->device->name() + " backend's attention kernels keep the "
+                                "KV cache in the activations' 16-bit dtype (use kv_cache_dtype='auto' or "
+                                "activation_dtype='float32')");
   impl->check_device_limits();
   impl->checkpoint = SafetensorsCheckpoint::open(dir);
   if (!caps.quantized_weights)
@@ -347,7 +366,7 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
   kvs.block_size = config.block_size;
   kvs.num_kv_heads = impl->model.num_kv_heads;
   kvs.head_dim = impl->model.head_dim;
-  kvs.dtype = impl->dtype;
+  kvs.dtype = impl->kv_dtype;
   kvs.num_blocks = config.num_kv_blocks > 0 ? config.num_kv_blocks
                                             : KVCacheShape::blocks_for_budget(config.kv_cache_memory, kvs);
   impl->kv = std::make_unique<PagedKVCache>(*impl->device, kvs);
@@ -364,6 +383,7 @@ const ModelConfig& Engine::model_config() const { return impl_->model; }
 const EngineConfig& Engine::engine_config() const { return impl_->config; }
 DType Engine::dtype() const { return impl_->dtype; }
 DType Engine::activation_dtype() const { return impl_->act; }
+DType Engine::kv_cache_dtype() const { return impl_->kv_dtype; }
 Device& Engine::device() { return *impl_->device; }
 PagedKVCache& Engine::kv_cache() { return *impl_->kv; }
 ScratchPool& Engine::scratch_pool() { return *impl_->scratch; }
