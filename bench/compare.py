@@ -348,6 +348,38 @@ def weights_bytes_fp16() -> int:
     return 2 * (L * per_layer + V * H + H)
 
 
+def quantized_targets(results, batches, machine) -> list:
+    """The Q4_1 rows of the targets (#11): the same file for both engines, the bound from its bytes."""
+    q = "metal_engine Q4_1"
+    if q not in results:
+        return []
+    from metal_engine.gguf_checkpoint import default_gguf_path
+
+    me, b1k, bk = results[q], str(batches[0]), str(batches[-1])
+    qb1 = median_of(me, "decode", b1k, "tok_s")
+    file_bytes = default_gguf_path().stat().st_size
+    bound = machine["read_bandwidth_gbps"] * 1e9 / file_bytes
+    rows = [("Q4_1 batch-1 decode of the bound read bandwidth / file bytes", ">= 60%",
+             f"{qb1 / bound:.0%} (bound {bound:.0f} tok/s for {file_bytes / 1e6:.0f} MB)", qb1 / bound >= 0.6)]
+    if "llama.cpp Q4_1" in results:
+        l = results["llama.cpp Q4_1"]
+        r = qb1 / median_of(l, "decode", b1k, "tok_s")
+        rows.append(("Q4_1 batch-1 decode vs llama.cpp Q4_1", ">= 2x", f"{r:.2f}x", r >= 2))
+        p = median_of(me, "prefill_tok_s") / median_of(l, "prefill_tok_s")
+        rows.append(("Q4_1 512-token prefill vs llama.cpp Q4_1", ">= 2x", f"{p:.2f}x", p >= 2))
+    if "metal_engine" in results:
+        f = results["metal_engine"]
+        r = median_of(me, "decode", bk, "tok_s") / median_of(f, "decode", bk, "tok_s")
+        rows.append((f"Q4_1 batch-{batches[-1]} decode vs our fp16", ">= 1.5x", f"{r:.2f}x", r >= 1.5))
+        p = median_of(me, "prefill_tok_s") / median_of(f, "prefill_tok_s")
+        rows.append(("Q4_1 512-token prefill vs our fp16", ">= 1.0x", f"{p:.2f}x", p >= 1.0))
+    rss = median_of(me, "peak_rss_mb") * 2**20
+    budget = 1.3 * (file_bytes + KV_POOL_BYTES)
+    rows.append(("Q4_1 peak RSS vs 1.3 x (file + KV pool)", f"< {budget / 2**20:.0f} MB", f"{rss / 2**20:.0f} MB",
+                 rss < budget))
+    return rows
+
+
 def write_report(path: Path, machine, results, batches, reps, new_tokens, skipped, plot_path, profile_md=None):
     wbytes = weights_bytes_fp16()
     bw = machine["read_bandwidth_gbps"]
@@ -444,6 +476,7 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
         rows.append(("peak RSS vs 1.5 x (fp16 weights + KV pool)", f"< {budget / 2**20:.0f} MB",
                      f"{rss / 2**20:.0f} MB", rss < budget))
         rows.append(("batch-1 decode of the bandwidth bound", ">= 85%", f"{b1 / bound:.0%}", b1 / bound >= 0.85))
+        rows += quantized_targets(results, batches, machine)
         lines += ["", "## Against the targets", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
         lines += [f"| {a} | {w} | {m} | {'yes' if ok else 'no'} |" for a, w, m, ok in rows]
     if plot_path:

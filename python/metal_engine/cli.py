@@ -13,6 +13,8 @@ def _engine_args(p: argparse.ArgumentParser):
     g.add_argument("--backend", default="auto", choices=["auto", "cpu", "metal", "metal-sim"])
     g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
     g.add_argument("--kv-cache-dtype", default="auto", help="auto (the weights' float dtype) | float32 | float16 | bfloat16")
+    g.add_argument("--quantization", default=None, choices=["q8_0", "q4_0", "q4_k"],
+                   help="quantize a float checkpoint's matrices at load (cached beside converted GGUFs)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (default 256 MiB)")
     g.add_argument("--threads", type=int, default=None, help="cpu backend threads (default 0: all cores)")
@@ -40,7 +42,8 @@ def _build(args):
                             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                             seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, backend=args.backend,
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+              backend=args.backend,
               max_model_len=args.max_model_len,
               kv_cache_memory=args.kv_cache_memory, num_threads=args.threads)
     return llm, params
@@ -100,7 +103,8 @@ def cmd_serve(args) -> int:
     from metal_engine.llm_engine import LLMEngine
 
     given = dict(kv_cache_memory=args.kv_cache_memory, num_threads=args.threads)
-    config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, backend=args.backend,
+    config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                          quantization=args.quantization, backend=args.backend,
                           max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, **{k: v for k, v in given.items() if v is not None})
     engine = LLMEngine(config)

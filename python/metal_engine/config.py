@@ -55,6 +55,7 @@ class EngineConfig:
                                           # (vLLM's; resolved by the native engine, config.h)
     activation_dtype: str = "auto"        # auto: the weights' 16-bit dtype on Metal, float32 on cpu; or float32
     kv_cache_dtype: str = "auto"          # auto: the weights' float dtype; or float32 | float16 | bfloat16 (vLLM's)
+    quantization: Optional[str] = None    # q8_0 | q4_0 | q4_k: a float checkpoint's matrices quantized at load (cached)
     backend: str = "auto"                 # auto | cpu | metal | metal-sim
     max_model_len: Optional[int] = None   # default: the model's max_position_embeddings, capped at 4096
     block_size: int = field(default_factory=lambda: native_default("block_size"))

@@ -30,7 +30,7 @@ class StreamDelta:
 
 class LLM:
     def __init__(self, model: Optional[str] = None, *, dtype: str = "auto", activation_dtype: str = "auto",
-                 kv_cache_dtype: str = "auto",
+                 kv_cache_dtype: str = "auto", quantization: Optional[str] = None,
                  max_model_len: Optional[int] = None,
                  backend: str = "auto", block_size: Optional[int] = None, kv_cache_memory: Optional[int] = None,
                  num_kv_blocks: Optional[int] = None, max_num_seqs: int = 64,
@@ -41,7 +41,8 @@ class LLM:
         engine's where it has the knob."""
         given = dict(block_size=block_size, kv_cache_memory=kv_cache_memory, num_threads=num_threads)
         config = EngineConfig(model=None if model is None else str(model), dtype=dtype,
-                              activation_dtype=activation_dtype, kv_cache_dtype=kv_cache_dtype, backend=backend,
+                              activation_dtype=activation_dtype, kv_cache_dtype=kv_cache_dtype,
+                              quantization=quantization, backend=backend,
                               max_model_len=max_model_len, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
                               enable_prefix_caching=enable_prefix_caching, scratch_pool_mb=scratch_pool_mb,

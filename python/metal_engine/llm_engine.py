@@ -26,17 +26,23 @@ from metal_engine.tokenizer import IncrementalDetokenizer, Tokenizer
 PromptType = Union[str, dict, list]
 
 
-def resolve_model_path(model: Optional[str], progress: bool = True) -> Path:
-    """A checkpoint folder as is; a .gguf file or no model (the default) through the conversion cache."""
-    from metal_engine import gguf_checkpoint
+def resolve_model_path(model: Optional[str], progress: bool = True, quantization: Optional[str] = None) -> Path:
+    """A checkpoint folder as is (or, with `quantization`, its quantized copy from the cache); a .gguf file or
+    no model (the default) through the conversion cache."""
+    from metal_engine import gguf_checkpoint, quantization as quant
 
-    if model is None:
-        return gguf_checkpoint.default_checkpoint(progress=progress)
+    if quantization is not None:
+        quant.check_format(quantization)
+    if model is None or (Path(os.fspath(model)).suffix == ".gguf" and Path(os.fspath(model)).is_file()):
+        if quantization is not None:
+            raise ValueError(f"quantization={quantization!r}: a GGUF file keeps its own formats; quantization= "
+                             "applies to float checkpoint folders")
+        if model is None:
+            return gguf_checkpoint.default_checkpoint(progress=progress)
+        return gguf_checkpoint.cached_checkpoint(Path(os.fspath(model)), progress=progress)
     p = Path(os.fspath(model))
-    if p.is_file() and p.suffix == ".gguf":
-        return gguf_checkpoint.cached_checkpoint(p, progress=progress)
     if p.is_dir():
-        return p
+        return quant.quantized_checkpoint(p, quantization, progress=progress) if quantization else p
     raise FileNotFoundError(f"model {str(model)!r} is neither a checkpoint folder nor a .gguf file")
 
 
@@ -80,7 +86,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.config = config.resolve()
         backend = config.select_backend()
-        self.model_path = resolve_model_path(config.model, progress=progress)
+        self.model_path = resolve_model_path(config.model, progress=progress, quantization=config.quantization)
         self.engine = Engine(
             self.model_path,
             dtype=config.dtype,

@@ -11,6 +11,13 @@
 #include <cmath>
 #include <vector>
 
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers make their "undefined" placeholder vectors from themselves (`__m512 __Y = __Y;`), which
+// -Wall reports at every inlined use in this file.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #include "../cpu_kernels.h"
 #include "../gemm_tiles.h"
 #include "../quant_blocks.h"
