@@ -27,7 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_LEN = 512          # prefill benchmark
 DECODE_PROMPT = 16        # prompt of each sequence in the decode benchmark
-ENGINES = ("metal_engine", "metal_engine Q4_1", "llama.cpp F16", "llama.cpp Q4_1", "transformers")
+ENGINES = ("metal_engine", "metal_engine Q4_1", "metal_engine Q8_0", "metal_engine Q4_K_M", "llama.cpp F16",
+           "llama.cpp Q4_1", "llama.cpp Q8_0", "llama.cpp Q4_K_M", "transformers")
+LLAMA_QUANTIZED = ("Q8_0", "Q4_K_M")  # made from the F16 GGUF by llama.cpp's own quantizer
 THREADS = 2
 KV_POOL_BYTES = 256 << 20  # LLM's default kv_cache_memory, which the metal_engine worker uses
 _QUIET_LOG = None
@@ -87,13 +89,37 @@ def f16_gguf_path() -> Path:
     return dst
 
 
+def llama_quantized_path(kind: str) -> Path:
+    """The default model as `kind` (Q8_0, Q4_K_M), made once from the F16 GGUF by llama.cpp's quantizer
+    (llama_model_quantize): the files users download. SmolLM2's rows of 576 are not whole 256-weight
+    super-blocks, so its Q4_K_M is mostly Q5_0 / Q8_0 fallbacks with Q4_K / Q6_K where rows are 1536."""
+    import ctypes
+
+    import llama_cpp
+
+    src = f16_gguf_path()
+    dst = src.with_name(src.name.replace("F16", kind))
+    if dst.exists():
+        return dst
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[kind]
+    p.nthread = THREADS
+    tmp = dst.with_name(dst.name + ".tmp")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(p)) != 0:
+        raise RuntimeError(f"llama_model_quantize could not make {dst}")
+    os.replace(tmp, dst)
+    return dst
+
+
 # ----------------------------------------------------------------------------------------- workers
-def work_metal_engine(batches, new_tokens, quantized=False):
-    """fp16 weights and KV cache (the Q4_1 file dequantized), or the Q4_1 file's own blocks (fp16 KV cache)."""
+def work_metal_engine(batches, new_tokens, quantized=False, model=None):
+    """fp16 weights and KV cache (the Q4_1 file dequantized), or the Q4_1 file's own blocks (fp16 KV cache), or
+    the GGUF `model`'s own blocks."""
     from metal_engine import LLM, SamplingParams
     from metal_engine.gguf_checkpoint import default_checkpoint
 
-    model = None if quantized else str(default_checkpoint(progress=False, dequantize=True))
+    if model is None and not quantized:
+        model = str(default_checkpoint(progress=False, dequantize=True))
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype="float16", max_num_batched_tokens=PROMPT_LEN, max_num_seqs=max(batches),
               enable_prefix_caching=False, num_threads=THREADS, progress=False)
@@ -248,6 +274,12 @@ def worker_main(engine: str, batches: list, new_tokens: int):
         res = work_metal_engine(batches, new_tokens, quantized=True)
     elif engine == "llama.cpp F16":
         res = work_llama_cpp(batches, new_tokens, f16_gguf_path())
+    elif engine.split()[-1] in LLAMA_QUANTIZED:
+        path = llama_quantized_path(engine.split()[-1])
+        if engine.startswith("metal_engine"):
+            res = work_metal_engine(batches, new_tokens, model=str(path))
+        else:
+            res = work_llama_cpp(batches, new_tokens, path)
     elif engine == "llama.cpp Q4_1":
         from metal_engine.gguf_checkpoint import default_gguf_path
 
@@ -265,6 +297,8 @@ def available(engine: str) -> str | None:
     import importlib.util
 
     need = {"llama.cpp F16": "llama_cpp", "llama.cpp Q4_1": "llama_cpp", "transformers": "transformers"}.get(engine)
+    if engine.split()[-1] in LLAMA_QUANTIZED:
+        need = "llama_cpp"  # the file is made by llama.cpp's quantizer
     if need and importlib.util.find_spec(need) is None:
         return f"{need} is not installed (pip install '.[bench]')"
     if engine == "transformers" and importlib.util.find_spec("torch") is None:
@@ -373,6 +407,12 @@ def quantized_targets(results, batches, machine) -> list:
         rows.append((f"Q4_1 batch-{batches[-1]} decode vs our fp16", ">= 1.5x", f"{r:.2f}x", r >= 1.5))
         p = median_of(me, "prefill_tok_s") / median_of(f, "prefill_tok_s")
         rows.append(("Q4_1 512-token prefill vs our fp16", ">= 1.0x", f"{p:.2f}x", p >= 1.0))
+    for kind, want in (("Q8_0", 1.3), ("Q4_K_M", 1.5)):
+        a, b = f"metal_engine {kind}", f"llama.cpp {kind}"
+        if a in results and b in results:
+            r = median_of(results[a], "decode", b1k, "tok_s") / median_of(results[b], "decode", b1k, "tok_s")
+            rows.append((f"{kind} (llama.cpp's quantize of the F16 GGUF) batch-1 decode vs llama.cpp {kind}",
+                         f">= {want}x", f"{r:.2f}x", r >= want))
     rss = median_of(me, "peak_rss_mb") * 2**20
     budget = 1.3 * (file_bytes + KV_POOL_BYTES)
     rows.append(("Q4_1 peak RSS vs 1.3 x (file + KV pool)", f"< {budget / 2**20:.0f} MB", f"{rss / 2**20:.0f} MB",
@@ -413,7 +453,8 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
         "## Engines",
         "- metal_engine: cpu backend, fp16 weights and KV cache (the Q4_1 file dequantized), fp32 activations; "
         "metal_engine Q4_1: the Q4_1 file's own blocks (Q8_0 embedding / LM head), int16-quantized activations in "
-        "its decode matmuls, fp16 KV cache. Figures include the Python layer (scheduler, sampling, "
+        "its decode matmuls, fp16 KV cache; metal_engine Q8_0 / Q4_K_M: those files (made from the F16 GGUF "
+        "by llama.cpp's quantizer) likewise. Figures include the Python layer (scheduler, sampling, "
         "detokenisation), which llama.cpp's and transformers' loops here skip.",
         "- llama.cpp: llama-cpp-python, low-level `llama_decode` with one sequence id per batch row."
         + "".join(f" {e}: its load-time weight repacking crashed llama_decode (SIGSEGV) on this machine, so it ran "

@@ -104,14 +104,37 @@ inline void by_quads(__m256 v, __m256* out) {
   out[0] = _mm256_permute2f128_ps(v, v, 0x00);
   out[1] = _mm256_permute2f128_ps(v, v, 0x11);
 }
-// The formats scaled per 32-weight block: d (and m at m_offset >= 0, else b = b_of_d * d) of 8 blocks.
+// The formats scaled per 32-weight block: d (and m at m_offset 2, else b = b_of_d * d) of 8 blocks. Q4_1 / Q5_1:
+// d | m as the 32-bit word at each block's start, 8 inserts then split (not 16 of 16 bits: inserts are the
+// GEMV's bottleneck; a gather measured slower still).
 template <int kBytes, int kMOffset, int kBOfD>
 inline void block32_chunk(const uint8_t* row, int g, __m256* A, __m256* B) {
+  static_assert(kMOffset == -1 || kMOffset == 2, "m follows d");
   const uint8_t* p = row + size_t(g) * kBytes;
-  const __m256 d = f16x8_strided(p, kBytes);
-  by_quads(d, A);
-  if constexpr (kMOffset >= 0) by_quads(f16x8_strided(p + kMOffset, kBytes), B);
-  else by_quads(_mm256_mul_ps(d, _mm256_set1_ps(float(kBOfD))), B);
+  if constexpr (kMOffset < 0) {
+    const __m256 d = f16x8_strided(p, kBytes);
+    by_quads(d, A);
+    by_quads(_mm256_mul_ps(d, _mm256_set1_ps(float(kBOfD))), B);
+  } else {
+    auto u = [&](int i) {
+      int v;
+      std::memcpy(&v, p + i * kBytes, 4);
+      return v;
+    };
+    __m128i lo = _mm_cvtsi32_si128(u(0)), hi = _mm_cvtsi32_si128(u(4));
+    lo = _mm_insert_epi32(lo, u(1), 1);
+    hi = _mm_insert_epi32(hi, u(5), 1);
+    lo = _mm_insert_epi32(lo, u(2), 2);
+    hi = _mm_insert_epi32(hi, u(6), 2);
+    lo = _mm_insert_epi32(lo, u(3), 3);
+    hi = _mm_insert_epi32(hi, u(7), 3);
+    const __m256i dm = _mm256_set_m128i(hi, lo);
+    // [d0..3, m0..3 | d4..7, m4..7] as u16, then [d0..7 | m0..7]
+    const __m256i halves = _mm256_permute4x64_epi64(
+        _mm256_packus_epi32(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(dm, 16)), 0xD8);
+    by_quads(_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), A);
+    by_quads(_mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1)), B);
+  }
 }
 // Q4_K / Q5_K: the 8 sub-blocks' 6-bit scales and mins of super-block g / 8, unpacked 4 at a time from the 12 bytes
 inline void k4_chunk(const uint8_t* b, __m256* A, __m256* B) {
