@@ -42,6 +42,13 @@ def resolve_model_path(model: Optional[str], progress: bool = True, quantization
         return gguf_checkpoint.cached_checkpoint(Path(os.fspath(model)), progress=progress)
     p = Path(os.fspath(model))
     if p.is_dir():
+        from metal_engine import mlx_checkpoint
+
+        cfg = p / "config.json"
+        if cfg.exists() and mlx_checkpoint.mlx_quantization(json.loads(cfg.read_text())):
+            if quantization is not None:
+                raise ValueError(f"{p} is already quantized (MLX); quantization= applies to float checkpoints")
+            return mlx_checkpoint.mlx_converted_checkpoint(p, progress=progress)
         return quant.quantized_checkpoint(p, quantization, progress=progress) if quantization else p
     raise FileNotFoundError(f"model {str(model)!r} is neither a checkpoint folder nor a .gguf file")
 
