@@ -8,13 +8,15 @@
 
 namespace metal_engine {
 
-enum class QuantType : uint8_t { None, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K };
+// A8: affine 8-bit in blocks of 32, {f16 d; f16 m; u8 qs[32]}, w = d * q + m: no GGUF type; MLX's 8-bit
+// checkpoints are exactly this (their scale and bias per group repeated per 32).
+enum class QuantType : uint8_t { None, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, A8 };
 
 struct QuantInfo {
   const char* name;  // "q4_1": kernel names, safetensors metadata, the Python API
   int block_elems;   // weights per block (32, or 256 for the K-quants)
   int block_bytes;   // bytes per block
-  int ggml_type;     // GGML_TYPE_* of the format (gguf-py's GGMLQuantizationType)
+  int ggml_type;     // GGML_TYPE_* of the format (gguf-py's GGMLQuantizationType); -1: none (A8)
 };
 
 const QuantInfo& quant_info(QuantType q);

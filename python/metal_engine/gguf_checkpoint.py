@@ -149,7 +149,7 @@ def quant_formats() -> dict:
     """GGML type id -> the engine's format name, for every quantized format the engine runs."""
     from metal_engine import _core
 
-    return {q["ggml_type"]: q["name"] for q in _core.ops.quant_types()}
+    return {q["ggml_type"]: q["name"] for q in _core.ops.quant_types() if q["ggml_type"] >= 0}
 
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")

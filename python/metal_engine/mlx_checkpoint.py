@@ -4,9 +4,10 @@ An MLX quantized linear or embedding `<m>` is `<m>.weight` uint32 [out, in * bit
 first), `<m>.scales` and `<m>.biases` [out, in / group_size], w = scales * q + biases, as config.json's
 "quantization": {"group_size", "bits"} says (with per-module entries overriding it or turning it off).
 4-bit groups of 32, 64 or 128 are exactly Q4_1 blocks of 32 (d = scale, m = bias, the nibbles reordered to
-Q4_1's "byte i holds weights i and i + 16"), so they are repacked into Q4_1 at load and run by its kernels,
-with scales and biases in f16 (an MLX file's bf16 scales convert exactly within f16's range; a value
-outside it is an error naming the tensor). Other widths are refused, naming what the engine runs.
+Q4_1's "byte i holds weights i and i + 16"), 8-bit ones exactly A8 blocks ({f16 d, f16 m, u8 q[32]},
+include/metal_engine/quant.h), so they are repacked at load and run by those kernels, with scales and
+biases in f16 (an MLX file's bf16 scales convert exactly within f16's range; a value outside it is an error
+naming the tensor). Other widths (2, 3, 5, 6) are refused, naming what the engine runs.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def _module_params(q: dict, module: str, where: str):
     mode = (o.get("mode") if isinstance(o, dict) else None) or q.get("mode", "affine")
     if mode != "affine":
         raise ValueError(f"{where}: {module} is quantized in MLX mode {mode!r}; metal_engine runs mode 'affine'")
-    if bits != 4:
-        raise ValueError(f"{where}: {module} is MLX {bits}-bit; metal_engine runs MLX 4-bit checkpoints "
-                         "(as Q4_1 blocks) so far")
+    if bits not in (4, 8):
+        raise ValueError(f"{where}: {module} is MLX {bits}-bit; metal_engine runs MLX 4- and 8-bit checkpoints "
+                         "(as Q4_1 and A8 blocks) so far")
     if group not in GROUP_SIZES:
         raise ValueError(f"{where}: {module} has MLX group_size {group}; metal_engine takes 32, 64 or 128")
     return bits, group
@@ -72,6 +73,23 @@ def repack_q4_1(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, grou
     return blocks.reshape(out_dim, -1)
 
 
+def repack_a8(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, group: int, name: str) -> np.ndarray:
+    """uint32 [out, in / 4] (bytes in element order) + scales, biases [out, in / group] -> A8 blocks
+    u8 [out, in / 32 * 36]: {f16 d, f16 m, u8 q[32]}."""
+    out_dim = packed.shape[0]
+    cols = packed.shape[1] * 4
+    if scales.shape != (out_dim, cols // group) or biases.shape != scales.shape or cols % group:
+        raise ValueError(f"{name}: scales / biases {list(scales.shape)} do not fit {cols} weights per row in "
+                         f"groups of {group}")
+    codes = np.ascontiguousarray(packed).view(np.uint8).reshape(out_dim, cols // 32, 32)  # little-endian words
+    d, m = (np.repeat(v, group // 32, axis=1) for v in (scales, biases))
+    blocks = np.empty((out_dim, cols // 32, 36), np.uint8)
+    blocks[..., 0:2] = d.astype(np.float16).view(np.uint8).reshape(out_dim, cols // 32, 2)
+    blocks[..., 2:4] = m.astype(np.float16).view(np.uint8).reshape(out_dim, cols // 32, 2)
+    blocks[..., 4:] = codes
+    return blocks.reshape(out_dim, -1)
+
+
 def mlx_converted_checkpoint(src, progress: bool = True) -> Path:
     """The MLX checkpoint `src` with its 4-bit modules as Q4_1 blocks, made once into the cache."""
     from metal_engine.gguf_checkpoint import cache_dir
@@ -88,7 +106,7 @@ def mlx_converted_checkpoint(src, progress: bool = True) -> Path:
     tensors = {}
     for p in shards:
         tensors.update(_read_safetensors(p)[1])
-    out, metadata = {}, {"format": "pt", "source": src.name, "quantization": "mlx affine 4-bit as q4_1"}
+    out, metadata = {}, {"format": "pt", "source": src.name, "quantization": "mlx affine as q4_1 / a8"}
     modules = [n[: -len(".scales")] for n in tensors if n.endswith(".scales")]
     for mod in modules:
         if mod + ".weight" not in tensors or mod + ".biases" not in tensors:
@@ -100,14 +118,15 @@ def mlx_converted_checkpoint(src, progress: bool = True) -> Path:
         params = _module_params(q, mod, str(src / "config.json"))
         if params is None:
             raise ValueError(f"{src}: config.json turns {mod}'s quantization off but it has scales")
-        _, group = params
+        bits, group = params
         wd, ws, wb = (tensors[mod + s] for s in (".weight", ".scales", ".biases"))
         if wd[0] != "U32":
             raise ValueError(f"{src}: {mod}.weight is {wd[0]}, not MLX's packed U32")
         packed = np.frombuffer(wd[2], dtype=np.uint32).reshape(wd[1])
-        blocks = repack_q4_1(packed, _as_f32(*ws), _as_f32(*wb), group, mod)
+        repack, fmt = (repack_q4_1, "q4_1") if bits == 4 else (repack_a8, "a8")
+        blocks = repack(packed, _as_f32(*ws), _as_f32(*wb), group, mod)
         out[mod + ".weight"] = ("U8", list(blocks.shape), np.ascontiguousarray(blocks))
-        metadata[f"quant.{mod}.weight"] = "q4_1"
+        metadata[f"quant.{mod}.weight"] = fmt
         done |= {mod + ".weight", mod + ".scales", mod + ".biases"}
     for name, t in tensors.items():
         if name not in done:

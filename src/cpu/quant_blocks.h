@@ -375,6 +375,21 @@ struct Format<QuantType::Q6_K> {  // u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d
 };
 
 
+template <>
+struct Format<QuantType::A8> {  // f16 d, m; u8 qs[32]               w = d * q + m (MLX 8-bit)
+  static constexpr int kGroups = 1, kBytes = 36;
+  static constexpr bool kSigned = false, kPerHalf = false;
+  static void scales(const uint8_t* b, GroupScales* g) {
+    const float d = f16_at(b), m = f16_at(b + 2);
+    g[0] = {{d, d}, {m, m}};
+  }
+  static void codes_scalar(const uint8_t* b, int, uint8_t* out) { std::memcpy(out, b + 4, 32); }
+#if ME_AVX2
+  static void chunk(const uint8_t* row, int g, __m256* A, __m256* B) { block32_chunk<36, 2, 0>(row, g, A, B); }
+  static __m256i codes(const uint8_t* b, int) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 4)); }
+#endif
+};
+
 // Calls f(std::integral_constant<QuantType, Q>{}) for the runtime format q (a kernel per format, one template).
 template <class F>
 void with_format(QuantType q, F&& f) {
@@ -388,6 +403,7 @@ void with_format(QuantType q, F&& f) {
     case Q::Q4_K: f(std::integral_constant<Q, Q::Q4_K>{}); break;
     case Q::Q5_K: f(std::integral_constant<Q, Q::Q5_K>{}); break;
     case Q::Q6_K: f(std::integral_constant<Q, Q::Q6_K>{}); break;
+    case Q::A8: f(std::integral_constant<Q, Q::A8>{}); break;
     case Q::None: break;
   }
 }

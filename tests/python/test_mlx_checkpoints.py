@@ -1,6 +1,6 @@
-"""MLX affine checkpoints, laid out as mlx_lm.convert writes them (mlx-community): 4-bit linear layers and the
-(tied) embedding as packed uint32 + scales + biases, norms in the checkpoint's float type. They load as Q4_1
-blocks and match the same weights dequantized (w = scales * q + biases) to float32."""
+"""MLX affine checkpoints, laid out as mlx_lm.convert writes them (mlx-community): 4- and 8-bit linear layers and
+the (tied) embedding as packed uint32 + scales + biases, norms in the checkpoint's float type. They load as Q4_1
+and A8 blocks and match the same weights dequantized (w = scales * q + biases) to float32."""
 
 import json
 
@@ -15,35 +15,36 @@ from tiny_models import make_tiny_text_checkpoint
 IDS = [[5, 17, 33, 2, 9, 100, 41, 7], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]
 
 
-def mlx_quantize(w: np.ndarray, group: int, rng):
-    """(packed uint32 [out, in / 8], scales, biases [out, in / group], dequantized f32): MLX's affine scheme,
-    q = round((w - min) / scale) in 0..15 per group, scale = (max - min) / 15, bias = min, elements packed
-    LSB first. Scales and biases are rounded to float16 (the file's dtype) before the codes are chosen."""
+def mlx_quantize(w: np.ndarray, group: int, bits: int = 4):
+    """(packed uint32 [out, in * bits / 32], scales, biases [out, in / group], dequantized f32): MLX's affine
+    scheme, q = round((w - min) / scale) in 0..2^bits - 1 per group, scale = (max - min) / (2^bits - 1),
+    bias = min, elements packed LSB first. Scales and biases are rounded to float16 (the file's dtype) first."""
     out, cols = w.shape
+    top = 2**bits - 1
     g = w.reshape(out, cols // group, group).astype(np.float32)
     lo, hi = g.min(-1), g.max(-1)
-    scales = np.maximum((hi - lo) / 15, 1e-8).astype(np.float16)
+    scales = np.maximum((hi - lo) / top, 1e-8).astype(np.float16)
     biases = lo.astype(np.float16)
     s32, b32 = scales.astype(np.float32)[..., None], biases.astype(np.float32)[..., None]
-    q = np.clip(np.rint((g - b32) / s32), 0, 15).astype(np.uint32)
+    q = np.clip(np.rint((g - b32) / s32), 0, top).astype(np.uint32)
     deq = (s32 * q.astype(np.float32) + b32).reshape(out, cols)
-    q = q.reshape(out, cols // 8, 8)
-    packed = np.zeros((out, cols // 8), np.uint32)
-    for k in range(8):
-        packed |= q[:, :, k] << np.uint32(4 * k)
+    per = 32 // bits
+    q = q.reshape(out, cols // per, per)
+    packed = np.zeros((out, cols // per), np.uint32)
+    for k in range(per):
+        packed |= q[:, :, k] << np.uint32(bits * k)
     return packed, scales, biases, deq
 
 
-def write_mlx(src, dst, group, overrides=None, seed=0):
-    """An MLX 4-bit checkpoint of `src` in dst, and its float32 twin (the dequantized weights) in dst_twin."""
-    rng = np.random.default_rng(seed)
+def write_mlx(src, dst, group, overrides=None, bits=4):
+    """An MLX checkpoint of `src` in dst, and its float32 twin (the dequantized weights) in dst_twin."""
     cfg = json.loads((src / "config.json").read_text())
     tensors = load_file(str(src / "model.safetensors"))
     mlx, twin = {}, {}
     for name, w in tensors.items():
         mod = name[: -len(".weight")]
         if w.ndim == 2 and name.endswith(".weight") and w.shape[1] % group == 0:
-            packed, scales, biases, deq = mlx_quantize(w, group, rng)
+            packed, scales, biases, deq = mlx_quantize(w, group, bits)
             mlx[name], mlx[mod + ".scales"], mlx[mod + ".biases"] = packed, scales, biases
             twin[name] = deq
         else:
@@ -54,7 +55,7 @@ def write_mlx(src, dst, group, overrides=None, seed=0):
         save_file(t, str(d / "model.safetensors"), metadata={"format": "mlx"})
         c = dict(cfg, dtype=dtype)
         if d == dst:
-            c["quantization"] = {"group_size": group, "bits": 4, **(overrides or {})}
+            c["quantization"] = {"group_size": group, "bits": bits, **(overrides or {})}
             c["quantization_config"] = c["quantization"]
         (d / "config.json").write_text(json.dumps(c))
         for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -62,19 +63,21 @@ def write_mlx(src, dst, group, overrides=None, seed=0):
     return dst, dst.with_name(dst.name + "_twin")
 
 
-@pytest.mark.parametrize("group", [32, 64, 128])
-def test_mlx_4bit_checkpoint_runs_as_q4_1(tmp_path, monkeypatch, group):
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32)])
+def test_mlx_checkpoint_runs_from_its_blocks(tmp_path, monkeypatch, bits, group):
+    """4-bit as Q4_1 blocks, 8-bit as A8 blocks, against the same weights dequantized."""
     monkeypatch.setenv("METAL_ENGINE_CACHE", str(tmp_path / "cache"))
     src = make_tiny_text_checkpoint(tmp_path / "hf", "llama", seed=9, hidden_size=128, intermediate_size=256,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-    mlx, twin = write_mlx(src, tmp_path / "mlx", group)
+    mlx, twin = write_mlx(src, tmp_path / "mlx", group, bits=bits)
     llm = metal_engine.LLM(str(mlx), dtype="float32", progress=False)
     from safetensors import safe_open
 
     with safe_open(str(llm.llm_engine.model_path / "model.safetensors"), "np") as f:
         meta = f.metadata()
-    assert meta["quant.model.embed_tokens.weight"] == "q4_1"  # the tied embedding / LM head too
-    assert meta["quant.model.layers.0.mlp.down_proj.weight"] == "q4_1"
+    fmt = "q4_1" if bits == 4 else "a8"
+    assert meta["quant.model.embed_tokens.weight"] == fmt  # the tied embedding / LM head too
+    assert meta["quant.model.layers.0.mlp.down_proj.weight"] == fmt
     ref = Harness(metal_engine.Engine(twin, dtype="float32", kv_cache_memory=8 << 20)).prefill_and_decode(IDS, 6)
     got = Harness(llm.llm_engine.engine).prefill_and_decode(IDS, 6, forced=[t[len(p):] for (_, t), p in zip(ref, IDS)])
     for (a, _), (b, _) in zip(got, ref):
@@ -85,8 +88,8 @@ def test_mlx_checkpoints_the_engine_does_not_run_are_refused(tmp_path, monkeypat
     monkeypatch.setenv("METAL_ENGINE_CACHE", str(tmp_path / "cache"))
     src = make_tiny_text_checkpoint(tmp_path / "hf", "llama", seed=9, hidden_size=128, intermediate_size=256,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-    mlx, _ = write_mlx(src, tmp_path / "m8", 64, overrides={"bits": 8})
-    with pytest.raises(ValueError, match="MLX 8-bit; metal_engine runs MLX 4-bit"):
+    mlx, _ = write_mlx(src, tmp_path / "m6", 64, overrides={"bits": 6})
+    with pytest.raises(ValueError, match="MLX 6-bit; metal_engine runs MLX 4- and 8-bit"):
         metal_engine.LLM(str(mlx), progress=False)
     mlx, _ = write_mlx(src, tmp_path / "g16", 64, overrides={"group_size": 16})
     with pytest.raises(ValueError, match="group_size 16; metal_engine takes 32, 64 or 128"):

@@ -13,7 +13,7 @@ import metal_engine
 from engine_harness import Harness
 from gguf_writer import write_gguf
 from metal_engine.gguf_checkpoint import cached_checkpoint, default_checkpoint, default_gguf_path
-from op_testing import QUANT_FORMATS
+from op_testing import GGUF_FORMATS
 from tiny_models import make_tiny_text_checkpoint
 
 PROMPTS = [
@@ -106,7 +106,7 @@ def test_default_model_greedy_text_from_its_q4_1_file(prompt_ids, twin_run):
     assert agreed >= 16
 
 
-@pytest.mark.parametrize("fmt", list(QUANT_FORMATS))
+@pytest.mark.parametrize("fmt", GGUF_FORMATS)
 def test_tiny_model_in_every_format_against_its_f32_twin(tmp_path, monkeypatch, fmt):
     """A tiny Llama written as a GGUF with every matrix in `fmt` (Q/K permuted as llama.cpp does) runs from
     its blocks, and its logits match the same file dequantized to float32."""

@@ -153,7 +153,7 @@ for fmt, q in QUANT_FORMATS.items():
         if k % q["block_elems"]:
             continue
         for bias in ((None, "f32", "f16") if (m, n) in ((3, 100), (67, 33)) else (None,)):
-            rng = np.random.default_rng([m, n, k, q["ggml_type"]])
+            rng = np.random.default_rng([m, n, k, q["block_bytes"]])
             x = rng.standard_normal((m, k)).astype(np.float32)
             w = random_quant_rows(fmt, n, k, rng)
             b = to_storage(rng.standard_normal(n), bias) if bias else None
@@ -166,7 +166,7 @@ for fmt, q in QUANT_FORMATS.items():
                  args=args("MatmulArgs", m=m, n=n, k=k, has_bias=1 + DTYPES.index(bias) if bias else 0),
                  buffers=[x, w, b, np.zeros((m, n), np.float32)], outputs={3: None}, reference=ref, nmse=5e-4)
     for m in (2, 20):  # y_stride > n, through the integer passes and the dequantized tiles
-        rng = np.random.default_rng([m, q["ggml_type"], 9])
+        rng = np.random.default_rng([m, q["block_bytes"], 9])
         x = rng.standard_normal((m, 256)).astype(np.float32)
         w = random_quant_rows(fmt, 24, 256, rng)
         y0 = rng.standard_normal((m, 31)).astype(np.float32)
@@ -183,7 +183,7 @@ for fmt, q in QUANT_FORMATS.items():
         if hidden % q["block_elems"]:
             continue
         for scale in (1.0, 24.0):
-            rng = np.random.default_rng([tokens, hidden, q["ggml_type"]])
+            rng = np.random.default_rng([tokens, hidden, q["block_bytes"]])
             table = random_quant_rows(fmt, vocab, hidden, rng)
             ids = rng.integers(0, vocab, tokens).astype(np.int32)
             ids[-1] = vocab - 1
@@ -375,7 +375,7 @@ for dtype in DTYPES:
 for fmt, q in QUANT_FORMATS.items():  # the experts of a quantized MoE through the quantized matmul
     for tokens, k, experts, n, kdim in [(1, 2, 8, 24, 256), (20, 2, 4, 40, 512)]:
         for layout in ("gate_up", "down"):
-            rng = np.random.default_rng([tokens, n, q["ggml_type"]])
+            rng = np.random.default_rng([tokens, n, q["block_bytes"]])
             rows, div = tokens * k, (k if layout == "gate_up" else 1)
             x = rng.standard_normal((rows // div, kdim)).astype(np.float32)
             w = random_quant_rows(fmt, experts * n, kdim, rng)
