@@ -199,12 +199,9 @@ class CheckpointWeights : public models::WeightLoader {
     return w;
   }
 
-  // Quantized parts stacked along dim 0 (their rows of blocks, concatenated): they must share one format.
+  // Quantized parts of one format stacked along dim 0 (their rows of blocks, concatenated; fused() gives parts in
+  // different formats a matmul each instead).
   Weight quant_concat(const std::vector<const TensorInfo*>& parts, std::vector<int64_t> shape, const std::string& label) {
-    for (const TensorInfo* t : parts)
-      if (t->quant != parts[0]->quant)
-        throw std::invalid_argument(label + ": the parts are in different formats (" + format_of(*parts[0]) + ", " +
-                                    format_of(*t) + "); metal_engine fuses them into one matmul, which takes one");
     size_t bytes = 0;
     for (const TensorInfo* t : parts) bytes += t->nbytes;
     auto buf = e_.device->allocate(bytes, label);
@@ -220,10 +217,6 @@ class CheckpointWeights : public models::WeightLoader {
     w.arg = BufferArg{buf.get(), 0};
     e_.owned_buffers.push_back(std::move(buf));
     return w;
-  }
-
-  static std::string format_of(const TensorInfo& t) {
-    return t.quant != QuantType::None ? quant_info(t.quant).name : t.dtype_str;
   }
 
   // A device buffer holding `parts` stacked along dim 0, converted to the engine's dtype (with plus_one,

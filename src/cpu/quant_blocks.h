@@ -78,9 +78,8 @@ inline void k_scale_min(const uint8_t* s, int j, int& sc, int& m) {
 }
 
 #if ME_AVX2
-// ---- 8 groups at a time (the matmul's inner loop): the scales of groups g .. g + 7 of a row as A[0], B[0] for
-// groups g .. g + 3 and A[1], B[1] for g + 4 .. g + 7, each laid out [half 0 of the 4 groups | half 1 of them]: the
-// layout two rounds of hadd give the groups' dot products in (lanes 0-3 of a group's dot are its first half).
+// ---- 8 groups at a time (the matmul's inner loop): the scales of groups g .. g + 7 of a row, lane j for group
+// g + j, as A[h], B[h] for half h (16 weights) of each group (A[0] == A[1] but for Q6_K).
 
 // 8 f16 values `stride` bytes apart -> f32
 inline __m256 f16x8_strided(const uint8_t* p, int stride) {
@@ -99,11 +98,8 @@ inline __m256 f16x8_strided(const uint8_t* p, int stride) {
   h = _mm_insert_epi16(h, u(7), 7);
   return _mm256_cvtph_ps(h);
 }
-// per-group values v[g .. g + 7] -> the two [4 groups | the same 4 groups] vectors
-inline void by_quads(__m256 v, __m256* out) {
-  out[0] = _mm256_permute2f128_ps(v, v, 0x00);
-  out[1] = _mm256_permute2f128_ps(v, v, 0x11);
-}
+// one scale for both halves of each group
+inline void both_halves(__m256 v, __m256* out) { out[0] = out[1] = v; }
 // The formats scaled per 32-weight block: d (and m at m_offset 2, else b = b_of_d * d) of 8 blocks. Q4_1 / Q5_1:
 // d | m as the 32-bit word at each block's start, 8 inserts then split (not 16 of 16 bits: inserts are the
 // GEMV's bottleneck; a gather measured slower still).
@@ -113,8 +109,8 @@ inline void block32_chunk(const uint8_t* row, int g, __m256* A, __m256* B) {
   const uint8_t* p = row + size_t(g) * kBytes;
   if constexpr (kMOffset < 0) {
     const __m256 d = f16x8_strided(p, kBytes);
-    by_quads(d, A);
-    by_quads(_mm256_mul_ps(d, _mm256_set1_ps(float(kBOfD))), B);
+    both_halves(d, A);
+    both_halves(_mm256_mul_ps(d, _mm256_set1_ps(float(kBOfD))), B);
   } else {
     auto u = [&](int i) {
       int v;
@@ -132,8 +128,8 @@ inline void block32_chunk(const uint8_t* row, int g, __m256* A, __m256* B) {
     // [d0..3, m0..3 | d4..7, m4..7] as u16, then [d0..7 | m0..7]
     const __m256i halves = _mm256_permute4x64_epi64(
         _mm256_packus_epi32(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(dm, 16)), 0xD8);
-    by_quads(_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), A);
-    by_quads(_mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1)), B);
+    both_halves(_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), A);
+    both_halves(_mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1)), B);
   }
 }
 // Q4_K / Q5_K: the 8 sub-blocks' 6-bit scales and mins of super-block g / 8, unpacked 4 at a time from the 12 bytes
@@ -146,8 +142,8 @@ inline void k4_chunk(const uint8_t* b, __m256* A, __m256* B) {
   const uint32_t m47 = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
   const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(sc47), int(sc03))));
   const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(m47), int(m03))));
-  by_quads(_mm256_mul_ps(sc, _mm256_set1_ps(d)), A);
-  by_quads(_mm256_mul_ps(m, _mm256_set1_ps(-dmin)), B);
+  both_halves(_mm256_mul_ps(sc, _mm256_set1_ps(d)), A);
+  both_halves(_mm256_mul_ps(m, _mm256_set1_ps(-dmin)), B);
 }
 #endif
 
@@ -356,9 +352,9 @@ struct Format<QuantType::Q6_K> {  // u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d
     const uint8_t* b = row + size_t(g / 8) * kBytes;
     const __m256 d = _mm256_set1_ps(f16_at(b + 208));
     const __m128i sc = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)),
-                                        _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
-    A[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), d);
-    A[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), d);
+                                        _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+    A[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), d);                     // half 0
+    A[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), d);  // half 1
     B[0] = _mm256_mul_ps(A[0], _mm256_set1_ps(-32.0f));
     B[1] = _mm256_mul_ps(A[1], _mm256_set1_ps(-32.0f));
   }

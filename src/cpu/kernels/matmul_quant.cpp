@@ -125,24 +125,10 @@ namespace {
 
 #if ME_AVX2
 // A group's 32 codes (u8, or i8 when signed) widened to int16, and their dot products with 32 int16 of x: dot()
-// 8 lanes summing both halves, dot_halves() half 0 (elements 0-15) and half 1 apart. AVX-512 (BW + VNNI): the 32
-// codes in one vector, one dpwssd; AVX2 (+ AVX-VNNI): two of each, madd or dpwssd.
+// 8 lanes summing both halves, dot_halves() half 0 (elements 0-15) and half 1 apart: madd, or AVX-VNNI's dpwssd.
+// (With AVX-512 BW + VNNI, dot_rows takes all 32 codes in one register and one dpwssd instead.)
 template <bool kSigned>
 struct GroupCodes {
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  __m512i c;
-  void set(__m256i codes) { c = kSigned ? _mm512_cvtepi8_epi16(codes) : _mm512_cvtepu8_epi16(codes); }
-  __m512i dot512(const int16_t* x) const { return _mm512_dpwssd_epi32(_mm512_setzero_si512(), c, _mm512_loadu_si512(x)); }
-  __m256i dot(const int16_t* x) const {
-    const __m512i d = dot512(x);
-    return _mm256_add_epi32(_mm512_castsi512_si256(d), _mm512_extracti64x4_epi64(d, 1));
-  }
-  void dot_halves(const int16_t* x, __m256i& h0, __m256i& h1) const {
-    const __m512i d = dot512(x);
-    h0 = _mm512_castsi512_si256(d);
-    h1 = _mm512_extracti64x4_epi64(d, 1);
-  }
-#else
   __m256i lo, hi;
   void set(__m256i codes) {
     const __m128i a = _mm256_castsi256_si128(codes), b = _mm256_extracti128_si256(codes, 1);
@@ -164,7 +150,6 @@ struct GroupCodes {
     h0 = dot16(_mm256_setzero_si256(), lo, x);
     h1 = dot16(_mm256_setzero_si256(), hi, x + 16);
   }
-#endif
 };
 #endif
 
@@ -178,13 +163,12 @@ inline void chunk_scales(const uint8_t* wrow, int g, int n, float a[2][8], float
 ) {
   using F = Format<Q>;
 #if ME_AVX2
-  if (n == 8) {  // Format::chunk's layout: [4 groups, half 0 | the same 4, half 1]
-    __m256 A[2], B[2];
-    F::chunk(wrow, g, A, B);
-    _mm256_store_ps(a[0], _mm256_permute2f128_ps(A[0], A[1], 0x20));
-    _mm256_store_ps(a[1], _mm256_permute2f128_ps(A[0], A[1], 0x31));
-    bv[0] = _mm256_permute2f128_ps(B[0], B[1], 0x20);
-    bv[1] = _mm256_permute2f128_ps(B[0], B[1], 0x31);
+  if (n == 8) {
+    __m256 A[2];
+    F::chunk(wrow, g, A, bv);
+    // one 32-byte store each: the rows read single groups' scales back
+    _mm256_store_ps(a[0], A[0]);
+    _mm256_store_ps(a[1], A[1]);
     return;
   }
 #endif
