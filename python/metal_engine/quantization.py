@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +147,7 @@ def _shards(src: Path) -> list:
 
 def quantized_checkpoint(src, fmt: str, progress: bool = True) -> Path:
     """The checkpoint `src` with its matrices quantized to `fmt`, made once into the cache."""
-    from metal_engine.gguf_checkpoint import cache_dir
+    from metal_engine.gguf_checkpoint import build_in_cache, cache_dir
 
     fmt = check_format(fmt)
     src = Path(src)
@@ -161,9 +160,8 @@ def quantized_checkpoint(src, fmt: str, progress: bool = True) -> Path:
     for p in shards:
         if any(k.startswith("quant.") for k in _read_safetensors(p)[0]):
             raise ValueError(f"{src} is already quantized; quantization= applies to float checkpoints")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
+
+    def make(tmp: Path):
         from tqdm import tqdm
 
         out, metadata = {}, {"format": "pt", "source": src.name, "quantization": fmt}
@@ -183,11 +181,5 @@ def quantized_checkpoint(src, fmt: str, progress: bool = True) -> Path:
         for f in os.listdir(src):
             if (f.endswith(".json") and f != "model.safetensors.index.json") or f == "tokenizer.model":
                 shutil.copy2(src / f, tmp / f)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_in_cache(target, make)

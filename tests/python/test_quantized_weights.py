@@ -106,6 +106,18 @@ def test_default_model_greedy_text_from_its_q4_1_file(prompt_ids, twin_run):
     assert agreed >= 16
 
 
+def native_and_twin(gguf_path):
+    """A GGUF run from its blocks, teacher-forced on the same file dequantized to float32, and that twin:
+    [(logits, tokens)] per prompt, each."""
+    ids = [[5, 17, 33, 2, 9, 100, 41, 7], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]]
+    twin = Harness(metal_engine.Engine(cached_checkpoint(gguf_path, progress=False, dequantize=True),
+                                       dtype="float32", kv_cache_memory=8 << 20)).prefill_and_decode(ids, 8)
+    forced = [t[len(p):] for (_, t), p in zip(twin, ids)]
+    native = Harness(metal_engine.Engine(cached_checkpoint(gguf_path, progress=False), dtype="float32",
+                                         kv_cache_memory=8 << 20)).prefill_and_decode(ids, 8, forced=forced)
+    return native, twin
+
+
 @pytest.mark.parametrize("fmt", GGUF_FORMATS)
 def test_tiny_model_in_every_format_against_its_f32_twin(tmp_path, monkeypatch, fmt):
     """A tiny Llama written as a GGUF with every matrix in `fmt` (Q/K permuted as llama.cpp does) runs from
@@ -118,12 +130,7 @@ def test_tiny_model_in_every_format_against_its_f32_twin(tmp_path, monkeypatch, 
     ckpt = cached_checkpoint(path, progress=False)
     with safe_open(str(ckpt / "model.safetensors"), "np") as f:
         assert f.metadata()["quant.model.layers.0.self_attn.q_proj.weight"] == fmt
-    ids = [[5, 17, 33, 2, 9, 100, 41, 7], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]]
-    twin = Harness(metal_engine.Engine(cached_checkpoint(path, progress=False, dequantize=True), dtype="float32",
-                                       kv_cache_memory=8 << 20)).prefill_and_decode(ids, 8)
-    forced = [t[len(p):] for (_, t), p in zip(twin, ids)]
-    native = Harness(metal_engine.Engine(ckpt, dtype="float32", kv_cache_memory=8 << 20)).prefill_and_decode(
-        ids, 8, forced=forced)
+    native, twin = native_and_twin(path)
     for (q, _), (f, _) in zip(native, twin):
         scale = np.abs(f).max()
         assert np.abs(q - f).max() < 0.05 * scale + 1e-3, (fmt, np.abs(q - f).max(), scale)
@@ -150,12 +157,7 @@ def test_q4_k_m_mix_runs_fused_parts_in_their_own_formats(tmp_path, monkeypatch)
         m = f.metadata()
         assert m["quant.model.layers.0.self_attn.q_proj.weight"] == "q4_k"
         assert m["quant.model.layers.0.self_attn.v_proj.weight"] == "q6_k"
-    ids = [[5, 17, 33, 2, 9, 100, 41, 7], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]]
-    twin = Harness(metal_engine.Engine(cached_checkpoint(path, progress=False, dequantize=True), dtype="float32",
-                                       kv_cache_memory=8 << 20)).prefill_and_decode(ids, 8)
-    forced = [t[len(p):] for (_, t), p in zip(twin, ids)]
-    native = Harness(metal_engine.Engine(ckpt, dtype="float32", kv_cache_memory=8 << 20)).prefill_and_decode(
-        ids, 8, forced=forced)
+    native, twin = native_and_twin(path)
     for (q, _), (f, _) in zip(native, twin):
         assert ((q - f) ** 2).sum() / (f**2).sum() < 5e-4
 
