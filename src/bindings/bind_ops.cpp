@@ -124,92 +124,19 @@ void init_ops(nb::module_& m) {
   m.def("cpu_blas", &cpu::blas_name, "The BLAS behind the cpu backend's prefill attention, or 'none'.");
 
   nb::module_ ops = m.def_submodule("ops", "kernel argument structs (metal/op_args.h) and ops.run");
-  nb::class_<EmbeddingArgs>(ops, "EmbeddingArgs")
-      .def(nb::init<>())
-      .def_rw("num_tokens", &EmbeddingArgs::num_tokens).def_rw("hidden", &EmbeddingArgs::hidden)
-      .def_rw("vocab", &EmbeddingArgs::vocab).def_rw("scale", &EmbeddingArgs::scale);
-  nb::class_<RmsNormArgs>(ops, "RmsNormArgs")
-      .def(nb::init<>())
-      .def_rw("rows", &RmsNormArgs::rows).def_rw("dim", &RmsNormArgs::dim).def_rw("eps", &RmsNormArgs::eps)
-      .def_rw("add_residual", &RmsNormArgs::add_residual);
-  nb::class_<MatmulArgs>(ops, "MatmulArgs")
-      .def(nb::init<>())
-      .def_rw("m", &MatmulArgs::m).def_rw("n", &MatmulArgs::n).def_rw("k", &MatmulArgs::k)
-      .def_rw("has_bias", &MatmulArgs::has_bias).def_rw("y_stride", &MatmulArgs::y_stride);
-  nb::class_<RopeArgs>(ops, "RopeArgs")
-      .def(nb::init<>())
-      .def_rw("num_tokens", &RopeArgs::num_tokens).def_rw("num_heads", &RopeArgs::num_heads)
-      .def_rw("num_kv_heads", &RopeArgs::num_kv_heads).def_rw("head_dim", &RopeArgs::head_dim)
-      .def_rw("rotary_dim", &RopeArgs::rotary_dim).def_rw("q_stride", &RopeArgs::q_stride)
-      .def_rw("k_stride", &RopeArgs::k_stride).def_rw("scaling", &RopeArgs::scaling);
-  nb::class_<QKNormArgs>(ops, "QKNormArgs")
-      .def(nb::init<>())
-      .def_rw("num_tokens", &QKNormArgs::num_tokens).def_rw("num_heads", &QKNormArgs::num_heads)
-      .def_rw("num_kv_heads", &QKNormArgs::num_kv_heads).def_rw("head_dim", &QKNormArgs::head_dim)
-      .def_rw("q_stride", &QKNormArgs::q_stride).def_rw("k_stride", &QKNormArgs::k_stride)
-      .def_rw("eps", &QKNormArgs::eps);
-  nb::class_<MoeRouteArgs>(ops, "MoeRouteArgs")
-      .def(nb::init<>())
-      .def_rw("num_tokens", &MoeRouteArgs::num_tokens).def_rw("num_experts", &MoeRouteArgs::num_experts)
-      .def_rw("top_k", &MoeRouteArgs::top_k).def_rw("renormalize", &MoeRouteArgs::renormalize);
-  nb::class_<MoeMatmulArgs>(ops, "MoeMatmulArgs")
-      .def(nb::init<>())
-      .def_rw("rows", &MoeMatmulArgs::rows).def_rw("n", &MoeMatmulArgs::n).def_rw("k", &MoeMatmulArgs::k)
-      .def_rw("num_experts", &MoeMatmulArgs::num_experts).def_rw("x_row_div", &MoeMatmulArgs::x_row_div);
-  nb::class_<MoeCombineArgs>(ops, "MoeCombineArgs")
-      .def(nb::init<>())
-      .def_rw("num_tokens", &MoeCombineArgs::num_tokens).def_rw("top_k", &MoeCombineArgs::top_k)
-      .def_rw("dim", &MoeCombineArgs::dim);
-  nb::class_<SiluMulArgs>(ops, "SiluMulArgs")
-      .def(nb::init<>())
-      .def_rw("rows", &SiluMulArgs::rows).def_rw("dim", &SiluMulArgs::dim).def_rw("in_stride", &SiluMulArgs::in_stride);
-  nb::class_<KVWriteArgs>(ops, "KVWriteArgs")
-      .def(nb::init<>())
-      .def_rw("num_tokens", &KVWriteArgs::num_tokens).def_rw("num_kv_heads", &KVWriteArgs::num_kv_heads)
-      .def_rw("head_dim", &KVWriteArgs::head_dim).def_rw("block_size", &KVWriteArgs::block_size)
-      .def_rw("num_slots", &KVWriteArgs::num_slots).def_rw("k_stride", &KVWriteArgs::k_stride)
-      .def_rw("v_stride", &KVWriteArgs::v_stride);
-  nb::class_<PagedAttentionArgs>(ops, "PagedAttentionArgs")
-      .def(nb::init<>())
-      .def_rw("num_seqs", &PagedAttentionArgs::num_seqs).def_rw("num_heads", &PagedAttentionArgs::num_heads)
-      .def_rw("num_kv_heads", &PagedAttentionArgs::num_kv_heads).def_rw("head_dim", &PagedAttentionArgs::head_dim)
-      .def_rw("block_size", &PagedAttentionArgs::block_size)
-      .def_rw("block_table_width", &PagedAttentionArgs::block_table_width)
-      .def_rw("q_stride", &PagedAttentionArgs::q_stride).def_rw("sliding_window", &PagedAttentionArgs::sliding_window)
-      .def_rw("scale", &PagedAttentionArgs::scale)
-      .def_rw("num_tokens", &PagedAttentionArgs::num_tokens).def_rw("softcap", &PagedAttentionArgs::softcap);
-  nb::class_<ArgmaxArgs>(ops, "ArgmaxArgs")
-      .def(nb::init<>())
-      .def_rw("rows", &ArgmaxArgs::rows).def_rw("vocab", &ArgmaxArgs::vocab);
-  nb::class_<SoftcapArgs>(ops, "SoftcapArgs")
-      .def(nb::init<>())
-      .def_rw("rows", &SoftcapArgs::rows).def_rw("cols", &SoftcapArgs::cols).def_rw("cap", &SoftcapArgs::cap);
-  nb::class_<GatherRowsArgs>(ops, "GatherRowsArgs")
-      .def(nb::init<>())
-      .def_rw("rows", &GatherRowsArgs::rows).def_rw("dim", &GatherRowsArgs::dim);
-
-  // the Metal-only attention kernels (split-and-reduce, tiled prefill)
-  nb::class_<PagedAttentionSplitArgs>(ops, "PagedAttentionSplitArgs")
-      .def(nb::init<>())
-      .def_rw("attn", &PagedAttentionSplitArgs::attn)
-      .def_rw("partition_size", &PagedAttentionSplitArgs::partition_size)
-      .def_rw("max_partitions", &PagedAttentionSplitArgs::max_partitions);
-  nb::class_<PagedAttentionPrefillArgs>(ops, "PagedAttentionPrefillArgs")
-      .def(nb::init<>())
-      .def_rw("attn", &PagedAttentionPrefillArgs::attn)
-      .def_rw("max_query_len", &PagedAttentionPrefillArgs::max_query_len);
-  nb::class_<PagedAttentionDecodeArgs>(ops, "PagedAttentionDecodeArgs")
-      .def(nb::init<>())
-      .def_rw("attn", &PagedAttentionDecodeArgs::attn)
-      .def_rw("k_stride", &PagedAttentionDecodeArgs::k_stride)
-      .def_rw("v_stride", &PagedAttentionDecodeArgs::v_stride)
-      .def_rw("num_slots", &PagedAttentionDecodeArgs::num_slots);
-  nb::class_<PagedAttentionReduceArgs>(ops, "PagedAttentionReduceArgs")
-      .def(nb::init<>())
-      .def_rw("num_tokens", &PagedAttentionReduceArgs::num_tokens)
-      .def_rw("num_heads", &PagedAttentionReduceArgs::num_heads)
-      .def_rw("head_dim", &PagedAttentionReduceArgs::head_dim)
-      .def_rw("max_partitions", &PagedAttentionReduceArgs::max_partitions);
+  // every argument struct, its fields read-write, from ME_ARGS_STRUCTS (structs holding another, as the Metal
+  // attention kernels' hold PagedAttentionArgs, come after it there)
+#define F(field) c.def_rw(#field, &Args::field);
+#define ME_BIND_ARGS(Args_, fields)     \
+  {                                      \
+    using Args = Args_;                  \
+    nb::class_<Args> c(ops, #Args_);     \
+    c.def(nb::init<>());                 \
+    fields                               \
+  }
+  ME_ARGS_STRUCTS(ME_BIND_ARGS)
+#undef ME_BIND_ARGS
+#undef F
   ops.def("metal_matmul_kernel_prefix", [](const MatmulArgs& a) { return std::string(matmul_kernel_prefix(a)); },
           "Which Metal matmul kernel these arguments take: matmul_gemv or matmul_gemm.");
   // one ops.run overload per argument struct of the op table

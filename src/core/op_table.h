@@ -46,6 +46,51 @@ enum class OpFlavour { Weight, Activation, Single };
   X(softcap, SoftcapArgs, 2, Single, false, false)                                   \
   X(argmax, ArgmaxArgs, 2, Single, false, false)
 
+// The fields of every argument struct, in declaration order: S(Args, F(field) F(field) ...). From it come the
+// Python bindings (_core.ops.<Args>, every field read-write) and a compile-time check that the list misses no
+// field (the listed fields' sizes add up to the struct's) and no struct of the op table. Adding an args struct
+// is one line here.
+#define ME_ARGS_STRUCTS(S)                                                                                    \
+  S(EmbeddingArgs, F(num_tokens) F(hidden) F(vocab) F(scale))                                                 \
+  S(RmsNormArgs, F(rows) F(dim) F(eps) F(add_residual))                                                       \
+  S(MatmulArgs, F(m) F(n) F(k) F(has_bias) F(y_stride))                                                       \
+  S(RopeArgs, F(num_tokens) F(num_heads) F(num_kv_heads) F(head_dim) F(rotary_dim) F(q_stride) F(k_stride)    \
+                  F(scaling))                                                                                 \
+  S(QKNormArgs, F(num_tokens) F(num_heads) F(num_kv_heads) F(head_dim) F(q_stride) F(k_stride) F(eps))        \
+  S(SiluMulArgs, F(rows) F(dim) F(in_stride))                                                                 \
+  S(KVWriteArgs, F(num_tokens) F(num_kv_heads) F(head_dim) F(block_size) F(num_slots) F(k_stride)             \
+                     F(v_stride))                                                                             \
+  S(PagedAttentionArgs, F(num_seqs) F(num_heads) F(num_kv_heads) F(head_dim) F(block_size)                    \
+                            F(block_table_width) F(q_stride) F(sliding_window) F(scale) F(num_tokens)         \
+                                F(softcap))                                                                   \
+  S(PagedAttentionDecodeArgs, F(attn) F(k_stride) F(v_stride) F(num_slots))                                   \
+  S(PagedAttentionPrefillArgs, F(attn) F(max_query_len))                                                      \
+  S(PagedAttentionSplitArgs, F(attn) F(partition_size) F(max_partitions))                                     \
+  S(PagedAttentionReduceArgs, F(num_tokens) F(num_heads) F(head_dim) F(max_partitions))                       \
+  S(GatherRowsArgs, F(rows) F(dim))                                                                           \
+  S(MoeRouteArgs, F(num_tokens) F(num_experts) F(top_k) F(renormalize))                                       \
+  S(MoeMatmulArgs, F(rows) F(n) F(k) F(num_experts) F(x_row_div))                                             \
+  S(MoeCombineArgs, F(num_tokens) F(top_k) F(dim))                                                            \
+  S(SoftcapArgs, F(rows) F(cols) F(cap))                                                                      \
+  S(ArgmaxArgs, F(rows) F(vocab))
+
+template <class Args>
+struct ArgsFields;  // defined for every struct of ME_ARGS_STRUCTS
+#define F(field) +sizeof(Args::field)
+#define ME_ARGS_FIELDS_CHECK(Args_, fields)                                                                  \
+  template <>                                                                                                \
+  struct ArgsFields<Args_> {                                                                                 \
+    using Args = Args_;                                                                                      \
+    static_assert((0 fields) == sizeof(Args_), #Args_ " has a field its ME_ARGS_STRUCTS line does not list"); \
+  };
+ME_ARGS_STRUCTS(ME_ARGS_FIELDS_CHECK)
+#undef ME_ARGS_FIELDS_CHECK
+#undef F
+#define ME_OP_ARGS_LISTED(op, Args, buffers, flavour, metal_only, quantized) \
+  static_assert(sizeof(ArgsFields<Args>) > 0, #Args " is missing from ME_ARGS_STRUCTS");
+ME_OPS(ME_OP_ARGS_LISTED)
+#undef ME_OP_ARGS_LISTED
+
 struct OpInfo {
   const char* name;
   const char* args_name;  // the struct's name in op_args.h (and in _core.ops)
