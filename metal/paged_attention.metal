@@ -9,16 +9,20 @@
 //  - paged_attention_decode_<kvdt>: paged_attention fused with the KV write of the new token, for steps
 //    where every sequence has one new token: the threadgroup of (row, KV head) writes that head's k and v
 //    into the row's slot, then (after a device-memory barrier) attends over them with the cached keys.
-// Limits (checked by the host): head_dim <= 128, num_heads / num_kv_heads <= 8.
+// Lanes split head_dim: each keeps ceil(head_dim / 32) values of q and of the output per query head of its
+// group. Function constant 0 (kWideHeads) picks the register budget: 4 values a lane for up to 8 query heads
+// (head_dim <= 128), or 8 values a lane for up to 4 (head_dim <= 256: Gemma); the host picks it from head_dim.
+// Limits (checked by the host): head_dim <= 256, num_heads / num_kv_heads <= 8, and their product <= 1024.
 #include <metal_stdlib>
 #include "op_args.h"
 using namespace metal;
 using namespace metal_engine;
 
+constant bool kWideHeads [[function_constant(0)]];
+
 constant int kAttnSimdgroups = 4;
-constant int kMaxGroup = 8;        // query heads per KV head
-constant int kMaxDimPerLane = 4;   // head_dim <= 4 x 32
-constant int kMaxHeadDim = 128;
+constant int kMaxGroup = 8;         // query heads per KV head
+constant int kMaxGroupDims = 1024;  // query heads per KV head x head_dim: one simdgroup's merged output
 
 // Where query row t sits: its sequence, context position, and first visible key.
 struct RowInfo {
@@ -41,8 +45,9 @@ inline RowInfo row_info(constant PagedAttentionArgs& a, device const int* query_
 }
 
 // Keys [begin, end] of row t for KV head g; leaves this threadgroup's merged result for each query head h
-// of the group in part_max[h], part_sum[h] and part_out[h * kMaxHeadDim + d] (sum-normalised, 0 if no key).
-template <typename KV, typename A>
+// of the group in part_max[h], part_sum[h] and part_out[h * head_dim + d] (sum-normalised, 0 if no key).
+// Each lane holds kDimPerLane values of a head (head_dim <= 32 x kDimPerLane) for up to kGroup query heads.
+template <typename KV, typename A, int kDimPerLane, int kGroup>
 inline void attend_range(constant PagedAttentionArgs& a, device const A* q, device const KV* k_cache,
                          device const KV* v_cache, device const int* bt, int t, int g, int begin, int end,
                          threadgroup float* sg_max, threadgroup float* sg_sum, threadgroup float* sg_out,
@@ -50,14 +55,14 @@ inline void attend_range(constant PagedAttentionArgs& a, device const A* q, devi
                          uint tid, uint lane, uint sg) {
   const int hd = a.head_dim, group = a.num_heads / a.num_kv_heads;
   const long slot_stride = long(a.num_kv_heads) * hd;
-  float qv[kMaxGroup][kMaxDimPerLane];
-  float o[kMaxGroup][kMaxDimPerLane];
-  float m[kMaxGroup];
-  float l[kMaxGroup];
+  float qv[kGroup][kDimPerLane];
+  float o[kGroup][kDimPerLane];
+  float m[kGroup];
+  float l[kGroup];
   for (int h = 0; h < group; ++h) {
     m[h] = -INFINITY;
     l[h] = 0.0f;
-    for (int i = 0; i < kMaxDimPerLane; ++i) {
+    for (int i = 0; i < kDimPerLane; ++i) {
       const int d = int(lane) + 32 * i;
       qv[h][i] = d < hd ? float(q[long(t) * a.q_stride + (g * group + h) * hd + d]) : 0.0f;
       o[h][i] = 0.0f;
@@ -67,23 +72,23 @@ inline void attend_range(constant PagedAttentionArgs& a, device const A* q, devi
     const long slot = long(bt[j / a.block_size]) * a.block_size + j % a.block_size;
     device const KV* kj = k_cache + slot * slot_stride + g * hd;
     device const KV* vj = v_cache + slot * slot_stride + g * hd;
-    float kk[kMaxDimPerLane];
-    float vv[kMaxDimPerLane];
-    for (int i = 0; i < kMaxDimPerLane; ++i) {
+    float kk[kDimPerLane];
+    float vv[kDimPerLane];
+    for (int i = 0; i < kDimPerLane; ++i) {
       const int d = int(lane) + 32 * i;
       kk[i] = d < hd ? float(kj[d]) : 0.0f;
       vv[i] = d < hd ? float(vj[d]) : 0.0f;
     }
     for (int h = 0; h < group; ++h) {
       float partial = 0.0f;
-      for (int i = 0; i < kMaxDimPerLane; ++i) partial += qv[h][i] * kk[i];
+      for (int i = 0; i < kDimPerLane; ++i) partial += qv[h][i] * kk[i];
       float score = simd_sum(partial) * a.scale;
       if (a.softcap > 0.0f) score = a.softcap * precise::tanh(score / a.softcap);
       const float m_new = max(m[h], score);
       const float c = exp(m[h] - m_new);
       const float p = exp(score - m_new);
       l[h] = l[h] * c + p;
-      for (int i = 0; i < kMaxDimPerLane; ++i) o[h][i] = o[h][i] * c + p * vv[i];
+      for (int i = 0; i < kDimPerLane; ++i) o[h][i] = o[h][i] * c + p * vv[i];
       m[h] = m_new;
     }
   }
@@ -93,9 +98,9 @@ inline void attend_range(constant PagedAttentionArgs& a, device const A* q, devi
       sg_max[idx] = m[h];
       sg_sum[idx] = l[h];
     }
-    for (int i = 0; i < kMaxDimPerLane; ++i) {
+    for (int i = 0; i < kDimPerLane; ++i) {
       const int d = int(lane) + 32 * i;
-      if (d < hd) sg_out[idx * kMaxHeadDim + d] = o[h][i];
+      if (d < hd) sg_out[int(sg) * kMaxGroupDims + h * hd + d] = o[h][i];
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -106,10 +111,10 @@ inline void attend_range(constant PagedAttentionArgs& a, device const A* q, devi
     float num = 0.0f, den = 0.0f;
     for (int w = 0; w < kAttnSimdgroups; ++w) {
       const float f = mx == -INFINITY ? 0.0f : exp(sg_max[w * kMaxGroup + h] - mx);  // 0: no key seen
-      num += sg_out[(w * kMaxGroup + h) * kMaxHeadDim + d] * f;
+      num += sg_out[w * kMaxGroupDims + e] * f;
       den += sg_sum[w * kMaxGroup + h] * f;
     }
-    part_out[h * kMaxHeadDim + d] = den > 0.0f ? num / den : 0.0f;
+    part_out[e] = den > 0.0f ? num / den : 0.0f;
     if (d == 0) {
       part_max[h] = mx;
       part_sum[h] = den;
@@ -133,17 +138,21 @@ kernel void paged_attention(constant PagedAttentionArgs& args [[buffer(0)]],
                             uint sg [[simdgroup_index_in_threadgroup]]) {
   threadgroup float sg_max[kAttnSimdgroups * kMaxGroup];
   threadgroup float sg_sum[kAttnSimdgroups * kMaxGroup];
-  threadgroup float sg_out[kAttnSimdgroups * kMaxGroup * kMaxHeadDim];
+  threadgroup float sg_out[kAttnSimdgroups * kMaxGroupDims];
   threadgroup float res_max[kMaxGroup];
   threadgroup float res_sum[kMaxGroup];
-  threadgroup float res_out[kMaxGroup * kMaxHeadDim];
+  threadgroup float res_out[kMaxGroupDims];
   const int t = int(tg.x), g = int(tg.y), hd = args.head_dim, group = args.num_heads / args.num_kv_heads;
   const RowInfo r = row_info(args, query_start_loc, seq_lens, t);
   device const int* bt = block_tables + long(r.seq) * args.block_table_width;
-  attend_range(args, q, k_cache, v_cache, bt, t, g, r.first, r.pos, sg_max, sg_sum, sg_out, res_max, res_sum,
-               res_out, tid, lane, sg);
+  if (kWideHeads)
+    attend_range<KV, A, 8, 4>(args, q, k_cache, v_cache, bt, t, g, r.first, r.pos, sg_max, sg_sum, sg_out, res_max,
+                              res_sum, res_out, tid, lane, sg);
+  else
+    attend_range<KV, A, 4, 8>(args, q, k_cache, v_cache, bt, t, g, r.first, r.pos, sg_max, sg_sum, sg_out, res_max,
+                              res_sum, res_out, tid, lane, sg);
   for (int e = int(tid); e < group * hd; e += kAttnSimdgroups * 32)
-    out[long(t) * args.num_heads * hd + (g * group + e / hd) * hd + e % hd] = A(res_out[(e / hd) * kMaxHeadDim + e % hd]);
+    out[long(t) * args.num_heads * hd + (g * group + e / hd) * hd + e % hd] = A(res_out[e]);
 }
 
 template <typename KV, typename A>
@@ -164,10 +173,10 @@ kernel void paged_attention_decode(constant PagedAttentionDecodeArgs& args [[buf
                                    uint sg [[simdgroup_index_in_threadgroup]]) {
   threadgroup float sg_max[kAttnSimdgroups * kMaxGroup];
   threadgroup float sg_sum[kAttnSimdgroups * kMaxGroup];
-  threadgroup float sg_out[kAttnSimdgroups * kMaxGroup * kMaxHeadDim];
+  threadgroup float sg_out[kAttnSimdgroups * kMaxGroupDims];
   threadgroup float res_max[kMaxGroup];
   threadgroup float res_sum[kMaxGroup];
-  threadgroup float res_out[kMaxGroup * kMaxHeadDim];
+  threadgroup float res_out[kMaxGroupDims];
   constant PagedAttentionArgs& a = args.attn;
   const int t = int(tg.x), g = int(tg.y), hd = a.head_dim, group = a.num_heads / a.num_kv_heads;
   const long slot = slot_mapping[t];
@@ -181,10 +190,14 @@ kernel void paged_attention_decode(constant PagedAttentionDecodeArgs& args [[buf
   threadgroup_barrier(mem_flags::mem_device);  // the whole threadgroup sees the new key and value
   const RowInfo r = row_info(a, query_start_loc, seq_lens, t);
   device const int* bt = block_tables + long(r.seq) * a.block_table_width;
-  attend_range(a, q, k_cache, v_cache, bt, t, g, r.first, r.pos, sg_max, sg_sum, sg_out, res_max, res_sum,
-               res_out, tid, lane, sg);
+  if (kWideHeads)
+    attend_range<KV, A, 8, 4>(a, q, k_cache, v_cache, bt, t, g, r.first, r.pos, sg_max, sg_sum, sg_out, res_max,
+                              res_sum, res_out, tid, lane, sg);
+  else
+    attend_range<KV, A, 4, 8>(a, q, k_cache, v_cache, bt, t, g, r.first, r.pos, sg_max, sg_sum, sg_out, res_max,
+                              res_sum, res_out, tid, lane, sg);
   for (int e = int(tid); e < group * hd; e += kAttnSimdgroups * 32)
-    out[long(t) * a.num_heads * hd + (g * group + e / hd) * hd + e % hd] = A(res_out[(e / hd) * kMaxHeadDim + e % hd]);
+    out[long(t) * a.num_heads * hd + (g * group + e / hd) * hd + e % hd] = A(res_out[e]);
 }
 
 template <typename KV, typename A>
@@ -204,22 +217,26 @@ kernel void paged_attention_split(constant PagedAttentionSplitArgs& args [[buffe
                                   uint sg [[simdgroup_index_in_threadgroup]]) {
   threadgroup float sg_max[kAttnSimdgroups * kMaxGroup];
   threadgroup float sg_sum[kAttnSimdgroups * kMaxGroup];
-  threadgroup float sg_out[kAttnSimdgroups * kMaxGroup * kMaxHeadDim];
+  threadgroup float sg_out[kAttnSimdgroups * kMaxGroupDims];
   threadgroup float res_max[kMaxGroup];
   threadgroup float res_sum[kMaxGroup];
-  threadgroup float res_out[kMaxGroup * kMaxHeadDim];
+  threadgroup float res_out[kMaxGroupDims];
   constant PagedAttentionArgs& a = args.attn;
   const int t = int(tg.x), g = int(tg.y), p = int(tg.z), hd = a.head_dim, group = a.num_heads / a.num_kv_heads;
   const RowInfo r = row_info(a, query_start_loc, seq_lens, t);
   device const int* bt = block_tables + long(r.seq) * a.block_table_width;
   const int begin = r.first + p * args.partition_size;
   const int end = min(r.pos, begin + args.partition_size - 1);  // empty when begin > end
-  attend_range(a, q, k_cache, v_cache, bt, t, g, begin, end, sg_max, sg_sum, sg_out, res_max, res_sum, res_out,
-               tid, lane, sg);
+  if (kWideHeads)
+    attend_range<KV, A, 8, 4>(a, q, k_cache, v_cache, bt, t, g, begin, end, sg_max, sg_sum, sg_out, res_max,
+                              res_sum, res_out, tid, lane, sg);
+  else
+    attend_range<KV, A, 4, 8>(a, q, k_cache, v_cache, bt, t, g, begin, end, sg_max, sg_sum, sg_out, res_max,
+                              res_sum, res_out, tid, lane, sg);
   for (int e = int(tid); e < group * hd; e += kAttnSimdgroups * 32) {
     const int h = e / hd, d = e % hd;
     const long row = (long(t) * a.num_heads + g * group + h) * args.max_partitions + p;
-    part_out[row * hd + d] = res_out[h * kMaxHeadDim + d];
+    part_out[row * hd + d] = res_out[e];
     if (d == 0) {
       part_max[row] = res_max[h];
       part_sum[row] = res_sum[h];

@@ -42,9 +42,11 @@ struct DeviceCaps {
   bool fused_decode_attention = false;  // paged_attention_decode_*: KV write + attention, one new token a row
   int prefill_attention_min_rows = 0;   // > 0: chunks this long take the tiled paged_attention_prefill_*
   int prefill_attention_head_dim_multiple = 1;  // ... when head_dim is a multiple of this
+  int prefill_attention_max_head_dim = 0;       // ... and at most this (0: any); else they take paged_attention_*
   int split_attention_keys = 0;         // > 0: contexts longer take paged_attention_split_* in parts this long
   int max_attention_head_dim = 0;       // 0: any
   int max_query_heads_per_kv_head = 0;  // 0: any
+  int max_attention_group_dims = 0;     // query heads per KV head x head_dim at most this (0: any)
   bool quantized_weights = true;        // <op>_<q> kernels for the quantized weight formats (metal_engine/quant.h)
 };
 

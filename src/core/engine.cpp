@@ -266,6 +266,11 @@ void Engine::Impl::check_device_limits() const {
     throw std::invalid_argument(model.architecture + " has " + std::to_string(group) + " query heads per KV head but " +
                                 who + "'s attention kernels take at most " +
                                 std::to_string(caps.max_query_heads_per_kv_head) + "; use backend='cpu'");
+  if (caps.max_attention_group_dims > 0 && group * model.head_dim > caps.max_attention_group_dims)
+    throw std::invalid_argument(model.architecture + " has " + std::to_string(group) + " query heads of " +
+                                std::to_string(model.head_dim) + " dims per KV head but " + who +
+                                "'s attention kernels take at most " + std::to_string(caps.max_attention_group_dims) +
+                                " dims over a KV head's query heads; use backend='cpu'");
 }
 
 void Engine::Impl::resolve_kernels() {

@@ -80,9 +80,12 @@ DispatchGeometry dispatch_geometry(const MatmulArgs& a) {
 }
 
 static void check_attention_limits(const PagedAttentionArgs& a) {
-  if (a.head_dim > 128 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 || a.num_heads / a.num_kv_heads > 8)
-    throw std::invalid_argument("the Metal paged_attention kernel takes head_dim <= 128 and up to 8 query heads per KV "
-                                "head (got head_dim " + std::to_string(a.head_dim) + ", " +
+  const int group = a.num_kv_heads > 0 ? a.num_heads / a.num_kv_heads : 0;
+  if (a.head_dim > kMetalMaxHeadDim || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 || group > 8 ||
+      group * a.head_dim > kMetalMaxGroupDims)
+    throw std::invalid_argument("the Metal paged_attention kernels take head_dim <= " + std::to_string(kMetalMaxHeadDim) +
+                                ", up to 8 query heads per KV head and at most " + std::to_string(kMetalMaxGroupDims) +
+                                " dims over a KV head's query heads (got head_dim " + std::to_string(a.head_dim) + ", " +
                                 std::to_string(a.num_heads) + " heads over " + std::to_string(a.num_kv_heads) + ")");
 }
 
@@ -113,9 +116,9 @@ DispatchGeometry dispatch_geometry(const PagedAttentionReduceArgs& a) {
 
 DispatchGeometry dispatch_geometry(const PagedAttentionPrefillArgs& a) {
   check_attention_limits(a.attn);
-  if (a.attn.head_dim % 8 != 0)
-    throw std::invalid_argument("the Metal prefill attention kernel takes head_dim a multiple of 8 (got " +
-                                std::to_string(a.attn.head_dim) + ")");
+  if (a.attn.head_dim % 8 != 0 || a.attn.head_dim > kMetalNarrowHeadDim)
+    throw std::invalid_argument("the Metal prefill attention kernel takes head_dim a multiple of 8, at most " +
+                                std::to_string(kMetalNarrowHeadDim) + " (got " + std::to_string(a.attn.head_dim) + ")");
   DispatchGeometry g;
   g.groups[0] = uint32_t(std::max(1, (a.max_query_len + 15) / 16));
   g.groups[1] = uint32_t(std::max(a.attn.num_seqs, 1));

@@ -29,12 +29,16 @@ constexpr int kMetalGemvMaxRows = 4;
 const char* matmul_kernel_prefix(const MatmulArgs& a);         // "matmul_gemv" or "matmul_gemm"
 DispatchGeometry dispatch_geometry(const MatmulArgs& a);
 // paged attention: one threadgroup per (query token, KV head); throws std::invalid_argument past the
-// kernel's limits (head_dim <= 128, num_heads / num_kv_heads <= 8).
+// kernels' limits (head_dim <= kMetalMaxHeadDim, num_heads / num_kv_heads <= 8, their product <=
+// kMetalMaxGroupDims). Heads wider than kMetalNarrowHeadDim take the kernels' wide-head pipelines.
+constexpr int kMetalNarrowHeadDim = 128;
+constexpr int kMetalMaxHeadDim = 256;
+constexpr int kMetalMaxGroupDims = 1024;
 DispatchGeometry dispatch_geometry(const PagedAttentionArgs& a);
 DispatchGeometry dispatch_geometry(const PagedAttentionSplitArgs& a);   // (row, KV head, partition)
 DispatchGeometry dispatch_geometry(const PagedAttentionDecodeArgs& a);  // (row, KV head), as paged_attention
 DispatchGeometry dispatch_geometry(const PagedAttentionReduceArgs& a);  // (row, query head)
-// (16 query rows, sequence, query head); head_dim a multiple of 8, at most 128
+// (16 query rows, sequence, query head); head_dim a multiple of 8, at most kMetalNarrowHeadDim
 DispatchGeometry dispatch_geometry(const PagedAttentionPrefillArgs& a);
 
 }  // namespace metal_engine

@@ -32,6 +32,19 @@ std::pair<int, DispatchGeometry> plan_rms_norm(const void* args) {
   return {a.add_residual ? 1 : 0, dispatch_geometry(a)};
 }
 
+// paged_attention.metal's kernels: function constant 0 (kWideHeads) for heads past 128 dims (8 values a lane)
+int head_dim_of(const PagedAttentionArgs& a) { return a.head_dim; }
+int head_dim_of(const PagedAttentionSplitArgs& a) { return a.attn.head_dim; }
+int head_dim_of(const PagedAttentionDecodeArgs& a) { return a.attn.head_dim; }
+template <class Args>
+int head_dim_of(const Args&) { return 0; }  // add_op instantiates every op's; only the attention ops use it
+
+template <class Args>
+std::pair<int, DispatchGeometry> plan_attention(const void* args) {
+  const Args a = load<Args>(args);
+  return {head_dim_of(a) > kMetalNarrowHeadDim ? 1 : 0, dispatch_geometry(a)};
+}
+
 template <class Args>
 MetalKernelSpec one(const std::string& function, int num_buffers) {
   return MetalKernelSpec{sizeof(Args), num_buffers, {MetalPipelineKey{function, {}}}, &plan_one<Args>};
@@ -41,6 +54,8 @@ using SpecTable = std::vector<std::pair<std::string, MetalKernelSpec>>;
 
 // Every flavour of one op of the op table, one MSL function each, but
 //  - rms_norm_*: one function, two pipelines (function constant 0: add the residual);
+//  - paged_attention_*, _decode_*, _split_*: one function, two pipelines (function constant 0: heads wider
+//    than 128); paged_attention_reduce_* (the same file) takes the constant too, unused;
 //  - matmul_*: the GEMV function for a few rows of x (decode), the simdgroup-matrix GEMM beyond (prefill), each
 //    also by its own name; with 16-bit activations a _logits flavour writing f32 (the LM head, the router).
 template <class Args>
@@ -62,6 +77,14 @@ void add_op(SpecTable& t, const OpInfo& op) {
         t.emplace_back("matmul_gemv_" + x, one<Args>("matmul_gemv_" + x, op.num_buffers));
         t.emplace_back("matmul_gemm_" + x, one<Args>("matmul_gemm_" + x, op.num_buffers));
       }
+    } else if (op_name == "paged_attention" || op_name == "paged_attention_decode" ||
+               op_name == "paged_attention_split") {
+      t.emplace_back(name, MetalKernelSpec{sizeof(Args), op.num_buffers,
+                                           {MetalPipelineKey{name, {{0, false}}}, MetalPipelineKey{name, {{0, true}}}},
+                                           &plan_attention<Args>});
+    } else if (op_name == "paged_attention_reduce") {
+      t.emplace_back(name, MetalKernelSpec{sizeof(Args), op.num_buffers, {MetalPipelineKey{name, {{0, false}}}},
+                                           &plan_one<Args>});
     } else {
       t.emplace_back(name, one<Args>(name, op.num_buffers));
     }
@@ -91,8 +114,10 @@ DeviceCaps metal_device_caps() {
   c.prefill_attention_min_rows = 16;  // a chunk this long fills the prefill kernel's 16-row tiles
   c.prefill_attention_head_dim_multiple = 8;
   c.split_attention_keys = 256;       // keys per partition of the split attention
-  c.max_attention_head_dim = 128;     // every attention kernel keeps a head's accumulator in registers
+  c.prefill_attention_max_head_dim = kMetalNarrowHeadDim;  // its Q, K|V and O tiles in 32 KB of threadgroup memory
+  c.max_attention_head_dim = kMetalMaxHeadDim;              // the other attention kernels keep a head in registers
   c.max_query_heads_per_kv_head = 8;
+  c.max_attention_group_dims = kMetalMaxGroupDims;          // query heads per KV head x head_dim
   c.quantized_weights = false;        // no MSL kernels for the quantized formats yet (#11)
   return c;
 }

@@ -32,9 +32,13 @@ Ops::Ops(Device& device, KernelCache& kernels, ScratchPool& pool, PagedKVCache& 
   S_ = in.num_seqs();
   R_ = int(in.logits_indices.size());
   for (int32_t p : in.positions) max_position_ = std::max(max_position_, int(p));
+  // the tiled prefill kernel, where the backend has one for this head_dim (else long chunks take the per-row one)
+  const bool prefill_kernel = caps_.prefill_attention_min_rows > 0 &&
+                              head_dim % caps_.prefill_attention_head_dim_multiple == 0 &&
+                              (caps_.prefill_attention_max_head_dim == 0 || head_dim <= caps_.prefill_attention_max_head_dim);
   auto path_of = [&](int s) {
     const int qlen = in.query_start_loc[size_t(s) + 1] - in.query_start_loc[size_t(s)];
-    if (caps_.prefill_attention_min_rows > 0 && qlen >= caps_.prefill_attention_min_rows) return AttentionPath::Prefill;
+    if (prefill_kernel && qlen >= caps_.prefill_attention_min_rows) return AttentionPath::Prefill;
     if (caps_.split_attention_keys > 0 && in.seq_lens[size_t(s)] > caps_.split_attention_keys) return AttentionPath::Split;
     if (caps_.fused_decode_attention && qlen == 1) return AttentionPath::FusedDecode;
     return AttentionPath::PerRow;
@@ -242,7 +246,7 @@ void Ops::attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v
     }
     run("kv_write_" + w + ax, KVWriteArgs{T, p.num_kv_heads, p.head_dim, bs, slots, k.stride, v.stride},
         {gk, gv, slot, kc, vc});
-    if (g.path == AttentionPath::Prefill && p.head_dim % caps_.prefill_attention_head_dim_multiple == 0) {
+    if (g.path == AttentionPath::Prefill) {
       run("paged_attention_prefill_" + w + ax, PagedAttentionPrefillArgs{pa, g.max_query_len},
           {gq, kc, vc, bt, qsl, lens, go});
     } else if (g.path == AttentionPath::Split) {

@@ -94,12 +94,17 @@ def test_config_fields_we_cannot_honour_fail_at_load(checkpoint_copy, changes, m
 
 
 @pytest.mark.skipif("metal-sim" not in metal_engine._core.available_backends(), reason="no metal-sim in this build")
-def test_head_dim_past_a_backends_limit_fails_at_load(tmp_path):
-    """Gemma 3's head_dim 256: the cpu backend serves it; Metal's attention kernels take 128 and say so at load."""
+@pytest.mark.parametrize("changes,message", [
+    ({"head_dim": 320}, r"head_dim 320 but the metal-sim backend's attention kernels take head_dim <= 256"),
+    ({"head_dim": 256, "num_attention_heads": 8, "num_key_value_heads": 1},
+     r"8 query heads of 256 dims per KV head but the metal-sim backend's attention kernels take at most 1024"),
+])
+def test_head_dim_past_a_backends_limit_fails_at_load(tmp_path, changes, message):
+    """Heads a backend cannot serve: the cpu backend serves any; Metal's attention kernels say so at load."""
     from tiny_models import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(tmp_path / "g", "gemma3", head_dim=256, num_hidden_layers=1)
-    with pytest.raises(ValueError, match=r"head_dim 256 but the metal-sim backend's attention kernels take head_dim <= 128"):
+    path = make_tiny_checkpoint(tmp_path / "g", "gemma3", num_hidden_layers=1, **changes)
+    with pytest.raises(ValueError, match=message):
         metal_engine.Engine(path, backend="metal-sim")
     engine = metal_engine.Engine(path, dtype="float32")
     (logits, _), = Harness(engine).prefill_and_decode([[5, 9, 2, 7]], 2)

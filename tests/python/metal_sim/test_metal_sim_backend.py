@@ -145,6 +145,27 @@ def test_one_step_gives_each_sequence_its_own_attention_kernel(checkpoints, arch
     assert "paged_attention_f32" not in profile
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gemma3_head_dim_256_matches_cpu(tmp_path, dtype):
+    """Gemma 3's real heads (256 dims, 4 query heads over one KV head, as the 1B): the wide-head pipelines of the
+    per-row, fused decode and split attention; a 40-token prompt takes the per-row kernel (the tiled prefill one
+    holds heads up to 128) and a 300-key context split-and-reduce. Logits equal the cpu backend's."""
+    path = make_tiny_checkpoint(tmp_path / "g", "gemma3", seed=4, head_dim=256, num_attention_heads=4,
+                                num_key_value_heads=1, num_hidden_layers=2, sliding_window=24,
+                                max_position_embeddings=1024)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 211, n).tolist() for n in (300, 40, 3)]
+    ref = run(path, "cpu", dtype, prompts, decode_steps=3)
+    profile = {}
+    got = run(path, METAL, dtype, prompts, decode_steps=3, profile=profile, forced=decoded(ref, prompts))
+    assert_same(ref, got, TOL[dtype])
+    w = {"float32": "f32", "float16": "f16"}[dtype]
+    x = "" if w == "f32" else f"_act_{w}"
+    for kernel in (f"paged_attention_{w}{x}", f"paged_attention_decode_{w}{x}", f"paged_attention_split_{w}{x}"):
+        assert profile.get(kernel, (0, 0))[0] > 0, f"{kernel} never ran: {sorted(profile)}"
+    assert f"paged_attention_prefill_{w}{x}" not in profile
+
+
 def engine_layers(path):
     import json
 

@@ -70,6 +70,7 @@ DECODE_CASES = [  # (seq_lens, heads, kv_heads, head_dim, block_size, window): o
     ([40, 17], 9, 3, 64, 16, 5),      # sliding window
     ([70], 2, 1, 128, 8, 0),
     ([6, 6, 11], 3, 3, 24, 5, 0),     # MHA, odd sizes
+    ([30, 5], 4, 1, 256, 16, 0),      # wide heads (Gemma 3 1B's shape)
 ]
 
 
@@ -112,6 +113,7 @@ SPLIT_CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, win
     ([1, 1, 1], [513, 1, 129], 9, 3, 64, 16, 0, 128),
     ([1], [700], 2, 1, 128, 8, 100, 32),           # a window: most partitions see no key
     ([5, 1], [37, 90], 4, 4, 24, 5, 0, 16),        # prefill rows through the split path too
+    ([1, 1], [300, 40], 4, 2, 256, 16, 0, 64),     # wide heads
 ]
 
 
@@ -137,7 +139,8 @@ def test_paged_attention_split_and_reduce(dtype, q_lens, seq_lens, heads, kv_hea
         g_.check_guards()
 
 
-PREFILL_CASES = [c for c in ATTENTION_CASES if c[4] % 8 == 0] + [  # the tiled kernel: head_dim % 8 == 0
+# the tiled kernel: head_dim a multiple of 8, at most 128 (wider heads take paged_attention_*)
+PREFILL_CASES = [c for c in ATTENTION_CASES if c[4] % 8 == 0 and c[4] <= 128] + [
     ([40], [40], 4, 2, 16, 16, 0),
     ([17, 33], [17, 60], 6, 2, 128, 16, 9),
 ]
@@ -199,12 +202,21 @@ def test_attention_softcap_on_every_path(dtype, reverse):
     np.testing.assert_allclose(out.array, dref, rtol=1e-4, atol=2e-5)
 
 
-def test_paged_attention_limits_are_refused():
-    a = args("PagedAttentionArgs", num_seqs=1, num_heads=2, num_kv_heads=1, head_dim=256, block_size=16,
-             block_table_width=1, q_stride=512, sliding_window=0, scale=1.0, num_tokens=1)
+@pytest.mark.parametrize("heads,hd,message", [
+    (2, 320, "head_dim <= 256"),                                # past the wide-head pipelines
+    (8, 256, "at most 1024 dims over a KV head's query heads"),  # 8 heads of 256: past the registers' budget
+])
+def test_paged_attention_limits_are_refused(heads, hd, message):
+    a = args("PagedAttentionArgs", num_seqs=1, num_heads=heads, num_kv_heads=1, head_dim=hd, block_size=16,
+             block_table_width=1, q_stride=heads * hd, sliding_window=0, scale=1.0, num_tokens=1)
     z = np.zeros(1, np.float32)
-    with pytest.raises(ValueError, match="head_dim <= 128"):
+    with pytest.raises(ValueError, match=message):
         sim("paged_attention_f32", a, [z, z, z, z, z, z, z], False)
+    pre = _core.ops.PagedAttentionPrefillArgs()
+    pre.attn, pre.max_query_len = args("PagedAttentionArgs", num_seqs=1, num_heads=2, num_kv_heads=1, head_dim=256,
+                                       block_size=16, block_table_width=1, q_stride=512, num_tokens=1), 16
+    with pytest.raises(ValueError, match="a multiple of 8, at most 128"):  # the tiled kernel: 128 at most
+        sim("paged_attention_prefill_f32", pre, [z, z, z, z, z, z, z], False)
 
 
 def msl_functions(kernel):

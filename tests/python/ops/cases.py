@@ -437,6 +437,9 @@ ATTENTION_CASES = [  # (q_lens, seq_lens, heads, kv_heads, head_dim, block_size,
     ([20, 1, 33], [50, 7, 33], 9, 3, 64, 16, 7),   # a chunk over cached pages, a decode row, a window
     ([150], [170], 2, 1, 64, 8, 0),                # several 64-row pieces after 20 cached tokens
     ([17], [17], 6, 2, 128, 16, 9),                # head_dim 128 with a window
+    # heads wider than 128 (Gemma 2 and 3: 256): Metal's wide-head pipelines, 8 values a lane
+    ([3, 1], [3, 40], 4, 1, 256, 8, 0),            # Gemma 3 1B's shape: 4 query heads of 256 over one KV head
+    ([18, 1], [18, 9], 2, 1, 192, 16, 5),          # head_dim 192 with a window, a long chunk
 ]
 
 for dtype in DTYPES:
