@@ -28,7 +28,9 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # GGUF general.architecture -> the Hugging Face architecture our registry runs (src/models/registry.cpp)
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+                  "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+_MODEL_TYPES = {"gemma3": "gemma3_text"}  # config.json's model_type where it is not general.architecture
 _PERMUTED_QK = ("llama", "mistral")  # llama.cpp permutes Q/K rows only for llama-style (interleaved) RoPE
 # llama.cpp's merged expert tensors [E, out, in] -> the per-expert Hugging Face names (Qwen3-MoE; Mixtral,
 # which llama.cpp writes as general.architecture "llama" with experts)
@@ -55,6 +57,23 @@ _LAYER_NAMES = {
     "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate_inp.weight": "mlp.gate.weight",
 }
+
+
+# Gemma 2 and 3: llama.cpp's sandwich norms keep their own names (ffn_norm is the norm before the MLP), and its
+# converter stores every RMSNorm weight as 1 + w (Gemma's (1 + w) norms); we store w, as Hugging Face does.
+_GEMMA_LAYER_NAMES = {**_LAYER_NAMES,
+                      "post_attention_norm.weight": "post_attention_layernorm.weight",
+                      "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                      "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+# Phi-3: q | k | v and gate | up stay fused as Hugging Face stores them (ffn_up holds gate and up, 2 x ff rows)
+_PHI3_LAYER_NAMES = {**_LAYER_NAMES,
+                     "attn_qkv.weight": "self_attn.qkv_proj.weight",
+                     "ffn_up.weight": "mlp.gate_up_proj.weight"}
+_LAYER_NAMES_OF = {"gemma2": _GEMMA_LAYER_NAMES, "gemma3": _GEMMA_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES}
+_NORM_PLUS_ONE = ("gemma2", "gemma3")
+# llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(head_dim), but by 1/sqrt(hidden / heads) for the 27B
+# models, which it knows by their layer count (46: Gemma 2 27B; 62: Gemma 3 27B); GGUF has no field for it
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 def cache_dir() -> Path:
@@ -125,7 +144,7 @@ def gguf_config(reader) -> dict:
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     cfg = {
         "architectures": [_ARCHITECTURES[arch]],
-        "model_type": arch,
+        "model_type": _MODEL_TYPES.get(arch, arch),
         "hidden_act": "silu",
         "hidden_size": hidden,
         "intermediate_size": int(_field(reader, p + "feed_forward_length")),
@@ -152,6 +171,10 @@ def gguf_config(reader) -> dict:
         cfg["architectures"], cfg["model_type"] = ["MixtralForCausalLM"], "mixtral"
         cfg["num_local_experts"] = int(_field(reader, p + "expert_count"))
         cfg["num_experts_per_tok"] = int(_field(reader, p + "expert_used_count"))
+    if arch in ("gemma2", "gemma3"):
+        _gemma_config(reader, arch, cfg)
+    if arch == "phi3":
+        _phi3_config(reader, cfg)
     if arch == "qwen3moe":
         cfg["num_experts"] = int(_field(reader, p + "expert_count"))
         cfg["num_experts_per_tok"] = int(_field(reader, p + "expert_used_count"))
@@ -160,6 +183,59 @@ def gguf_config(reader) -> dict:
         cfg["decoder_sparse_step"] = 1
         cfg["mlp_only_layers"] = [l for l in range(cfg["num_hidden_layers"]) if f"blk.{l}.ffn_gate_inp.weight" not in names]
     return cfg
+
+
+def _gemma_config(reader, arch: str, cfg: dict) -> None:
+    """Gemma 2 and 3 as llama.cpp runs them: GeGLU, (1 + w) norms, the layer pattern it fixes (Gemma 2: even
+    layers slide; Gemma 3: five of every six), Gemma 3's sliding layers at RoPE base 10000 (or the file's
+    rope.freq_base_swa) unscaled, its linear scaling on the full layers only."""
+    p = arch + "."
+    L, heads, hd = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["head_dim"]
+    cfg["hidden_activation"] = "gelu_pytorch_tanh"
+    cfg.pop("hidden_act")
+    cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // heads if L == _GEMMA_27B_LAYERS[arch] else hd
+    cfg["sliding_window"] = int(_field(reader, p + "attention.sliding_window", 4096))
+    period = 2 if arch == "gemma2" else 6
+    cfg["layer_types"] = ["sliding_attention" if (l + 1) % period else "full_attention" for l in range(L)]
+    if arch == "gemma2":
+        cfg["attn_logit_softcapping"] = float(_field(reader, p + "attn_logit_softcapping", 50.0))
+        cfg["final_logit_softcapping"] = float(_field(reader, p + "final_logit_softcapping", 30.0))
+        return
+    if _field(reader, p + "final_logit_softcapping"):
+        cfg["final_logit_softcapping"] = float(_field(reader, p + "final_logit_softcapping"))
+    if "gemma3.rope.freq_base" not in reader.fields:
+        cfg["rope_theta"] = 1e6  # llama.cpp's converter writes it; its default for the full layers
+    cfg["rope_local_base_freq"] = float(_field(reader, p + "rope.freq_base_swa", 10000.0))
+    scaling = _field(reader, p + "rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise ValueError(f"Gemma 3 GGUF with RoPE scaling {scaling!r}: metal_engine takes 'linear' (as "
+                             "llama.cpp's converter writes it)")
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(_field(reader, p + "rope.scaling.factor"))}
+
+
+def _phi3_config(reader, cfg: dict) -> None:
+    """Phi-3 / Phi-4-mini: partial rotary from rope.dimension_count, longrope from the file's
+    rope_factors_short / rope_factors_long tensors, its sliding window (0: none, Phi-4)."""
+    p = "phi3."
+    rot = int(_field(reader, p + "rope.dimension_count", cfg["head_dim"]))
+    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if rot != cfg["head_dim"]:
+        cfg["partial_rotary_factor"] = rot / cfg["head_dim"]
+    window = int(_field(reader, p + "attention.sliding_window", 0))
+    cfg["sliding_window"] = window or None
+    factors = {t.name: np.asarray(t.data, np.float32).reshape(-1).tolist() for t in reader.tensors
+               if t.name in ("rope_factors_short.weight", "rope_factors_long.weight")}
+    if factors:
+        if len(factors) != 2:
+            raise ValueError("this Phi-3 GGUF has one of rope_factors_short / rope_factors_long but not the other")
+        orig = int(_field(reader, p + "rope.scaling.original_context_length", cfg["max_position_embeddings"]))
+        cfg["original_max_position_embeddings"] = orig
+        cfg["rope_scaling"] = {"rope_type": "longrope", "short_factor": factors["rope_factors_short.weight"],
+                               "long_factor": factors["rope_factors_long.weight"],
+                               "original_max_position_embeddings": orig}
+        if _field(reader, p + "rope.scaling.attn_factor") is not None:
+            cfg["rope_scaling"]["attention_factor"] = float(_field(reader, p + "rope.scaling.attn_factor"))
 
 
 def quant_formats() -> dict:
@@ -209,7 +285,9 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True, dequantize: bool = F
     quantized = {}  # tensor name -> format
     cfg = gguf_config(reader)
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    unpermute_qk = reader.fields["general.architecture"].contents() in _PERMUTED_QK
+    arch = reader.fields["general.architecture"].contents()
+    unpermute_qk = arch in _PERMUTED_QK
+    layer_names = _LAYER_NAMES_OF.get(arch, _LAYER_NAMES)
     mixtral = cfg["model_type"] == "mixtral"
     expert_names = _MIXTRAL_EXPERT_NAMES if mixtral else _EXPERT_NAMES
     tensors = {}
@@ -229,11 +307,13 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True, dequantize: bool = F
             continue
         elif t.name.startswith("blk."):
             _, layer, rest = t.name.split(".", 2)
-            if rest not in _LAYER_NAMES:
+            if rest not in layer_names:
                 raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r}")
-            name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+            name = f"model.layers.{layer}.{layer_names[rest]}"
             if mixtral and rest == "ffn_gate_inp.weight":
                 name = f"model.layers.{layer}.block_sparse_moe.gate.weight"
+        elif arch == "phi3" and t.name in ("rope_factors_short.weight", "rope_factors_long.weight"):
+            continue  # in config.json's rope_scaling (gguf_config)
         elif t.name == "rope_freqs.weight":
             raise ValueError(f"{gguf_path}: GGUF RoPE frequency tables (rope_freqs) are not supported yet")
         else:
@@ -244,6 +324,11 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True, dequantize: bool = F
                              "metal_engine takes quantized matrices")
         if fmt:
             quantized[name] = fmt
+        if arch in _NORM_PLUS_ONE and t.name.endswith("norm.weight"):
+            if fmt:
+                raise ValueError(f"{gguf_path}: norm tensor {t.name!r} is {t.tensor_type.name}; metal_engine takes "
+                                 "norms in F32, F16 or BF16")
+            w = w - np.float32(1.0)  # llama.cpp stores Gemma's norms as 1 + w
         if unpermute_qk and rest_is(t.name, "attn_q.weight"):
             w = _unpermute(w, heads)
         elif unpermute_qk and rest_is(t.name, "attn_k.weight"):
