@@ -12,10 +12,10 @@ from metal_engine.engine import Engine
 from metal_engine.llm import LLM, StreamDelta
 from metal_engine.llm_engine import LLMEngine
 from metal_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from metal_engine.sampling_params import SamplingParams
+from metal_engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 __all__ = [
-    "LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
+    "LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
     "StreamDelta", "EngineConfig", "Engine", "ScratchPoolExhausted", "__version__",
 ]

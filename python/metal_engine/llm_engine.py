@@ -130,6 +130,7 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)
         self.rng = np.random.default_rng(config.seed)
+        self._structured = None  # the StructuredOutputManager, made at the first constrained request
         self.parents: dict = {}
         self._ids = itertools.count()
         self.stats = {"num_steps": 0, "num_tokens": 0, "num_preemptions": 0}
@@ -171,9 +172,15 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                 "shorten the prompt or raise max_model_len"
             )
-        for t in params.stop_token_ids or []:
-            if not 0 <= t < self.vocab_size:
-                raise ValueError(f"stop token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        for name, tokens in (("stop token id", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
+                             ("logit_bias token id", list(params.logit_bias or ()))):
+            for t in tokens or []:
+                if not 0 <= t < self.vocab_size:
+                    raise ValueError(f"{name} {t} is outside the vocabulary [0, {self.vocab_size})")
+        so = params.structured_outputs
+        if so is not None:
+            self.structured_output_manager().grammar(so)  # compiled (and checked) once, before anything changes
+        bad_words = self._bad_words_token_ids(params.bad_words) if params.bad_words else []
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -186,6 +193,9 @@ class LLMEngine:
                           max_model_len=self.max_model_len, cache_salt=salt, parent=parent, sample_index=i)
             if i > 0:
                 req.first_sibling = parent.samples[0].request
+            if so is not None:
+                req.grammar = self._structured.matcher(so)  # each sample its own matcher
+            req.bad_words_token_ids = bad_words
             detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                      if self.tokenizer else None)
             out = CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=req.cumulative_logprob,
@@ -197,6 +207,28 @@ class LLMEngine:
         for s in parent.samples:
             self.scheduler.add_request(s.request)
         return request_id
+
+    def structured_output_manager(self):
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the model's tokenizer (tokenizer.json); this checkpoint "
+                                 "has none")
+            from metal_engine.structured_output import StructuredOutputManager
+
+            self._structured = StructuredOutputManager(self.tokenizer, self.vocab_size)
+        return self._structured
+
+    def _bad_words_token_ids(self, words) -> list:
+        """Each bad word's tokens, alone and after a space (vLLM's bad_words)."""
+        if self.tokenizer is None:
+            raise ValueError("bad_words need the model's tokenizer (tokenizer.json); this checkpoint has none")
+        out = []
+        for w in words:
+            for text in (w, " " + w.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def _eos_token_ids(self) -> tuple:
         """The tokenizer's end-of-sequence ids, else config.json's eos_token_id."""
@@ -274,13 +306,19 @@ class LLMEngine:
 
         changed = {}
         now = time.monotonic()
+        # the structured-output rows: one bitmask for all of them, filled in parallel
+        masks = {}
+        constrained = [r for r, (req, kind, _) in enumerate(row_owner) if kind == "sample" and req.grammar is not None]
+        if constrained:
+            allowed = self._structured.allowed([row_owner[r][0].grammar for r in constrained])
+            masks = dict(zip(constrained, allowed))
         for r, (req, kind, i) in enumerate(row_owner):
             parent = req.parent
             if kind == "prompt":
                 if req.sample_index == 0 and len(parent.prompt_logprobs) == i + 1:  # not again after preemption
                     self._record_prompt_logprob(parent, logits[r], req.prompt_token_ids[i + 1])
                 continue
-            token, raw = (int(logits[r]), None) if greedy else sample_row(logits[r], req, self.rng)
+            token, raw = (int(logits[r]), None) if greedy else sample_row(logits[r], req, self.rng, masks.get(r))
             self._append_token(parent.samples[req.sample_index], token, raw, now)
             changed[parent.request_id] = parent
         outputs = []
@@ -301,6 +339,8 @@ class LLMEngine:
         req, out = s.request, s.output
         p = req.params
         req.append_output(token)
+        if req.grammar is not None:
+            req.grammar.accept(token)
         m = req.metrics
         if m.first_token_time is None:
             m.first_token_time = now

@@ -1,9 +1,12 @@
-"""Sampling from a step's logits: penalties, min_tokens, greedy or temperature with top-k / top-p /
-min-p, per-request seeded generators, and top-n logprobs.
+"""Sampling from a step's logits: the structured-output grammar's mask, allowed_token_ids, bad_words,
+logit_bias, penalties, min_tokens, greedy or temperature with top-k / top-p / min-p, per-request seeded
+generators, and top-n logprobs.
 
 Definitions (as vLLM): repetition_penalty divides positive and multiplies negative logits of every
 token seen in the prompt or output; frequency_penalty subtracts penalty x count and presence_penalty
-subtracts penalty x [count > 0] over output tokens. Logprobs are of the raw model distribution.
+subtracts penalty x [count > 0] over output tokens. Logprobs are of the model's distribution with the
+grammar's mask applied (vLLM applies the bitmask to the logits before its sampler), before any other
+processing. Where min_tokens (or allowed_token_ids, bad_words) and the grammar leave no token, the grammar wins.
 """
 
 from __future__ import annotations
@@ -59,22 +62,60 @@ def filter_logits(logits: np.ndarray, top_k: int, top_p: float, min_p: float) ->
 
 
 def plain_greedy(req: Request) -> bool:
-    """The next token of `req` is the argmax of its raw logits: greedy, no logprobs, no penalties, and no
-    token banned by min_tokens."""
+    """The next token of `req` is the argmax of its raw logits: greedy, no logprobs, no penalties, no grammar,
+    bias or banned tokens (min_tokens, allowed_token_ids, bad_words)."""
     p = req.params
     return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
-            and p.frequency_penalty == 0.0 and len(req.output_token_ids) >= p.min_tokens)
+            and p.frequency_penalty == 0.0 and len(req.output_token_ids) >= p.min_tokens and req.grammar is None
+            and not p.logit_bias and p.allowed_token_ids is None and not req.bad_words_token_ids)
 
 
-def sample_row(logits: np.ndarray, req: Request, rng: np.random.Generator) -> tuple[int, Optional[np.ndarray]]:
-    """Picks the next token of `req` from its raw logits [vocab]. Returns (token, raw logprobs or None)."""
+def banned_tokens(req: Request, vocab: int) -> list:
+    """Tokens `req` may not take next: end-of-sequence and stop tokens before min_tokens, and the last token
+    of each bad word whose other tokens end the output (vLLM's bad_words)."""
     p = req.params
-    raw_logprobs = log_softmax(logits) if p.logprobs is not None else None
-    x = logits.astype(np.float32, copy=True)
-    x = apply_penalties(x, req)
+    out = []
     if len(req.output_token_ids) < p.min_tokens:
-        banned = [t for t in (*([] if p.ignore_eos else req.eos_token_ids), *(p.stop_token_ids or [])) if 0 <= t < len(x)]
+        out += [t for t in (*([] if p.ignore_eos else req.eos_token_ids), *(p.stop_token_ids or [])) if 0 <= t < vocab]
+    if req.bad_words_token_ids:
+        tail = req.output_token_ids
+        for word in req.bad_words_token_ids:
+            k = len(word) - 1
+            if k == 0 or (len(tail) >= k and tail[len(tail) - k:] == word[:-1]):
+                out.append(word[-1])
+    return out
+
+
+def restrict(x: np.ndarray, req: Request) -> np.ndarray:
+    """allowed_token_ids, logit_bias, bad words and min_tokens on a copy of the logits row."""
+    p = req.params
+    if p.allowed_token_ids is not None:
+        keep = np.full(len(x), -np.inf, np.float32)
+        ids = np.asarray(p.allowed_token_ids, np.int64)
+        keep[ids] = 0.0
+        x = x + keep
+    if p.logit_bias:
+        ids = np.fromiter(p.logit_bias.keys(), np.int64)
+        x[ids] += np.fromiter(p.logit_bias.values(), np.float32)
+    banned = banned_tokens(req, len(x))
+    if banned:
         x[banned] = -np.inf
+    return x
+
+
+def sample_row(logits: np.ndarray, req: Request, rng: np.random.Generator,
+               grammar_mask: Optional[np.ndarray] = None) -> tuple[int, Optional[np.ndarray]]:
+    """Picks the next token of `req` from its raw logits [vocab]; grammar_mask (bool [vocab]) the tokens its
+    structured-output grammar allows. Returns (token, logprobs or None)."""
+    p = req.params
+    x = logits.astype(np.float32, copy=True)
+    if grammar_mask is not None:
+        x[~grammar_mask[: len(x)]] = -np.inf
+    raw_logprobs = log_softmax(x) if p.logprobs is not None else None
+    restricted = restrict(x.copy(), req)
+    if grammar_mask is not None and not np.isfinite(restricted).any():
+        restricted = x  # the grammar allows only what min_tokens / bad_words / allowed_token_ids ban: it wins
+    x = apply_penalties(restricted, req)
     if p.greedy:
         return int(np.argmax(x)), raw_logprobs
     x = x / np.float32(p.temperature)

@@ -7,6 +7,64 @@ from typing import Optional, Union
 
 _GREEDY_EPS = 1e-5
 
+_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text, with vLLM's names: exactly one of a JSON schema (`json`, a dict or
+    its JSON text), a `regex`, a `choice` of strings, a `grammar` (Lark, or GBNF as llama.cpp writes it), any
+    JSON object (`json_object=True`) or `structural_tag` (vLLM's JSON: triggers and structures of begin /
+    schema / end)."""
+
+    json: Union[None, str, dict] = None
+    regex: Optional[str] = None
+    choice: Optional[list] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    structural_tag: Optional[str] = None
+    disable_any_whitespace: bool = False        # JSON without optional whitespace between tokens
+    disable_additional_properties: bool = False  # objects with properties take no others unless they say so
+    disable_fallback: bool = False  # vLLM: no fallback to another backend; this engine has one, so always true
+    whitespace_pattern: Optional[str] = None
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"invalid structured_outputs: {msg}")
+
+        set_ = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(set_) != 1:
+            bad(f"give exactly one of {', '.join(_KINDS)} (got {', '.join(set_) or 'none'})")
+        if self.whitespace_pattern is not None:
+            bad("whitespace_pattern is not supported (the guidance backend's JSON has no such option); use "
+                "disable_any_whitespace=True for compact JSON")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            bad(f"json is a JSON schema (a dict or its JSON text), got {type(self.json).__name__}")
+        for name in ("regex", "grammar", "structural_tag"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, str) or (name == "structural_tag" and isinstance(v, dict))):
+                bad(f"{name} must be a string, got {type(v).__name__}")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or any(not isinstance(c, str) for c in self.choice)):
+            bad("choice must be a non-empty list of strings")
+        if self.json_object not in (None, True, False):
+            bad("json_object must be true or false")
+
+    @property
+    def kind(self) -> tuple:
+        """(kind, spec) of the one constraint given."""
+        k = next(k for k in _KINDS if getattr(self, k) not in (None, False))
+        return k, getattr(self, k)
+
+    @property
+    def key(self) -> tuple:
+        """What the compiled grammar depends on (the grammar cache's key)."""
+        import json as _json
+
+        k, spec = self.kind
+        spec = _json.dumps(spec, sort_keys=True) if isinstance(spec, (dict, list, tuple)) else str(spec)
+        return k, spec, self.disable_any_whitespace, self.disable_additional_properties
+
 
 @dataclass
 class SamplingParams:
@@ -28,6 +86,10 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    logit_bias: Optional[dict] = None          # token id -> added to its logit (clamped to [-100, 100])
+    allowed_token_ids: Optional[list] = None   # only these tokens may be sampled
+    bad_words: Optional[list] = None           # words never generated (their last token banned after the rest)
     _stop_list: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
@@ -70,6 +132,20 @@ class SamplingParams:
             bad("stop_token_ids must be a list of integers")
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs must be a StructuredOutputsParams (or a dict of its fields)")
+        if self.logit_bias is not None:
+            try:
+                self.logit_bias = {int(t): max(-100.0, min(100.0, float(b))) for t, b in self.logit_bias.items()}
+            except (TypeError, ValueError, AttributeError):
+                bad("logit_bias maps token ids to numbers")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids or any(not isinstance(t, int) for t in self.allowed_token_ids):
+                bad("allowed_token_ids must be a non-empty list of token ids")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w for w in self.bad_words):
+            bad("bad_words must be a list of non-empty strings")
 
     @property
     def greedy(self) -> bool:

@@ -21,6 +21,10 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
         self._special = special_tokens or {}
 
+    def to_json_str(self) -> str:
+        """The tokenizer as tokenizer.json text (what the structured-output backend builds its tokenizer from)."""
+        return self._tok.to_str()
+
     @property
     def eos_token_id(self) -> Optional[int]:
         return self.eos_token_ids[0] if self.eos_token_ids else None
