@@ -1,3 +1,3 @@
-from metal_engine.cli import main
+from metal_engine.entrypoints.cli import main
 
 raise SystemExit(main())

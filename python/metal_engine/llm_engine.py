@@ -187,6 +187,11 @@ class LLMEngine:
         now = time.monotonic()
         parent = _Parent(request_id, text, ids, params, now)
         salt = None if self.config.enable_prefix_caching else f"req:{request_id}"
+        user_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if user_salt is not None:  # vLLM's cache_salt: cached blocks are shared only between requests with it
+            if not isinstance(user_salt, str) or not user_salt:
+                raise ValueError("cache_salt must be a non-empty string")
+            salt = salt or f"salt:{user_salt}"
         for i in range(params.n):
             p = params if params.n == 1 else params.clone(n=1, seed=None if params.seed is None else params.seed + i)
             req = Request(f"{request_id}#{i}", ids, p, arrival_time=now, eos_token_ids=self.eos_token_ids,

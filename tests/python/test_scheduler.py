@@ -134,3 +134,27 @@ def test_prefix_cache_keys_are_sha256_of_the_whole_prefix_and_salt():
     assert block_hash(h1, [3, 4], None) != block_hash(block_hash(None, [1, 5], None), [3, 4], None)
     assert block_hash(None, [1, 2], "user-a") != block_hash(None, [1, 2], "user-b") != h1
     assert block_hash(None, [1, 2], "ab") != block_hash(None, [1, 2], "a")  # the salt is length-prefixed
+
+
+def test_cache_salt_keeps_cached_prefixes_apart(tmp_path):
+    """vLLM's cache_salt (in the prompt): a second request with the first's salt reuses its cached blocks; one
+    with another salt, or none, does not."""
+    from metal_engine import LLM, SamplingParams
+    from tiny_models import make_tiny_text_checkpoint
+
+    llm = LLM(str(make_tiny_text_checkpoint(tmp_path / "ck", "llama", seed=2)), dtype="float32", block_size=4,
+              progress=False)
+    ids = list(range(3, 40))
+    sp = SamplingParams(max_tokens=2, temperature=0.0)
+
+    def cached(salt=None):
+        prompt = {"prompt_token_ids": ids, **({"cache_salt": salt} if salt else {})}
+        [out] = llm.generate([prompt], sp, use_tqdm=False)
+        return out.metrics.num_cached_tokens
+
+    assert cached("alice") == 0
+    assert cached("alice") >= 32
+    assert cached("bob") == 0
+    assert cached() == 0
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        llm.generate([{"prompt_token_ids": ids, "cache_salt": ""}], sp, use_tqdm=False)

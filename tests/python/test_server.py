@@ -231,3 +231,53 @@ def test_serve_binds_loopback_by_default():
     out = subprocess.run([sys.executable, "-m", "metal_engine", "serve", "--help"], capture_output=True, text=True,
                          env={**os.environ})
     assert out.returncode == 0 and "127.0.0.1" in out.stdout
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/completions", {"prompt": "hi", "suffix": "!"}, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "store": True}, "store"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "high"},
+     "reasoning_effort"),
+    ("/v1/completions", {"prompt": "hi", "guided_json": {"type": "object"}}, "guided_json"),
+])
+def test_known_fields_we_cannot_honour_are_400_naming_them(server, path, body, field):
+    r = httpx.post(server.url + path, json={"model": MODEL, "max_tokens": 2, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert f"the field '{field}' is not supported" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == field
+
+
+def test_no_op_values_and_unknown_fields_are_accepted(server):
+    for extra in ({"store": False, "service_tier": "auto", "metadata": {"k": "v"}, "user": "u1"},
+                  {"a_field_nobody_knows": 1}):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra})
+        assert r.status_code == 200, r.text
+
+
+def test_unknown_fields_are_logged_once(caplog):
+    from metal_engine.entrypoints.openai.protocol import CompletionRequest, check_fields
+
+    with caplog.at_level("WARNING", logger="metal_engine.server"):
+        for _ in range(3):
+            check_fields(CompletionRequest(prompt="hi", temprature=0.5))
+    assert [r.getMessage() for r in caplog.records].count(
+        "CompletionRequest: ignoring the unknown field 'temprature' (not an OpenAI or vLLM field this server knows)") == 1
+
+
+def test_logit_bias_and_structured_outputs_through_the_server(client):
+    free = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0.0)
+    biased = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0.0, logprobs=1,
+                                       logit_bias={"17": 100})
+    assert biased.choices[0].text != free.choices[0].text
+    first = biased.choices[0].logprobs.tokens[0]
+    assert first == client.completions.create(model=MODEL, prompt=[17], max_tokens=1, echo=True).choices[0].text[:len(first)]
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=20, temperature=1.0, seed=1,
+                                  extra_body={"structured_outputs": {"regex": "[0-9]{4}"}})
+    assert r.choices[0].text.isdigit() and len(r.choices[0].text) == 4
+    with pytest.raises(openai.BadRequestError, match="invalid structured_outputs regex"):
+        client.completions.create(model=MODEL, prompt="Hello", max_tokens=2,
+                                  extra_body={"structured_outputs": {"regex": "[0-"}})

@@ -107,3 +107,52 @@ def make_tiny_text_checkpoint(path, arch: str = "llama", seed: int = 0, **overri
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": "<|im_end|>", "bos_token": None, "chat_template": CHATML, "add_bos_token": False}))
     return path
+
+
+# Chat templates in the manner of the model families' own (what their tool-call parsers read), for tiny models.
+HERMES_TEMPLATE = (  # Qwen2.5 / Qwen3: tools in the system turn, calls as <tool_call> blocks, results as user turns
+    "{%- if tools %}<|im_start|>system\nYou may call one or more functions. <tools>\n"
+    "{%- for t in tools %}{{ t | tojson }}\n{% endfor %}</tools>\nFor each call, return "
+    "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{{ m.content }}"
+    "{%- for c in m.tool_calls %}<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+LLAMA3_TEMPLATE = (  # Llama 3.1: tools in the first user turn, a call is the JSON reply, results as ipython turns
+    "{%- for m in messages %}<|start_header_id|>{{ 'ipython' if m.role == 'tool' else m.role }}<|end_header_id|>\n\n"
+    "{%- if loop.first and tools %}Given the following functions, respond with a JSON for a function call with its "
+    "proper arguments. Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name "
+    "and its value}.\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}{% endif %}"
+    "{%- if m.tool_calls %}{% for c in m.tool_calls %}{\"name\": \"{{ c.function.name }}\", \"parameters\": "
+    "{{ c.function.arguments | tojson }}}{% endfor %}{% else %}{{ m.content }}{% endif %}<|eot_id|>{% endfor %}"
+    "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+MISTRAL_TEMPLATE = (  # Mistral: [AVAILABLE_TOOLS] before the last user turn, [TOOL_CALLS] and [TOOL_RESULTS]
+    "{%- set ns = namespace(last_user=0) %}{% for m in messages %}{% if m.role == 'user' %}"
+    "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{% if loop.index0 == ns.last_user and tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]"
+    "{% endif %}[INST]{{ m.content }}[/INST]"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}[TOOL_CALLS][{% for c in m.tool_calls %}{\"name\": "
+    "\"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}{{ ', ' if not loop.last }}"
+    "{% endfor %}]<|im_end|>"
+    "{%- elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]"
+    "{%- else %}{{ m.content }}{% endif %}{% endfor %}"
+)
+
+
+def with_chat_template(path, template):
+    """The checkpoint at `path` with `template` as its chat template."""
+    import json
+    from pathlib import Path
+
+    p = Path(path) / "tokenizer_config.json"
+    cfg = json.loads(p.read_text())
+    cfg["chat_template"] = template
+    p.write_text(json.dumps(cfg))
+    return path

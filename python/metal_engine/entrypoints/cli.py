@@ -95,7 +95,7 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from metal_engine import server
+        from metal_engine.entrypoints.openai import api_server as server
     except ImportError as e:
         raise RuntimeError(f"metal-engine serve needs the server extra ({e.name} is missing): "
                            "pip install 'metal_engine[serve]'") from None
@@ -110,7 +110,8 @@ def cmd_serve(args) -> int:
     engine = LLMEngine(config)
     name = args.served_model_name or server.default_model_name(args.model)
     server.serve(engine, args.host, args.port, name, api_key=args.api_key, max_waiting=args.max_waiting,
-                 log_level=args.log_level)
+                 log_level=args.log_level, tool_call_parser=args.tool_call_parser,
+                 reasoning_parser=args.reasoning_parser)
     return 0
 
 
@@ -137,6 +138,12 @@ def main(argv: Optional[list] = None) -> int:
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     s.add_argument("--max-waiting", type=int, default=256, help="waiting requests beyond this get 503")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
+                   help="the models' tool-call format for tool_choice 'auto' (default: from the chat template)")
+    s.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="split <think>...</think> into reasoning_content")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM's command lines: tool_choice 'auto' is on whenever the format is known")
     s.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     try:

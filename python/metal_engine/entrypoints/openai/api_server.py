@@ -4,7 +4,9 @@
 
 Endpoints: /v1/models, /v1/completions, /v1/chat/completions (both with "stream": true as server-sent
 events ending in [DONE]), /health, /metrics (Prometheus). Every request shares one engine loop, so
-concurrent requests are batched together.
+concurrent requests are batched together. Chat takes tools (tool_choice none / auto / required / a named
+function; the reply's calls parsed in the chat template's format, or --tool-call-parser's), a reasoning parser
+(--reasoning-parser: thinking as reasoning_content), response_format and vLLM's structured_outputs.
 """
 
 from __future__ import annotations
@@ -20,69 +22,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metal_engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from metal_engine.entrypoints.openai import tool_parsers
+from metal_engine.entrypoints.openai.protocol import (ChatRequest, CompletionRequest, UnsupportedField, _Sampling,
+                                                       check_fields)
+from metal_engine.entrypoints.openai.reasoning import ReasoningParser
 from metal_engine.llm_engine import LLMEngine
 from metal_engine.outputs import RequestOutput
-from metal_engine.sampling_params import SamplingParams
-
-
-# ------------------------------------------------------------------------------------ request bodies
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # like vLLM: fields we do not know are ignored
-
-    model: Optional[str] = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: Optional[int] = None
-    n: int = 1
-    stop: Union[None, str, list[str]] = None
-    stop_token_ids: Optional[list[int]] = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    skip_special_tokens: bool = True
-    user: Optional[str] = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = 16
-    logprobs: Optional[int] = None
-    echo: bool = False
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str = "text"
-    text: Optional[str] = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Union[str, list[ContentPart], None] = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    logprobs: bool = False
-    top_logprobs: Optional[int] = None
-    add_generation_prompt: bool = True
+from metal_engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class APIError(Exception):
@@ -125,8 +74,12 @@ class Metrics:
 
 
 def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str] = None,
-               max_waiting: int = 256):
+               max_waiting: int = 256, tool_call_parser: Optional[str] = None,
+               reasoning_parser: Optional[str] = None):
     state: dict = {}
+    if tool_call_parser is not None:
+        tool_parsers.get_parser(tool_call_parser)  # an unknown name fails at start, not at the first request
+    reasoning = ReasoningParser(reasoning_parser) if reasoning_parser else None
     metrics = Metrics(engine, lambda: state["engine"])
     state["engine"] = AsyncEngine(engine, max_waiting=max_waiting, on_step=metrics.generation_tokens.inc,
                                   on_finish=metrics.on_finish, on_abort=lambda _: metrics.aborted.inc())
@@ -179,7 +132,38 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{served_model_name}'",
                            "not_found_error", "model")
 
-    def sampling(req: _Sampling, max_tokens: Optional[int], prompt_len: int, logprobs: Optional[int]) -> SamplingParams:
+    def structured(req: _Sampling, forced: Optional[dict]) -> Optional[StructuredOutputsParams]:
+        """The request's constraint: response_format, vLLM's structured_outputs, or the tool-choice grammar."""
+        given = []
+        if req.response_format is not None and req.response_format.type != "text":
+            rf = req.response_format
+            if rf.type == "json_object":
+                given.append(("response_format", {"json_object": True}))
+            else:
+                if rf.json_schema is None or rf.json_schema.schema_ is None:
+                    raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+                given.append(("response_format", {"json": rf.json_schema.schema_}))
+        if req.structured_outputs is not None:
+            given.append(("structured_outputs", req.structured_outputs))
+        if forced is not None:
+            given.append(("tool_choice", forced))
+        if len(given) > 1:
+            raise APIError(400, f"{' and '.join(g for g, _ in given)} both constrain the output; give one",
+                           param=given[1][0])
+        if not given:
+            return None
+        where, so = given[0]
+        try:
+            return StructuredOutputsParams(**so)
+        except (TypeError, ValueError) as e:
+            raise APIError(400, str(e), param=where) from None
+
+    def sampling(req: _Sampling, max_tokens: Optional[int], prompt_len: int, logprobs: Optional[int],
+                 forced: Optional[dict] = None) -> SamplingParams:
+        try:
+            check_fields(req)
+        except UnsupportedField as e:
+            raise APIError(400, str(e), param=e.field) from None
         room = engine.max_model_len - prompt_len
         if room <= 0:
             raise APIError(400, f"the prompt has {prompt_len} tokens but this model's maximum context length is "
@@ -188,16 +172,26 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
             raise APIError(400, f"this model's maximum context length is {engine.max_model_len} tokens; the prompt "
                                 f"has {prompt_len}, so max_tokens may be at most {room} (got {max_tokens})",
                            param="max_tokens")
+        bias = None
+        if req.logit_bias:
+            try:
+                bias = {int(k): v for k, v in req.logit_bias.items()}
+            except ValueError:
+                raise APIError(400, "logit_bias keys are token ids", param="logit_bias") from None
+        so = structured(req, forced)
         try:
-            return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                  min_p=req.min_p, presence_penalty=req.presence_penalty,
-                                  frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                                  seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
-                                  ignore_eos=req.ignore_eos, max_tokens=max_tokens if max_tokens is not None else room,
-                                  min_tokens=req.min_tokens, logprobs=logprobs,
-                                  skip_special_tokens=req.skip_special_tokens)
+            sp = SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                min_p=req.min_p, presence_penalty=req.presence_penalty,
+                                frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                                seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
+                                ignore_eos=req.ignore_eos, max_tokens=max_tokens if max_tokens is not None else room,
+                                min_tokens=req.min_tokens, logprobs=logprobs,
+                                skip_special_tokens=req.skip_special_tokens,
+                                include_stop_str_in_output=req.include_stop_str_in_output, structured_outputs=so,
+                                logit_bias=bias, allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        return sp
 
     def encode(text: str) -> list:
         if tok is None:
@@ -207,10 +201,13 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
     def decode_token(t: int) -> str:
         return tok.decode([t], skip_special_tokens=False) if tok else str(t)
 
-    async def start(rid: str, ids: list, params: SamplingParams):
+    async def start(rid: str, ids: list, params: SamplingParams, cache_salt: Optional[str] = None):
         """Submits one prompt; returns (first output, the rest). Bad input raises APIError before any
         response is sent."""
-        agen = state["engine"].generate(rid, {"prompt_token_ids": ids}, params)
+        prompt = {"prompt_token_ids": ids}
+        if cache_salt is not None:
+            prompt["cache_salt"] = cache_salt
+        agen = state["engine"].generate(rid, prompt, params)
         try:
             first = await agen.__anext__()
         except ValueError as e:
@@ -311,11 +308,12 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
                     if visible > t0 or len(c.token_ids) > k0 or (done and key not in sent):
                         sent[key] = (visible, len(c.token_ids))
                         yield sse(make_chunk(i, c, c.text[t0:visible], c.token_ids[k0:],
-                                             None if c.logprobs is None else c.logprobs[k0:], done))
+                                             None if c.logprobs is None else c.logprobs[k0:], done,
+                                             c.text[:visible]))
             if final_chunk is not None:
                 yield sse(final_chunk)
             if include_usage:
-                yield sse({**make_chunk(None, None, "", [], None, False), "choices": [],
+                yield sse({**make_chunk(None, None, "", [], None, False, ""), "choices": [],
                            "usage": usage(prompt_lens, list(finals.values()))})
             yield "data: [DONE]\n\n"
         finally:  # client gone or stream done: cancelling the pumps aborts whatever still runs
@@ -345,7 +343,7 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
         starts = []
         try:
             for i, ((_, ids), sp) in enumerate(zip(prompts, params)):
-                starts.append(await start(f"{cid}-{i}", ids, sp))
+                starts.append(await start(f"{cid}-{i}", ids, sp, req.cache_salt))
         except APIError:
             for _, agen in starts:
                 await agen.aclose()
@@ -357,7 +355,7 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
         if req.stream:
             echoed: set = set()
 
-            def chunk(i, c, text, toks, lps, done):
+            def chunk(i, c, text, toks, lps, done, _full):
                 if c is None:
                     return dict(base)
                 prefix = ""
@@ -386,45 +384,201 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
         return {**base, "choices": choices, "usage": usage([len(ids) for _, ids in prompts], outs)}
 
     # ---------------------------------------------------------------------------- chat completions
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, raw: Request):
-        check_model(req.model)
-        if tok is None or not tok.chat_template:
-            raise APIError(400, "this model has no chat template; use /v1/completions")
-        messages = []
+    def chat_messages(req: ChatRequest) -> list:
+        """The request's messages as the chat template takes them: text parts joined, an assistant's tool calls
+        with their arguments as objects (as Hugging Face templates expect)."""
+        out = []
         for m in req.messages:
             content = m.content
             if isinstance(content, list):
-                content = "".join(part.text or "" for part in content if part.type == "text")
-            messages.append({"role": m.role, "content": content or ""})
+                bad = [p.type for p in content if p.type != "text"]
+                if bad:
+                    raise APIError(400, f"content parts of type {bad[0]!r} are not supported (text only)",
+                                   param="messages")
+                content = "".join(part.text or "" for part in content)
+            msg = {"role": m.role, "content": content or ""}
+            if m.name is not None:
+                msg["name"] = m.name
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.reasoning_content is not None:
+                msg["reasoning_content"] = m.reasoning_content
+            if m.tool_calls:
+                calls = []
+                for c in m.tool_calls:
+                    try:
+                        args = json.loads(c.function.arguments or "{}")
+                    except ValueError:
+                        raise APIError(400, f"tool call {c.function.name!r}: arguments are not JSON",
+                                       param="messages") from None
+                    calls.append({"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": args}})
+                msg["tool_calls"] = calls
+            out.append(msg)
+        return out
+
+    def tool_mode(req: ChatRequest):
+        """(mode, parser, forced grammar): mode none | auto | required | named (or text without tools)."""
+        choice = req.tool_choice
+        if not req.tools:
+            if choice not in (None, "none"):
+                raise APIError(400, "tool_choice needs tools", param="tool_choice")
+            return "text", None, None
+        if choice is None:
+            choice = "auto"
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+        if choice == "none":
+            return "text", None, None
+        if choice == "required":
+            return "required", None, {"json": tool_parsers.required_schema(tools, req.parallel_tool_calls),
+                                      "disable_any_whitespace": True}  # the calls' JSON compact, as it is re-sent
+        if choice == "auto":
+            name = tool_call_parser or tool_parsers.parser_for_template(req.chat_template or tok.chat_template)
+            if name is None:
+                raise APIError(400, "tool_choice 'auto' needs the model's tool-call format, which its chat template "
+                                    "does not show; start the server with --tool-call-parser (hermes, llama3_json, "
+                                    "mistral)", param="tool_choice")
+            return "auto", tool_parsers.get_parser(name), None
+        named = next((t for t in tools if t["function"]["name"] == choice.function.name), None)
+        if named is None:
+            raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not in tools",
+                           param="tool_choice")
+        return "named", choice.function.name, {"json": named["function"].get("parameters") or {"type": "object"},
+                                                "disable_any_whitespace": True}
+
+    def render_chat(req: ChatRequest, messages: list) -> str:
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.tools:
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        if req.continue_final_message and (req.add_generation_prompt or messages[-1]["role"] != "assistant"):
+            raise APIError(400, "continue_final_message needs a final assistant message and "
+                                "add_generation_prompt=false", param="continue_final_message")
         try:
-            text = tok.apply_chat_template(messages, req.add_generation_prompt)
+            text = tok.apply_chat_template(messages, req.add_generation_prompt, req.chat_template, **kwargs)
         except Exception as e:  # a template may raise on conversations it does not accept
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+        if req.continue_final_message:  # the last message stays open: cut the template's end of turn
+            last = messages[-1]["content"]
+            i = text.rfind(last)
+            if i >= 0:
+                text = text[: i + len(last)]
+        return text
+
+    class ChoiceOutput:
+        """One choice's reply split into reasoning, content and tool calls, whole or as stream deltas."""
+
+        def __init__(self, mode, parser, prefix: str = ""):
+            self.mode, self.parser, self.prefix = mode, parser, prefix
+            self.sent_reasoning, self.sent_content, self.sent_calls = "", "", 0
+
+        def split(self, text: str, done: bool):
+            if reasoning is None:
+                return None, text, 0
+            return reasoning.split(text, done)
+
+        def final(self, text: str):
+            r, content, _ = self.split(text, True)
+            calls = []
+            if self.mode == "required" and content is not None:
+                try:
+                    calls, content = tool_parsers.parse_required(content), None
+                except (ValueError, KeyError, TypeError):
+                    pass  # cut short (max_tokens): the text as it is
+            elif self.mode == "named" and content is not None:
+                calls, content = [tool_parsers.call(self.parser, content)], None
+            elif self.mode == "auto" and content is not None:
+                content, calls = self.parser.extract(content)
+            if content is not None and self.prefix:
+                content = self.prefix + content
+            return r or None, content, calls
+
+        def deltas(self, text: str, done: bool) -> list:
+            out = []
+            r, content, _ = self.split(text, done)
+            if r and len(r) > len(self.sent_reasoning) and r.startswith(self.sent_reasoning):
+                out.append({"reasoning_content": r[len(self.sent_reasoning):]})
+                self.sent_reasoning = r
+            if content is None:
+                return out
+            calls = []
+            if done:
+                prefix, self.prefix = self.prefix, ""
+                _, final_content, calls = self.final(text)
+                self.prefix = prefix
+                visible = final_content or ""
+            elif self.mode in ("required", "named"):
+                visible = ""
+            elif self.mode == "auto":
+                visible = content[: self.parser.content_end(content)]
+                calls = self.parser.complete_calls(content)
+            else:
+                visible = content
+            delta = visible[len(self.sent_content):] if visible.startswith(self.sent_content) else ""
+            if self.prefix and (delta or done):  # echo: the last message's text opens the reply
+                delta, self.prefix = self.prefix + delta, ""
+            if delta:
+                out.append({"content": delta})
+                if visible.startswith(self.sent_content):
+                    self.sent_content = visible
+            for k in range(self.sent_calls, len(calls)):  # each call whole, in one delta (as OpenAI may send it)
+                c = calls[k]
+                out.append({"tool_calls": [{"index": k, "id": c["id"], "type": "function",
+                                            "function": {"name": c["function"]["name"],
+                                                         "arguments": c["function"]["arguments"]}}]})
+            self.sent_calls = max(self.sent_calls, len(calls))
+            return out
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, raw: Request):
+        check_model(req.model)
+        if tok is None or not (tok.chat_template or req.chat_template):
+            raise APIError(400, "this model has no chat template; use /v1/completions")
+        messages = chat_messages(req)
+        mode, parser, forced = tool_mode(req)
+        text = render_chat(req, messages)
         ids = tok.encode(text, add_special_tokens=False)
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, "top_logprobs must be in 0..20", param="top_logprobs")
         top_n = req.top_logprobs or 0
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        sp = sampling(req, max_tokens, len(ids), top_n if req.logprobs else None)
+        sp = sampling(req, max_tokens, len(ids), top_n if req.logprobs else None, forced)
+        if mode == "auto" and not req.parallel_tool_calls and parser.name == "hermes":
+            sp = sp.clone(stop=sp.stop_strings + ["</tool_call>"], include_stop_str_in_output=True)  # one call
+        prefix = messages[-1]["content"] if req.echo and messages[-1]["role"] == "assistant" else ""
         cid = f"chatcmpl-{uuid.uuid4().hex}"
-        first, agen = await start(cid, ids, sp)
+        first, agen = await start(cid, ids, sp, req.cache_salt)
         base = {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": served_model_name}
+
+        def finish_reason(c, calls):
+            return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+
+        def keep_first(calls):
+            return calls if req.parallel_tool_calls else calls[:1]
 
         if req.stream:
             started: set = set()
+            outputs: dict = {}
 
-            def chunk(i, c, text, toks, lps, done):
+            def chunk(i, c, _text, toks, lps, done, full):
                 b = {**base, "object": "chat.completion.chunk"}
                 if c is None:
                     return b
-                delta = {"content": text}
+                o = outputs.setdefault(c.index, ChoiceOutput(mode, parser, prefix))
+                deltas = o.deltas(full, done)
+                if not req.parallel_tool_calls:
+                    deltas = [d for d in deltas if "tool_calls" not in d or d["tool_calls"][0]["index"] == 0]
+                delta = {}
+                for d in deltas:  # one chunk per event: merge text deltas, tool-call deltas each on its own
+                    for k, v in d.items():
+                        delta[k] = delta.get(k, "") + v if isinstance(v, str) else delta.get(k, []) + v
                 if c.index not in started:
                     started.add(c.index)
-                    delta = {"role": "assistant", "content": text}
+                    delta = {"role": "assistant", **delta}
+                    delta.setdefault("content", "")
+                reason = finish_reason(c, o.sent_calls) if done else None
                 return {**b, "choices": [{"index": c.index, "delta": delta,
                                           "logprobs": chat_logprobs(toks, lps, top_n),
-                                          "finish_reason": c.finish_reason if done else None}]}
+                                          "finish_reason": reason}]}
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_events([(first, agen)], engine.stop_string_holdback(sp), chunk,
@@ -435,9 +589,18 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
         if outs is None:
             return Response(status_code=499)
         [out] = outs
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c.token_ids, c.logprobs, top_n), "finish_reason": c.finish_reason}
-                   for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            r, content, calls = ChoiceOutput(mode, parser, prefix).final(c.text)
+            calls = keep_first(calls)
+            message = {"role": "assistant", "content": content}
+            if r is not None:
+                message["reasoning_content"] = r
+            if calls:
+                message["tool_calls"] = calls
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": chat_logprobs(c.token_ids, c.logprobs, top_n),
+                            "finish_reason": finish_reason(c, calls)})
         return {**base, "choices": choices, "usage": usage([len(ids)], outs)}
 
     app.state.async_engine = state["engine"]
@@ -464,10 +627,12 @@ class ApiKeyMiddleware:
 
 
 def serve(engine: LLMEngine, host: str, port: int, served_model_name: str, api_key: Optional[str] = None,
-          max_waiting: int = 256, log_level: str = "info"):
+          max_waiting: int = 256, log_level: str = "info", tool_call_parser: Optional[str] = None,
+          reasoning_parser: Optional[str] = None):
     import uvicorn
 
-    app = create_app(engine, served_model_name, api_key=api_key, max_waiting=max_waiting)
+    app = create_app(engine, served_model_name, api_key=api_key, max_waiting=max_waiting,
+                     tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

@@ -1,0 +1,1 @@
+"""Front doors: the command line (cli.py) and the HTTP servers (openai/)."""
