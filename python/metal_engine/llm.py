@@ -106,22 +106,31 @@ class LLM:
         return [done[i] for i in ids]
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True,
-             chat_template: Optional[str] = None, add_generation_prompt: bool = True) -> list:
-        """messages: one conversation (a list of {'role', 'content'} dicts) or a list of them."""
+             chat_template: Optional[str] = None, add_generation_prompt: bool = True, tools: Optional[list] = None,
+             chat_template_kwargs: Optional[dict] = None) -> list:
+        """messages: one conversation (a list of {'role', 'content'} dicts) or a list of them. tools (OpenAI's
+        function definitions) and chat_template_kwargs go to the chat template, as in vLLM's LLM.chat."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [{"prompt_token_ids": self._chat_ids(c, chat_template, add_generation_prompt),
-                    "prompt": None} for c in conversations]
+        kwargs = dict(chat_template_kwargs or {})
+        if tools is not None:
+            kwargs["tools"] = tools
+        texts = [self._chat_text(c, chat_template, add_generation_prompt, kwargs) for c in conversations]
+        tok = self.get_tokenizer()
+        prompts = [{"prompt_token_ids": tok.encode(t, add_special_tokens=False), "prompt": None} for t in texts]
         outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-        for o, c in zip(outs, conversations):
-            o.prompt = self.get_tokenizer().apply_chat_template(c, add_generation_prompt, chat_template)
+        for o, t in zip(outs, texts):
+            o.prompt = t
         return outs
 
-    def _chat_ids(self, conversation, chat_template, add_generation_prompt) -> list:
+    def _chat_text(self, conversation, chat_template, add_generation_prompt, kwargs=None) -> str:
         tok = self.get_tokenizer()
         if tok is None:
             raise ValueError("chat needs a tokenizer; this checkpoint has no tokenizer.json")
-        text = tok.apply_chat_template(conversation, add_generation_prompt, chat_template)
-        return tok.encode(text, add_special_tokens=False)
+        return tok.apply_chat_template(conversation, add_generation_prompt, chat_template, **(kwargs or {}))
+
+    def _chat_ids(self, conversation, chat_template, add_generation_prompt) -> list:
+        text = self._chat_text(conversation, chat_template, add_generation_prompt)
+        return self.get_tokenizer().encode(text, add_special_tokens=False)
 
     def stream(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None) -> Iterator[StreamDelta]:
         """Yields text and token deltas as they are produced. Text that could still turn out to be the

@@ -281,3 +281,23 @@ def test_logit_bias_and_structured_outputs_through_the_server(client):
     with pytest.raises(openai.BadRequestError, match="invalid structured_outputs regex"):
         client.completions.create(model=MODEL, prompt="Hello", max_tokens=2,
                                   extra_body={"structured_outputs": {"regex": "[0-"}})
+
+
+def test_chat_continue_final_message_echo_n_and_logprobs(client):
+    msgs = [{"role": "user", "content": "Say something"}, {"role": "assistant", "content": "The answer is"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0.0, extra_body={
+        "add_generation_prompt": False, "continue_final_message": True, "echo": True})
+    assert r.choices[0].message.content.startswith("The answer is")
+    # the reply continues the open message: the same tokens as completing its rendered text directly
+    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0.0, extra_body={
+        "add_generation_prompt": False, "continue_final_message": True})
+    assert r.choices[0].message.content == "The answer is" + plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="continue_final_message"):
+        client.chat.completions.create(model=MODEL, messages=msgs[:1], max_tokens=2,
+                                       extra_body={"continue_final_message": True})
+    r = client.chat.completions.create(model=MODEL, messages=msgs[:1], max_tokens=5, temperature=1.0, seed=3, n=2,
+                                       logprobs=True, top_logprobs=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert len(c.logprobs.content) == r.usage.completion_tokens // 2 or c.finish_reason == "stop"
+        assert all(len(t.top_logprobs) == 2 for t in c.logprobs.content)

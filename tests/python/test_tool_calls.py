@@ -226,3 +226,18 @@ def test_bad_response_formats_are_400(thinking):
     with pytest.raises(openai.BadRequestError, match="json_schema.schema"):
         thinking.chat.completions.create(model=MODEL, messages=USER, response_format={
             "type": "json_schema", "json_schema": {"name": "x"}})
+
+
+def test_llm_chat_renders_tools_and_template_kwargs(base_checkpoint, tmp_path):
+    from metal_engine import LLM, SamplingParams
+
+    path = tmp_path / "ck"
+    shutil.copytree(base_checkpoint, path)
+    with_chat_template(path, HERMES_TEMPLATE)
+    llm = LLM(str(path), dtype="float32", progress=False, max_model_len=2048)
+    sp = SamplingParams(max_tokens=1)
+    [plain] = llm.chat(USER, sp, use_tqdm=False)
+    [with_tools] = llm.chat(USER, sp, use_tqdm=False, tools=TOOLS,
+                            chat_template_kwargs={"enable_thinking": False})
+    assert "<tools>" not in plain.prompt and '"name": "get_weather"' in with_tools.prompt
+    assert with_tools.prompt.endswith("<think>\n\n</think>\n\n")
