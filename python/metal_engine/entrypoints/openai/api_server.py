@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import time
+import types
 import uuid
 from typing import Literal, Optional, Union
 
@@ -93,19 +94,25 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
 
     app = FastAPI(title="metal_engine", version="0.1.0", lifespan=lifespan)
 
+    def error_for(request: Request, status: int, message: str, type_: str = "invalid_request_error", param=None):
+        if request.url.path.startswith("/v1/messages"):  # Anthropic's error shape
+            return JSONResponse({"type": "error", "error": {"type": type_, "message": message}}, status_code=status)
+        return error_response(status, message, type_, param)
+
     @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param)
+    async def _api_error(request: Request, e: APIError):
+        return error_for(request, e.status, e.message, e.type, e.param)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_, e: RequestValidationError):
+    async def _validation_error(request: Request, e: RequestValidationError):
         parts = []
         for err in e.errors():
             if err.get("type") == "json_invalid":
-                return error_response(400, f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}")
+                return error_for(request, 400,
+                                 f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}")
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-        return error_response(400, "invalid request: " + "; ".join(parts))
+        return error_for(request, 400, "invalid request: " + "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, e: StarletteHTTPException):
@@ -529,7 +536,23 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
             return out
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, raw: Request):
+    class ChatRun:
+        """A started chat request: its prompt ids, sampling params, first output and the rest, and how its
+        replies split into reasoning, content and tool calls (ChoiceOutput)."""
+
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+        def output(self) -> "ChoiceOutput":
+            return ChoiceOutput(self.mode, self.parser, self.prefix)
+
+        @property
+        def holdback(self) -> int:
+            return engine.stop_string_holdback(self.sp)
+
+    async def start_chat(req: ChatRequest, request_id: str) -> ChatRun:
+        """Validates, renders and submits a chat request (the OpenAI, Anthropic and Responses front doors all
+        come through here); bad input raises APIError before anything is sent."""
         check_model(req.model)
         if tok is None or not (tok.chat_template or req.chat_template):
             raise APIError(400, "this model has no chat template; use /v1/completions")
@@ -545,8 +568,15 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
         if mode == "auto" and not req.parallel_tool_calls and parser.name == "hermes":
             sp = sp.clone(stop=sp.stop_strings + ["</tool_call>"], include_stop_str_in_output=True)  # one call
         prefix = messages[-1]["content"] if req.echo and messages[-1]["role"] == "assistant" else ""
+        first, agen = await start(request_id, ids, sp, req.cache_salt)
+        return ChatRun(ids=ids, sp=sp, mode=mode, parser=parser, prefix=prefix, first=first, agen=agen,
+                       top_n=top_n, parallel=req.parallel_tool_calls)
+
+    async def chat_completions(req: ChatRequest, raw: Request):
         cid = f"chatcmpl-{uuid.uuid4().hex}"
-        first, agen = await start(cid, ids, sp, req.cache_salt)
+        run = await start_chat(req, cid)
+        ids, sp, mode, parser, prefix, first, agen, top_n = (run.ids, run.sp, run.mode, run.parser, run.prefix,
+                                                            run.first, run.agen, run.top_n)
         base = {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": served_model_name}
 
         def finish_reason(c, calls):
@@ -603,23 +633,38 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
                             "finish_reason": finish_reason(c, calls)})
         return {**base, "choices": choices, "usage": usage([len(ids)], outs)}
 
+    async def outputs(run: ChatRun):
+        """A started request's outputs, the first included (for the front doors that stream their own events)."""
+        yield run.first
+        async for out in run.agen:
+            yield out
+
+    core = types.SimpleNamespace(start_chat=start_chat, run_all=run_all, outputs=outputs,
+                                 served_model_name=served_model_name, APIError=APIError, tokenizer=tok,
+                                 reasoning=reasoning)
+    from metal_engine.entrypoints.anthropic import messages as anthropic_messages
+    from metal_engine.entrypoints.openai import responses
+
+    anthropic_messages.register(app, core)
+    responses.register(app, core)
     app.state.async_engine = state["engine"]
     return ApiKeyMiddleware(app, api_key) if api_key else app
 
 
 class ApiKeyMiddleware:
-    """Requires 'Authorization: Bearer KEY' on /v1/*. A plain ASGI middleware: it leaves the receive
-    channel alone, so the handlers still see a client disconnect."""
+    """Requires 'Authorization: Bearer KEY' or 'x-api-key: KEY' on /v1/*. A plain ASGI middleware: it leaves
+    the receive channel alone, so the handlers still see a client disconnect."""
 
     def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected, self.key = app, f"Bearer {api_key}".encode(), api_key.encode()
         self.state = getattr(app, "state", None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if auth != self.expected:
-                resp = error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
+            headers = dict(scope.get("headers") or [])
+            # OpenAI clients send a bearer token; Anthropic's send x-api-key
+            if headers.get(b"authorization", b"") != self.expected and headers.get(b"x-api-key", b"") != self.key:
+                resp = error_response(401, "invalid or missing API key (Authorization: Bearer ..., or x-api-key)",
                                       "authentication_error")
                 await resp(scope, receive, send)
                 return
