@@ -420,7 +420,8 @@ def quantized_targets(results, batches, machine) -> list:
     return rows
 
 
-def write_report(path: Path, machine, results, batches, reps, new_tokens, skipped, plot_path, profile_md=None):
+def write_report(path: Path, machine, results, batches, reps, new_tokens, skipped, plot_path, profile_md=None,
+                 sampling_md=None):
     wbytes = weights_bytes_fp16()
     bw = machine["read_bandwidth_gbps"]
     bound = bw * 1e9 / wbytes
@@ -526,6 +527,10 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
         lines += ["", "## Where a step's time goes (metal_engine, cpu backend)", "",
                   "Per-kernel time from `python bench/profile_step.py --markdown` (the kernels of a step run one "
                   "after another, so their times add up to the step):", profile_md.rstrip()]
+    if sampling_md:
+        lines += ["", "## Sampling on: the Python layer's share of a decode step", "",
+                  "From `python bench/sampling_overhead.py --markdown` (the default model, fp16; target: under 5% "
+                  "of a batch-16 step at temperature 0.8, top_p 0.9):", "", sampling_md.rstrip()]
     notes = Path(__file__).with_name("benchmarks_notes.md")
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
@@ -577,7 +582,7 @@ def main():
         saved = json.loads(raw.read_text())
         png = plot(out.with_name("benchmarks_decode.png"), saved["results"], saved["batches"])
         write_report(out, saved["machine"], saved["results"], saved["batches"], saved["reps"], saved["new_tokens"],
-                     saved["skipped"], png, saved.get("profile_md"))
+                     saved["skipped"], png, saved.get("profile_md"), saved.get("sampling_md"))
         print(f"wrote {out}")
         return
     batches = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
@@ -615,9 +620,13 @@ def main():
     prof = subprocess.run([sys.executable, str(Path(__file__).with_name("profile_step.py")), "--markdown"],
                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     profile_md = prof.stdout if prof.returncode == 0 else None
+    samp = subprocess.run([sys.executable, str(Path(__file__).with_name("sampling_overhead.py")), "--markdown"],
+                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    sampling_md = samp.stdout if samp.returncode == 0 else None
     raw.write_text(json.dumps({"machine": machine, "results": results, "batches": batches, "reps": reps,
-                               "new_tokens": new_tokens, "skipped": skipped, "profile_md": profile_md}, indent=1))
-    write_report(out, machine, results, batches, reps, new_tokens, skipped, png, profile_md)
+                               "new_tokens": new_tokens, "skipped": skipped, "profile_md": profile_md,
+                               "sampling_md": sampling_md}, indent=1))
+    write_report(out, machine, results, batches, reps, new_tokens, skipped, png, profile_md, sampling_md)
     print(f"wrote {out}")
 
 

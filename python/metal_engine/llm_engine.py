@@ -18,7 +18,7 @@ from metal_engine.engine import Engine
 from metal_engine.kv_cache_manager import KVCacheManager
 from metal_engine.outputs import CompletionOutput, RequestOutput
 from metal_engine.request import Request
-from metal_engine.sampler import log_softmax, plain_greedy, sample_row, top_logprobs
+from metal_engine.sampler import log_softmax, plain_greedy, sample_batch, top_logprobs
 from metal_engine.sampling_params import SamplingParams
 from metal_engine.scheduler import Scheduler
 from metal_engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -311,19 +311,26 @@ class LLMEngine:
 
         changed = {}
         now = time.monotonic()
-        # the structured-output rows: one bitmask for all of them, filled in parallel
-        masks = {}
-        constrained = [r for r, (req, kind, _) in enumerate(row_owner) if kind == "sample" and req.grammar is not None]
-        if constrained:
-            allowed = self._structured.allowed([row_owner[r][0].grammar for r in constrained])
-            masks = dict(zip(constrained, allowed))
+        sample_rows = [r for r, (_, kind, _) in enumerate(row_owner) if kind == "sample"]
+        if greedy:
+            picked = [(int(logits[r]), None) for r in sample_rows]
+        elif sample_rows:
+            reqs = [row_owner[r][0] for r in sample_rows]
+            # the structured-output rows: one bitmask for all of them, filled in parallel
+            constrained = [i for i, q in enumerate(reqs) if q.grammar is not None]
+            masks = {}
+            if constrained:
+                masks = dict(zip(constrained, self._structured.allowed([reqs[i].grammar for i in constrained])))
+            rows_logits = logits if len(sample_rows) == len(logits) else logits[sample_rows]
+            picked = sample_batch(rows_logits, reqs, self.rng, masks)
+        picks = dict(zip(sample_rows, picked)) if sample_rows else {}
         for r, (req, kind, i) in enumerate(row_owner):
             parent = req.parent
             if kind == "prompt":
                 if req.sample_index == 0 and len(parent.prompt_logprobs) == i + 1:  # not again after preemption
                     self._record_prompt_logprob(parent, logits[r], req.prompt_token_ids[i + 1])
                 continue
-            token, raw = (int(logits[r]), None) if greedy else sample_row(logits[r], req, self.rng, masks.get(r))
+            token, raw = picks[r]
             self._append_token(parent.samples[req.sample_index], token, raw, now)
             changed[parent.request_id] = parent
         outputs = []

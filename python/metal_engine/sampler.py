@@ -37,30 +37,6 @@ def apply_penalties(logits: np.ndarray, req: Request) -> np.ndarray:
     return logits
 
 
-def filter_logits(logits: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
-    """Sets every token outside the top-k / top-p / min-p sets to -inf (logits already tempered)."""
-    V = logits.shape[-1]
-    if 0 < top_k < V:
-        kth = np.partition(logits, V - top_k)[V - top_k]
-        logits = np.where(logits < kth, -np.inf, logits)
-    if top_p < 1.0 or min_p > 0.0:
-        order = np.argsort(-logits, kind="stable")
-        sorted_logits = logits[order]
-        probs = np.exp(sorted_logits - sorted_logits[0])
-        probs /= probs.sum()
-        keep = np.ones(V, dtype=bool)
-        if top_p < 1.0:
-            before = np.cumsum(probs) - probs  # mass of strictly more likely tokens
-            keep &= before < top_p
-        if min_p > 0.0:
-            keep &= probs >= min_p * probs[0]
-        keep[0] = True
-        drop = order[~keep]
-        logits = logits.copy()
-        logits[drop] = -np.inf
-    return logits
-
-
 def plain_greedy(req: Request) -> bool:
     """The next token of `req` is the argmax of its raw logits: greedy, no logprobs, no penalties, no grammar,
     bias or banned tokens (min_tokens, allowed_token_ids, bad_words)."""
@@ -103,32 +79,46 @@ def restrict(x: np.ndarray, req: Request) -> np.ndarray:
     return x
 
 
-def sample_row(logits: np.ndarray, req: Request, rng: np.random.Generator,
-               grammar_mask: Optional[np.ndarray] = None) -> tuple[int, Optional[np.ndarray]]:
-    """Picks the next token of `req` from its raw logits [vocab]; grammar_mask (bool [vocab]) the tokens its
-    structured-output grammar allows. Returns (token, logprobs or None)."""
-    p = req.params
-    x = logits.astype(np.float32, copy=True)
-    if grammar_mask is not None:
-        x[~grammar_mask[: len(x)]] = -np.inf
-    raw_logprobs = log_softmax(x) if p.logprobs is not None else None
-    restricted = restrict(x.copy(), req)
-    if grammar_mask is not None and not np.isfinite(restricted).any():
-        restricted = x  # the grammar allows only what min_tokens / bad_words / allowed_token_ids ban: it wins
-    x = apply_penalties(restricted, req)
-    if p.greedy:
-        return int(np.argmax(x)), raw_logprobs
-    x = x / np.float32(p.temperature)
-    x = filter_logits(x, p.top_k, p.top_p, p.min_p)
-    probs = np.exp(x.astype(np.float64) - np.max(x))
-    probs /= probs.sum()
-    gen = req.generator if req.generator is not None else rng
-    cdf = np.cumsum(probs)
-    token = int(np.searchsorted(cdf, gen.random() * cdf[-1], side="right"))
-    token = min(token, len(probs) - 1)
-    while token > 0 and probs[token] == 0.0:  # never land on a filtered token through rounding at the boundary
-        token -= 1
-    return token, raw_logprobs
+def sample_batch(logits: np.ndarray, reqs: list, rng: np.random.Generator, masks: Optional[dict] = None) -> list:
+    """The next token of each row's request, from logits [rows, vocab] (raw; edited in place), the whole batch
+    at once: the
+    grammar masks (row -> bool [vocab]) first, then per row the sparse edits (allowed tokens, bias, bans,
+    penalties), then greedy rows by argmax and the others tempered and handed to the native sampler (top-k,
+    top-p, min-p, an inverse-CDF draw in token order: include/metal_engine/sampler.h) with one uniform draw
+    each from the request's own seeded generator, else `rng`, in row order.
+    Returns [(token, logprobs [vocab] or None)]."""
+    R, V = logits.shape
+    x = np.ascontiguousarray(logits, dtype=np.float32)  # [R, V]: edited in place (the step's own array)
+    masks = masks or {}
+    for r, m in masks.items():
+        x[r, ~m[:V]] = -np.inf
+    want_lp = [r for r, q in enumerate(reqs) if q.params.logprobs is not None]
+    logprobs = dict(zip(want_lp, log_softmax(x[want_lp]))) if want_lp else {}
+    for r, q in enumerate(reqs):
+        p = q.params
+        if p.allowed_token_ids is not None or p.logit_bias or q.bad_words_token_ids or \
+                len(q.output_token_ids) < p.min_tokens:
+            row = restrict(x[r].copy(), q)
+            if r not in masks or np.isfinite(row).any():  # else the grammar allows only what these ban: it wins
+                x[r] = row
+        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            apply_penalties(x[r], q)  # in place on the row
+    tokens = np.zeros(R, np.int64)
+    greedy = np.array([q.params.greedy for q in reqs])
+    if greedy.any():
+        tokens[greedy] = np.argmax(x[greedy], axis=1)
+    rest = np.flatnonzero(~greedy)
+    if len(rest):
+        from metal_engine import _core
+
+        ps = [reqs[r].params for r in rest]
+        u = np.array([(reqs[r].generator if reqs[r].generator is not None else rng).random() for r in rest])
+        xs = x if len(rest) == R else np.ascontiguousarray(x[rest])
+        tokens[rest] = _core.sample_rows(xs, np.array([p.temperature for p in ps], np.float32),
+                                         np.array([p.top_k for p in ps], np.int32),
+                                         np.array([p.top_p for p in ps], np.float32),
+                                         np.array([p.min_p for p in ps], np.float32), u)
+    return [(int(tokens[r]), logprobs.get(r)) for r in range(R)]
 
 
 def top_logprobs(logprobs: np.ndarray, token: int, n: int, decode) -> dict:

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "metal_engine/engine.h"
+#include "metal_engine/sampler.h"
 
 namespace nb = nanobind;
 using namespace metal_engine;
@@ -52,6 +53,25 @@ static StepInput step_input(const Vec<int32_t>& token_ids, const Vec<int32_t>& p
 }
 
 void init_engine(nb::module_& m) {
+  m.def(
+      "sample_rows",
+      [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> logits, Vec<float> temperature,
+         Vec<int32_t> top_k, Vec<float> top_p, Vec<float> min_p, Vec<double> u) {
+        const size_t R = logits.shape(0), V = logits.shape(1);
+        if (temperature.shape(0) != R || top_k.shape(0) != R || top_p.shape(0) != R || min_p.shape(0) != R ||
+            u.shape(0) != R)
+          throw std::invalid_argument("sample_rows: temperature, top_k, top_p, min_p and u need one value per row");
+        for (size_t r = 0; r < R; ++r)
+          if (!(temperature.data()[r] > 0.0f))
+            throw std::invalid_argument("sample_rows: temperatures must be > 0 (greedy rows take the argmax)");
+        return filled_array<int64_t>({R}, [&](int64_t* out) {
+          sample_rows(logits.data(), int64_t(R), int64_t(V), temperature.data(), top_k.data(), top_p.data(),
+                      min_p.data(), u.data(), out);
+        });
+      },
+      nb::arg("logits"), nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("u"),
+      "Tokens [rows]: each row of logits f32 [rows, vocab] sampled at its temperature with its top_k / top_p / "
+      "min_p and uniform draw u (include/metal_engine/sampler.h).");
   nb::class_<Engine>(m, "Engine")
       .def_static("from_checkpoint", &Engine::from_checkpoint, nb::arg("path"), nb::arg("config") = EngineConfig{},
                   nb::call_guard<nb::gil_scoped_release>())

@@ -535,7 +535,6 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
             self.sent_calls = max(self.sent_calls, len(calls))
             return out
 
-    @app.post("/v1/chat/completions")
     class ChatRun:
         """A started chat request: its prompt ids, sampling params, first output and the rest, and how its
         replies split into reasoning, content and tool calls (ChoiceOutput)."""
@@ -572,6 +571,7 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
         return ChatRun(ids=ids, sp=sp, mode=mode, parser=parser, prefix=prefix, first=first, agen=agen,
                        top_n=top_n, parallel=req.parallel_tool_calls)
 
+    @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, raw: Request):
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         run = await start_chat(req, cid)
