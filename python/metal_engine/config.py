@@ -69,6 +69,10 @@ class EngineConfig:
     strict: Optional[bool] = None         # env VLLM_METAL_STRICT_NO_MPS: never fall back silently, raise
     seed: int = 0
     num_threads: int = field(default_factory=lambda: native_default("num_threads"))  # cpu backend; 0 = all cores
+    kv_cache_memory_share: float = 1.0     # vLLM's gpu_memory_utilization: this share of kv_cache_memory
+    chunked_prefill: bool = True           # False (vLLM's enable_chunked_prefill): a prompt prefills in one step
+    tokenizer: Optional[str] = None        # a folder with tokenizer.json (default: the checkpoint's)
+    skip_tokenizer_init: bool = False      # no tokenizer: prompts are token ids, outputs have no text
     extra: dict = field(default_factory=dict)
 
     def resolve(self) -> "EngineConfig":
@@ -96,6 +100,9 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.kv_cache_memory_share != 1.0:
+            self.kv_cache_memory = max(1, int(self.kv_cache_memory * self.kv_cache_memory_share))
+            self.kv_cache_memory_share = 1.0
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len <= 0):
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         return self

@@ -36,17 +36,22 @@ class LLM:
                  num_kv_blocks: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: Optional[int] = None, enable_prefix_caching: bool = True, seed: int = 0,
                  scratch_pool_mb: Optional[int] = None, num_threads: Optional[int] = None,
-                 strict: Optional[bool] = None, progress: bool = True):
+                 strict: Optional[bool] = None, progress: bool = True, **engine_args):
         """Knobs left None take EngineConfig's default (python/metal_engine/config.py), itself the native
-        engine's where it has the knob."""
-        given = dict(block_size=block_size, kv_cache_memory=kv_cache_memory, num_threads=num_threads)
+        engine's where it has the knob. vLLM's engine-argument names work too (engine_args.py:
+        num_gpu_blocks_override, gpu_memory_utilization, kv_cache_memory_bytes, tokenizer, enforce_eager,
+        tensor_parallel_size=1, ...); those we cannot honour are a ValueError naming them."""
+        from metal_engine.engine_args import apply_engine_args
+
+        knobs = dict(block_size=block_size, kv_cache_memory=kv_cache_memory, num_threads=num_threads,
+                     quantization=quantization, num_kv_blocks=num_kv_blocks)
+        apply_engine_args(engine_args, knobs)
         config = EngineConfig(model=None if model is None else str(model), dtype=dtype,
-                              activation_dtype=activation_dtype, kv_cache_dtype=kv_cache_dtype,
-                              quantization=quantization, backend=backend,
-                              max_model_len=max_model_len, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
+                              activation_dtype=activation_dtype, kv_cache_dtype=kv_cache_dtype, backend=backend,
+                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
                               enable_prefix_caching=enable_prefix_caching, scratch_pool_mb=scratch_pool_mb,
-                              strict=strict, seed=seed, **{k: v for k, v in given.items() if v is not None})
+                              strict=strict, seed=seed, **{k: v for k, v in knobs.items() if v is not None})
         self.llm_engine = LLMEngine(config, progress=progress)
 
     def get_tokenizer(self):

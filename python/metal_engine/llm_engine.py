@@ -31,6 +31,9 @@ def resolve_model_path(model: Optional[str], progress: bool = True, quantization
     no model (the default) through the conversion cache."""
     from metal_engine import gguf_checkpoint, quantization as quant
 
+    is_gguf = model is not None and Path(os.fspath(model)).suffix == ".gguf"
+    if quantization == "gguf" and (model is None or is_gguf):
+        quantization = None  # vLLM's name for a GGUF file's own formats
     if quantization is not None:
         quant.check_format(quantization)
     if model is None or (Path(os.fspath(model)).suffix == ".gguf" and Path(os.fspath(model)).is_file()):
@@ -109,8 +112,11 @@ class LLMEngine:
         mc = self.engine.model_config
         self.vocab_size = mc.vocab_size
         self.tokenizer: Optional[Tokenizer] = None
-        if (self.model_path / "tokenizer.json").exists():
-            self.tokenizer = Tokenizer.from_checkpoint(self.model_path)
+        tok_dir = Path(config.tokenizer) if config.tokenizer else self.model_path
+        if config.tokenizer and not (tok_dir / "tokenizer.json").exists():
+            raise FileNotFoundError(f"tokenizer={config.tokenizer!r} has no tokenizer.json")
+        if not config.skip_tokenizer_init and (tok_dir / "tokenizer.json").exists():
+            self.tokenizer = Tokenizer.from_checkpoint(tok_dir)
         self.eos_token_ids = self._eos_token_ids()  # resolved once, not per request
         bs, num_blocks = self.engine.block_size, self.engine.num_kv_blocks
         capacity = num_blocks * bs
@@ -125,6 +131,8 @@ class LLMEngine:
                 )
         if config.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if not config.chunked_prefill:  # every prompt fits one step's token budget: never chunked
+            config.max_num_batched_tokens = max(config.max_num_batched_tokens, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, bs)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,

@@ -187,3 +187,36 @@ def test_generate_names_the_bad_prompt_and_keeps_nothing(llm):
 def test_invalid_sampling_params(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw)
+
+
+def test_vllm_engine_argument_names(tmp_path):
+    """vLLM scripts pass EngineArgs' names: those with a meaning here take it, the no-ops are accepted, the
+    rest are errors naming them; a name neither has is a TypeError, as in vLLM."""
+    from tiny_models import make_tiny_text_checkpoint
+
+    path = make_tiny_text_checkpoint(tmp_path / "ck", "llama", seed=3)
+    tok_only = tmp_path / "tok"
+    tok_only.mkdir()
+    (tok_only / "tokenizer.json").write_text((path / "tokenizer.json").read_text())
+    llm = LLM(model=str(path), dtype="float32", num_gpu_blocks_override=48, enforce_eager=True,
+              tensor_parallel_size=1, trust_remote_code=True, seed=0, tokenizer=str(tok_only),
+              enable_chunked_prefill=False, max_num_batched_tokens=16, max_model_len=128, disable_log_stats=True)
+    assert llm.llm_engine.engine.num_kv_blocks == 48
+    assert llm.llm_engine.config.max_num_batched_tokens >= 128  # no chunking: a whole prompt fits a step
+    [out] = llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].text
+    full = LLM(model=str(path), dtype="float32", progress=False).llm_engine.config.kv_cache_memory
+    half = LLM(model=str(path), dtype="float32", gpu_memory_utilization=0.5, kv_cache_memory_bytes=full,
+               progress=False).llm_engine.config.kv_cache_memory
+    assert half == full // 2
+    ids_only = LLM(model=str(path), dtype="float32", skip_tokenizer_init=True, progress=False)
+    assert ids_only.get_tokenizer() is None
+    for kw, msg in [({"tensor_parallel_size": 2}, "tensor_parallel_size=2 is not supported"),
+                    ({"quantization": "awq"}, "quantization='awq'"),
+                    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be in"),
+                    ({"enable_lora": True}, "LoRA"),
+                    ({"revision": "v2"}, "no model hub")]:
+        with pytest.raises(ValueError, match=msg):
+            LLM(model=str(path), dtype="float32", progress=False, **kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'not_a_knob'"):
+        LLM(model=str(path), not_a_knob=1)
