@@ -3,6 +3,7 @@ batch, samples, detokenizes and checks stop conditions. LLM (llm.py) is the offl
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -81,14 +82,18 @@ class _Parent:
         return all(s.request.is_finished for s in self.samples)
 
     def snapshot(self) -> RequestOutput:
+        """The request as it stands, in objects later steps do not change (the async engine hands them to
+        other threads): the outputs, their token and logprob lists and the metrics are copies."""
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_ids,
-            prompt_logprobs=self.prompt_logprobs,
-            outputs=[s.output for s in self.samples],
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+            outputs=[dataclasses.replace(s.output, token_ids=list(s.output.token_ids),
+                                         logprobs=None if s.output.logprobs is None else list(s.output.logprobs))
+                     for s in self.samples],
             finished=self.finished,
-            metrics=self.samples[0].request.metrics,
+            metrics=dataclasses.replace(self.samples[0].request.metrics),
         )
 
 

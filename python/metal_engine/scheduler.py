@@ -67,12 +67,15 @@ class Scheduler:
                 self._preempt(victim, out)
                 if victim is req:
                     break
-        # 2. Waiting requests, unless this step already had to preempt.
+        # 2. Waiting requests, in order, unless this step already had to preempt. A later sample of an n > 1
+        # request waits for its first sample to fill the shared prompt blocks; the requests behind it do not.
+        skipped = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
             sib = req.first_sibling
             if sib is not None and not sib.is_finished and sib.num_computed_tokens < len(sib.prompt_token_ids):
-                break  # n > 1: let the first sample fill the shared prompt blocks first
+                skipped.append(self.waiting.popleft())
+                continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - num_hit_tokens, budget)
             if self.kv.allocate_slots(req, n, hits) is None:
@@ -85,6 +88,7 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append((req, n))
             budget -= n
+        self.waiting.extendleft(reversed(skipped))  # back at the front, in their order
         return out
 
     def finish(self, req: Request):

@@ -158,3 +158,34 @@ def test_cache_salt_keeps_cached_prefixes_apart(tmp_path):
     assert cached() == 0
     with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
         llm.generate([{"prompt_token_ids": ids, "cache_salt": ""}], sp, use_tqdm=False)
+
+
+def test_a_waiting_sample_of_n_does_not_stall_the_queue_behind_it(tiny_checkpoints):
+    """n=2: the second sample waits for the first to fill the shared prompt blocks, but the request queued
+    behind it is scheduled in the same first step (vLLM does not hold the queue for it)."""
+    llm = LLM(str(tiny_checkpoints["llama"]), dtype="float32", max_num_batched_tokens=64, progress=False)
+    eng = llm.llm_engine
+    eng.add_request({"prompt_token_ids": list(range(3, 43))}, SamplingParams(n=2, max_tokens=3, temperature=0.0),
+                    request_id="pair")
+    eng.add_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, temperature=0.0), request_id="b")
+    eng.step()
+    pair, b = eng.parents["pair"], eng.parents["b"]
+    assert b.samples[0].request.metrics.first_scheduled_time is not None  # behind the waiting sample, yet run
+    assert pair.samples[1].request.metrics.first_scheduled_time is None   # waits for the shared prompt
+    while eng.has_unfinished_requests():
+        eng.step()
+
+
+def test_outputs_are_snapshots_later_steps_do_not_change(tiny_checkpoints):
+    """What step() returns belongs to the caller (the async engine hands it to other threads)."""
+    llm = LLM(str(tiny_checkpoints["llama"]), dtype="float32", progress=False)
+    eng = llm.llm_engine
+    eng.add_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=6, temperature=0.0, logprobs=1))
+    [first] = eng.step()
+    tokens, logprobs, metrics = list(first.outputs[0].token_ids), len(first.outputs[0].logprobs), first.metrics
+    last_token_time = metrics.last_token_time
+    while eng.has_unfinished_requests():
+        out = eng.step()
+    assert len(out[0].outputs[0].token_ids) == 6
+    assert first.outputs[0].token_ids == tokens and len(first.outputs[0].logprobs) == logprobs == 1
+    assert first.metrics.last_token_time == last_token_time and not first.finished
