@@ -112,6 +112,37 @@ def llama_quantized_path(kind: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- workers
+class CoreTimer:
+    """Times the C++ forward inside each LLMEngine step (its share prices the Python layer)."""
+
+    def __init__(self, eng):
+        self.eng, self.seconds = eng, 0.0
+        self.core = core = eng.engine.step
+
+        def timed(*a, **k):
+            s = time.perf_counter()
+            try:
+                return core(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - s
+
+        eng.engine.step = timed
+
+    def restore(self):
+        self.eng.engine.step = self.core
+
+    def decode_until_done(self) -> tuple:
+        """Steps until every request finishes: (seconds, steps, the Python layer's share of the time)."""
+        self.seconds = 0.0
+        s = time.perf_counter()
+        steps = 0
+        while self.eng.has_unfinished_requests():
+            self.eng.step()
+            steps += 1
+        total = time.perf_counter() - s
+        return total, steps, 1 - self.seconds / total
+
+
 def work_metal_engine(batches, new_tokens, quantized=False, model=None):
     """fp16 weights and KV cache (the Q4_1 file dequantized), or the Q4_1 file's own blocks (fp16 KV cache), or
     the GGUF `model`'s own blocks."""
@@ -125,17 +156,7 @@ def work_metal_engine(batches, new_tokens, quantized=False, model=None):
               enable_prefix_caching=False, num_threads=THREADS, progress=False)
     load = time.perf_counter() - t0
     eng = llm.llm_engine
-    core_time = [0.0]
-    core_step = eng.engine.step
-
-    def timed_step(*a, **k):  # the C++ forward's share of each step, to price the Python layer
-        s = time.perf_counter()
-        try:
-            return core_step(*a, **k)
-        finally:
-            core_time[0] += time.perf_counter() - s
-
-    eng.engine.step = timed_step
+    core = CoreTimer(eng)
     res = {"load_s": load}
     # prefill + time to first token: one 512-token prompt, whole, in one step
     times = []
@@ -153,14 +174,8 @@ def work_metal_engine(batches, new_tokens, quantized=False, model=None):
             eng.add_request({"prompt_token_ids": prompt_ids(DECODE_PROMPT, 100 + i)},
                             SamplingParams(max_tokens=new_tokens + 1, temperature=0, ignore_eos=True))
         eng.step()  # prefill every sequence and sample its first token
-        core_time[0] = 0.0
-        s = time.perf_counter()
-        steps = 0
-        while eng.has_unfinished_requests():
-            eng.step()
-            steps += 1
-        total = time.perf_counter() - s
-        res["decode"][str(b)] = {"tok_s": b * new_tokens / total, "python_share": 1 - core_time[0] / total}
+        total, _, share = core.decode_until_done()
+        res["decode"][str(b)] = {"tok_s": b * new_tokens / total, "python_share": share}
     res["peak_rss_mb"] = peak_rss_mb()
     return res
 

@@ -18,31 +18,18 @@ PROMPT, NEW = 64, 48
 
 def run(llm, batch: int, params) -> tuple[float, float]:
     """(ms per step, Python share) over NEW decode steps of `batch` sequences."""
+    from compare import CoreTimer
+
     eng = llm.llm_engine
-    core = eng.engine.step
-    spent = [0.0]
-
-    def timed(*a, **k):
-        s = time.perf_counter()
-        try:
-            return core(*a, **k)
-        finally:
-            spent[0] += time.perf_counter() - s
-
-    eng.engine.step = timed
     rng = np.random.default_rng(batch)
     for i in range(batch):
         eng.add_request({"prompt_token_ids": rng.integers(100, 40000, PROMPT).tolist()}, params.clone(seed=i))
     eng.step()  # prefill
-    spent[0] = 0.0
-    s = time.perf_counter()
-    steps = 0
-    while eng.has_unfinished_requests():
-        eng.step()
-        steps += 1
-    total = time.perf_counter() - s
-    eng.engine.step = core
-    return total / steps * 1000, 1 - spent[0] / total
+    timer = CoreTimer(eng)
+    total, steps, share = timer.decode_until_done()
+    timer.restore()
+    return total / steps * 1000, share
+
 
 
 def sampler_alone(llm, batch: int, params, reps: int = 20) -> float:

@@ -237,7 +237,6 @@ def register(app, core):
                     "usage": {"input_tokens": len(run.ids), "output_tokens": len(c.token_ids)}}
 
         async def events():
-            out = run.output()
             yield _event("message_start", {"message": message})
             index, open_kind, ncalls = -1, None, 0
 
@@ -245,27 +244,20 @@ def register(app, core):
                 return _event("content_block_stop", {"index": index})
 
             try:
-                last = None
-                async for last in core.outputs(run):
-                    c = last.outputs[0]
-                    done = c.finish_reason is not None
-                    visible = c.text if done else c.text[: max(0, len(c.text) - run.holdback)]
-                    for d in out.deltas(visible, done):
-                        kind = next(iter(d))
-                        if kind == "tool_calls":
-                            t = d["tool_calls"][0]
-                            if not run.parallel and t["index"] > 0:
-                                continue
-                            if open_kind is not None:
-                                yield close()
-                            index, open_kind, ncalls = index + 1, "tool_use", ncalls + 1
-                            f = t["function"]
-                            yield _event("content_block_start", {"index": index, "content_block": {
-                                "type": "tool_use", "id": "toolu_" + t["id"][len("call_"):], "name": f["name"],
-                                "input": {}}})
-                            yield _event("content_block_delta", {"index": index, "delta": {
-                                "type": "input_json_delta", "partial_json": f["arguments"]}})
-                            continue
+                async for kind, value in core.reply_deltas(run):
+                    if kind == "done":
+                        last = value
+                    elif kind == "tool_call":
+                        if open_kind is not None:
+                            yield close()
+                        index, open_kind, ncalls = index + 1, "tool_use", ncalls + 1
+                        f = value["function"]
+                        yield _event("content_block_start", {"index": index, "content_block": {
+                            "type": "tool_use", "id": "toolu_" + value["id"][len("call_"):], "name": f["name"],
+                            "input": {}}})
+                        yield _event("content_block_delta", {"index": index, "delta": {
+                            "type": "input_json_delta", "partial_json": f["arguments"]}})
+                    else:
                         block = "thinking" if kind == "reasoning_content" else "text"
                         if open_kind != block:
                             if open_kind is not None:
@@ -274,8 +266,8 @@ def register(app, core):
                             start = {"type": "thinking", "thinking": "", "signature": ""} if block == "thinking" \
                                 else {"type": "text", "text": ""}
                             yield _event("content_block_start", {"index": index, "content_block": start})
-                        delta = {"type": "thinking_delta", "thinking": d[kind]} if block == "thinking" \
-                            else {"type": "text_delta", "text": d[kind]}
+                        delta = {"type": "thinking_delta", "thinking": value} if block == "thinking" \
+                            else {"type": "text_delta", "text": value}
                         yield _event("content_block_delta", {"index": index, "delta": delta})
                 if open_kind is not None:
                     yield close()

@@ -633,13 +633,31 @@ def create_app(engine: LLMEngine, served_model_name: str, api_key: Optional[str]
                             "finish_reason": finish_reason(c, calls)})
         return {**base, "choices": choices, "usage": usage([len(ids)], outs)}
 
-    async def outputs(run: ChatRun):
-        """A started request's outputs, the first included (for the front doors that stream their own events)."""
-        yield run.first
-        async for out in run.agen:
-            yield out
+    async def reply_deltas(run: ChatRun):
+        """A started request's reply as it streams, for the front doors that write their own events:
+        ("reasoning_content" | "content", text), ("tool_call", the call whole; past the first only with parallel
+        calls on), and last ("done", the final output). Text that may still become a stop string is held back."""
+        out = run.output()
+        last = run.first
 
-    core = types.SimpleNamespace(start_chat=start_chat, run_all=run_all, outputs=outputs,
+        async def outputs():
+            yield run.first
+            async for o in run.agen:
+                yield o
+
+        async for last in outputs():
+            c = last.outputs[0]
+            done = c.finish_reason is not None
+            visible = c.text if done else c.text[: max(0, len(c.text) - run.holdback)]
+            for d in out.deltas(visible, done):
+                kind = next(iter(d))
+                if kind != "tool_calls":
+                    yield kind, d[kind]
+                elif run.parallel or d["tool_calls"][0]["index"] == 0:
+                    yield "tool_call", d["tool_calls"][0]
+        yield "done", last
+
+    core = types.SimpleNamespace(start_chat=start_chat, run_all=run_all, reply_deltas=reply_deltas,
                                  served_model_name=served_model_name, APIError=APIError, tokenizer=tok,
                                  reasoning=reasoning)
     from metal_engine.entrypoints.anthropic import messages as anthropic_messages

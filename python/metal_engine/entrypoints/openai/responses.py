@@ -195,7 +195,6 @@ def register(app, core):
                 seq += 1
                 return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq - 1, **data}, ensure_ascii=False)}\n\n"
 
-            out = run.output()
             output: list = []
             open_item = None  # (kind, item, text so far)
             yield ev("response.created", response=response_object(rid, req, created, [], "in_progress", None))
@@ -221,55 +220,48 @@ def register(app, core):
                 return evs + [ev("response.output_item.done", output_index=i, item=item)]
 
             try:
-                last = None
-                async for last in core.outputs(run):
-                    c = last.outputs[0]
-                    done = c.finish_reason is not None
-                    visible = c.text if done else c.text[: max(0, len(c.text) - run.holdback)]
-                    for d in out.deltas(visible, done):
-                        kind = next(iter(d))
-                        if kind == "tool_calls":
-                            t = d["tool_calls"][0]
-                            if not run.parallel and t["index"] > 0:
-                                continue
-                            if open_item is not None:
-                                for e in close_item():
-                                    yield e
-                                open_item = None
-                            f = t["function"]
-                            item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": t["id"],
-                                    "name": f["name"], "arguments": "", "status": "in_progress"}
-                            i = len(output)
-                            yield ev("response.output_item.added", output_index=i, item=item)
-                            yield ev("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
-                                     delta=f["arguments"])
-                            yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
-                                     arguments=f["arguments"])
-                            item = {**item, "arguments": f["arguments"], "status": "completed"}
-                            output.append(item)
-                            yield ev("response.output_item.done", output_index=i, item=item)
-                            continue
-                        want = "reasoning" if kind == "reasoning_content" else "message"
-                        if open_item is None or open_item[0] != want:
-                            if open_item is not None:
-                                for e in close_item():
-                                    yield e
-                            i = len(output)
-                            if want == "message":
-                                item = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}",
-                                        "status": "in_progress", "role": "assistant", "content": []}
-                                yield ev("response.output_item.added", output_index=i, item=item)
-                                yield ev("response.content_part.added", item_id=item["id"], output_index=i,
-                                         content_index=0, part={"type": "output_text", "text": "", "annotations": []})
-                            else:
-                                item = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:24]}", "summary": []}
-                                yield ev("response.output_item.added", output_index=i, item=item)
-                            open_item = (want, item, "")
-                        w, item, text = open_item
-                        open_item = (w, item, text + d[kind])
+                async for kind, value in core.reply_deltas(run):
+                    if kind == "done":
+                        last = value
+                        continue
+                    if kind == "tool_call":
+                        if open_item is not None:
+                            for e in close_item():
+                                yield e
+                            open_item = None
+                        f = value["function"]
+                        item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": value["id"],
+                                "name": f["name"], "arguments": "", "status": "in_progress"}
                         i = len(output)
-                        name = "response.output_text.delta" if w == "message" else "response.reasoning_text.delta"
-                        yield ev(name, item_id=item["id"], output_index=i, content_index=0, delta=d[kind])
+                        yield ev("response.output_item.added", output_index=i, item=item)
+                        yield ev("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
+                                 delta=f["arguments"])
+                        yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                                 arguments=f["arguments"])
+                        item = {**item, "arguments": f["arguments"], "status": "completed"}
+                        output.append(item)
+                        yield ev("response.output_item.done", output_index=i, item=item)
+                        continue
+                    want = "reasoning" if kind == "reasoning_content" else "message"
+                    if open_item is None or open_item[0] != want:
+                        if open_item is not None:
+                            for e in close_item():
+                                yield e
+                        i = len(output)
+                        if want == "message":
+                            item = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}",
+                                    "status": "in_progress", "role": "assistant", "content": []}
+                            yield ev("response.output_item.added", output_index=i, item=item)
+                            yield ev("response.content_part.added", item_id=item["id"], output_index=i,
+                                     content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+                        else:
+                            item = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:24]}", "summary": []}
+                            yield ev("response.output_item.added", output_index=i, item=item)
+                        open_item = (want, item, "")
+                    w, item, text = open_item
+                    open_item = (w, item, text + value)
+                    name = "response.output_text.delta" if w == "message" else "response.reasoning_text.delta"
+                    yield ev(name, item_id=item["id"], output_index=len(output), content_index=0, delta=value)
                 if open_item is not None:
                     for e in close_item():
                         yield e
