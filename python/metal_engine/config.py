@@ -73,6 +73,7 @@ class EngineConfig:
     chunked_prefill: bool = True           # False (vLLM's enable_chunked_prefill): a prompt prefills in one step
     tokenizer: Optional[str] = None        # a folder with tokenizer.json (default: the checkpoint's)
     skip_tokenizer_init: bool = False      # no tokenizer: prompts are token ids, outputs have no text
+    max_logprobs: Optional[int] = None     # vLLM's: the most logprobs / prompt_logprobs a request may ask for
     extra: dict = field(default_factory=dict)
 
     def resolve(self) -> "EngineConfig":

@@ -12,6 +12,7 @@ MAPPED = {
     "kv_cache_memory_bytes": "kv_cache_memory",
     "tokenizer": "tokenizer",
     "skip_tokenizer_init": "skip_tokenizer_init",
+    "max_logprobs": "max_logprobs",
 }
 
 
@@ -46,7 +47,6 @@ ACCEPTED = {
     "cpu_offload_gb": (_is(0, None), "weight offloading is not supported"),
     "speculative_config": (_is(None), "speculative decoding is not supported"),
     "enable_lora": (_is(False, None), "LoRA adapters are not supported"),
-    "max_logprobs": (_any, ""),                         # checked per request instead
     "async_scheduling": (_is(False, None), "async scheduling is not supported by the standalone LLM"),
 }
 

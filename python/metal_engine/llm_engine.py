@@ -190,6 +190,10 @@ class LLMEngine:
             for t in tokens or []:
                 if not 0 <= t < self.vocab_size:
                     raise ValueError(f"{name} {t} is outside the vocabulary [0, {self.vocab_size})")
+        cap = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            if cap is not None and (getattr(params, name) or 0) > cap:
+                raise ValueError(f"{name}={getattr(params, name)} is more than this engine's max_logprobs ({cap})")
         so = params.structured_outputs
         if so is not None:
             self.structured_output_manager().grammar(so)  # compiled (and checked) once, before anything changes

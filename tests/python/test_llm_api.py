@@ -209,6 +209,10 @@ def test_vllm_engine_argument_names(tmp_path):
     half = LLM(model=str(path), dtype="float32", gpu_memory_utilization=0.5, kv_cache_memory_bytes=full,
                progress=False).llm_engine.config.kv_cache_memory
     assert half == full // 2
+    capped = LLM(model=str(path), dtype="float32", max_logprobs=2, progress=False)
+    with pytest.raises(ValueError, match="logprobs=3 is more than this engine's max_logprobs"):
+        capped.generate(["Hello"], SamplingParams(max_tokens=2, logprobs=3), use_tqdm=False)
+    assert capped.generate(["Hello"], SamplingParams(max_tokens=2, logprobs=2), use_tqdm=False)
     ids_only = LLM(model=str(path), dtype="float32", skip_tokenizer_init=True, progress=False)
     assert ids_only.get_tokenizer() is None
     for kw, msg in [({"tensor_parallel_size": 2}, "tensor_parallel_size=2 is not supported"),
