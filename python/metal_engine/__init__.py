@@ -3,19 +3,35 @@
     from metal_engine import LLM, SamplingParams
     llm = LLM()  # the default model, SmolLM2-135M-Instruct
     print(llm.generate(["def fibonacci(n):"], SamplingParams(max_tokens=64, temperature=0))[0].outputs[0].text)
+
+The public names load on first use (PEP 562), so that `import metal_engine.vllm` (vLLM's plugin hook, called in
+every vLLM process) loads neither the native extension nor the engine.
 """
 
-from metal_engine import _blas  # noqa: F401  (loads the BLAS library before the extension needs it)
-from metal_engine._core import ScratchPoolExhausted
-from metal_engine.config import EngineConfig
-from metal_engine.engine import Engine
-from metal_engine.llm import LLM, StreamDelta
-from metal_engine.llm_engine import LLMEngine
-from metal_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from metal_engine.sampling_params import SamplingParams, StructuredOutputsParams
+import importlib
+
+from metal_engine import _blas  # noqa: F401  (loads the BLAS library before the extension needs it; milliseconds)
 
 __version__ = "0.1.0"
-__all__ = [
-    "LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
-    "StreamDelta", "EngineConfig", "Engine", "ScratchPoolExhausted", "__version__",
-]
+
+_EXPORTS = {
+    "LLM": "metal_engine.llm", "StreamDelta": "metal_engine.llm", "LLMEngine": "metal_engine.llm_engine",
+    "SamplingParams": "metal_engine.sampling_params", "StructuredOutputsParams": "metal_engine.sampling_params",
+    "RequestOutput": "metal_engine.outputs", "CompletionOutput": "metal_engine.outputs",
+    "Logprob": "metal_engine.outputs", "RequestMetrics": "metal_engine.outputs", "EngineConfig": "metal_engine.config",
+    "Engine": "metal_engine.engine", "ScratchPoolExhausted": "metal_engine._core",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'metal_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

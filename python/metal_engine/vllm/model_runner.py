@@ -1,0 +1,243 @@
+"""One vLLM step on our Engine: vLLM's SchedulerOutput becomes the flattened batch Engine.step takes
+(token_ids, positions, query_start_loc, seq_lens, block_tables, slot_mapping), and the logits become vLLM's
+ModelRunnerOutput (sampled tokens, logprobs, prompt logprobs).
+
+vLLM sends each request's prompt once (NewRequestData) and never the tokens it samples: the runner keeps every
+request's token history itself. vLLM's block ids index our PagedKVCache directly (it holds exactly vLLM's
+num_blocks blocks; block 0 is vLLM's null block and is never assigned to a request).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from metal_engine.request import Request
+from metal_engine.sampler import log_softmax, plain_greedy, sample_batch
+from metal_engine.sampling_params import SamplingParams
+
+
+def our_sampling_params(sp, vocab_size: int) -> SamplingParams:
+    """vLLM's SamplingParams as ours, for sampling only (vLLM's scheduler checks stop conditions). min_tokens
+    bans vLLM's all_stop_token_ids (EOS and the stop tokens), as vLLM's MinTokensLogitsProcessor does."""
+    def n_logprobs(v):
+        return None if v is None else (vocab_size if v == -1 else int(v))
+
+    stops = sorted(getattr(sp, "all_stop_token_ids", None) or set(sp.stop_token_ids or ()))
+    return SamplingParams(
+        temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=int(sp.top_k), min_p=float(sp.min_p),
+        presence_penalty=float(sp.presence_penalty), frequency_penalty=float(sp.frequency_penalty),
+        repetition_penalty=float(sp.repetition_penalty), seed=sp.seed, min_tokens=int(sp.min_tokens or 0),
+        stop_token_ids=stops or None, ignore_eos=True, max_tokens=None,
+        logprobs=n_logprobs(sp.logprobs), prompt_logprobs=n_logprobs(sp.prompt_logprobs),
+        logit_bias=sp.logit_bias or None, allowed_token_ids=sp.allowed_token_ids or None)
+
+
+@dataclass
+class CachedRequest:
+    """What the runner keeps of one vLLM request between steps."""
+
+    req: Request                 # prompt + output tokens, sampling params, seeded generator
+    block_ids: list              # vLLM's block ids for it, in order
+    num_computed_tokens: int = 0
+    prompt_logprobs: Optional[list] = None  # per scored prompt position: (ids [k+1], logprobs [k+1], rank)
+    prompt_logprobs_sent: bool = False      # sent once, when the prompt's prefill completes (not again on resume)
+
+
+def bitmask_to_bool(bitmask: np.ndarray, vocab: int) -> np.ndarray:
+    """vLLM's grammar bitmask int32 [rows, ceil(vocab / 32)] (bit set = allowed) as bool [rows, vocab]."""
+    bits = np.unpackbits(np.ascontiguousarray(bitmask, dtype="<i4").view(np.uint8), axis=1, bitorder="little")
+    return bits[:, :vocab].astype(bool)
+
+
+class ModelRunner:
+    def __init__(self, engine, vocab_size: int, max_model_len: int, seed: int = 0):
+        self.engine = engine
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.block_size = engine.block_size
+        self.requests: dict[str, CachedRequest] = {}
+        self.rng = np.random.default_rng(seed)
+        self._pending = None  # the forward of the step awaiting sample_tokens
+        # what vLLM's scheduler did, as this runner saw it (tests and logs read it)
+        self.stats = {"steps": 0, "tokens": 0, "preempted": 0, "resumed": 0, "prefix_hit_tokens": 0,
+                      "partial_prefills": 0}
+
+    # ------------------------------------------------------------------------------------- state
+    def update_states(self, so) -> None:
+        self.stats["preempted"] += len(so.preempted_req_ids or ())
+        self.stats["resumed"] += len(so.scheduled_cached_reqs.resumed_req_ids)
+        for rid in so.finished_req_ids:
+            self.requests.pop(rid, None)
+        for new in so.scheduled_new_reqs:
+            if new.prompt_token_ids is None:
+                raise ValueError(f"request {new.req_id}: prompt embeddings are not supported by metal_engine; "
+                                 "send token ids or text")
+            if new.sampling_params is None:
+                raise ValueError(f"request {new.req_id}: pooling requests are not supported by metal_engine")
+            params = our_sampling_params(new.sampling_params, self.vocab_size)
+            req = Request(new.req_id, new.prompt_token_ids, params, arrival_time=0.0,
+                          max_model_len=self.max_model_len)
+            req.bad_words_token_ids = list(getattr(new.sampling_params, "_bad_words_token_ids", None) or [])
+            self.requests[new.req_id] = CachedRequest(req, list(new.block_ids[0]), new.num_computed_tokens)
+            self.stats["prefix_hit_tokens"] += new.num_computed_tokens
+        cached = so.scheduled_cached_reqs
+        resumed = cached.resumed_req_ids
+        for i, rid in enumerate(cached.req_ids):
+            st = self.requests[rid]
+            st.num_computed_tokens = cached.num_computed_tokens[i]
+            new_ids = cached.new_block_ids[i]
+            if rid in resumed:
+                st.block_ids = list(new_ids[0])  # resumed after preemption: a new block list
+            elif new_ids is not None:
+                st.block_ids.extend(new_ids[0])
+            n_out = cached.num_output_tokens[i]
+            out = st.req.output_token_ids
+            if n_out < len(out):  # tokens vLLM discarded (a failed KV load): forget them
+                for t in out[n_out:]:
+                    st.req.output_counts[t] -= 1
+                del out[n_out:]
+
+    # ---------------------------------------------------------------------------------- forward
+    def execute(self, so) -> bool:
+        """The forward of a step; its logits wait for sample(). False for a step with no tokens."""
+        self.update_states(so)
+        if so.total_num_scheduled_tokens == 0:
+            self._pending = None
+            return False
+        bs = self.block_size
+        order = [n.req_id for n in so.scheduled_new_reqs] + list(so.scheduled_cached_reqs.req_ids)
+        toks, pos, slots, qsl, lens, tables = [], [], [], [0], [], []
+        rows, row_kind = [], []  # logits rows: ("sample", req index) or ("prompt", req index, position)
+        for k, rid in enumerate(order):
+            st = self.requests[rid]
+            n = so.num_scheduled_tokens[rid]
+            req = st.req
+            start, end = st.num_computed_tokens, st.num_computed_tokens + n
+            if end > req.num_tokens:
+                raise RuntimeError(f"request {rid}: vLLM scheduled tokens {start}..{end} but the runner knows "
+                                   f"{req.num_tokens}")
+            all_ids = req.prompt_token_ids if end <= len(req.prompt_token_ids) else req.all_token_ids
+            p = np.arange(start, end)
+            blocks = np.asarray(st.block_ids, dtype=np.int64)
+            toks.extend(all_ids[start:end])
+            pos.append(p)
+            slots.append(blocks[p // bs] * bs + p % bs)
+            lens.append(end)
+            tables.append(blocks)
+            base = qsl[-1]
+            plen = len(req.prompt_token_ids)
+            if req.params.prompt_logprobs is not None and not st.prompt_logprobs_sent and start < plen - 1:
+                if st.prompt_logprobs is None or start == 0:
+                    st.prompt_logprobs = []
+                for i in range(start, min(end, plen - 1)):  # the row at position i scores prompt token i + 1
+                    rows.append(base + i - start)
+                    row_kind.append(("prompt", k, i))
+            if end == req.num_tokens:
+                rows.append(base + n - 1)
+                row_kind.append(("sample", k, None))
+            else:
+                self.stats["partial_prefills"] += 1
+            qsl.append(base + n)
+        width = max(len(t) for t in tables)
+        bt = np.zeros((len(tables), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = t
+        reqs = [self.requests[r].req for r in order]
+        greedy = (bool(row_kind) and not so.has_structured_output_requests
+                  and all(kind == "sample" and plain_greedy(reqs[k]) for kind, k, _ in row_kind))
+        out = self.engine.step(np.asarray(toks, dtype=np.int32), np.concatenate(pos), qsl, lens, bt,
+                               np.concatenate(slots), np.asarray(rows, dtype=np.int32), greedy=greedy)
+        self.stats["steps"] += 1
+        self.stats["tokens"] += len(toks)
+        self._pending = (so, order, row_kind, out, greedy)
+        return True
+
+    # --------------------------------------------------------------------------------- sampling
+    def sample(self, grammar_output=None):
+        """Samples the pending step (the grammar's bitmask applied first) and returns vLLM's ModelRunnerOutput."""
+        import torch
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsTensors, ModelRunnerOutput
+
+        if self._pending is None:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        so, order, row_kind, out, greedy = self._pending
+        self._pending = None
+        reqs = [self.requests[r].req for r in order]
+        sample_rows = [r for r, (kind, _, _) in enumerate(row_kind) if kind == "sample"]
+        sampled: dict = {}  # req index -> (token, logprobs [vocab] or None)
+        if greedy:
+            for r in sample_rows:
+                sampled[row_kind[r][1]] = (int(out[r]), None)
+        elif sample_rows:
+            who = [row_kind[r][1] for r in sample_rows]
+            masks = {}
+            if grammar_output is not None and len(grammar_output.structured_output_request_ids):
+                allowed = bitmask_to_bool(grammar_output.grammar_bitmask, self.vocab_size)
+                where = {rid: i for i, rid in enumerate(grammar_output.structured_output_request_ids)}
+                for j, k in enumerate(who):
+                    if order[k] in where:
+                        masks[j] = allowed[where[order[k]]]
+            logits = out if len(sample_rows) == len(out) else out[sample_rows]
+            picked = sample_batch(logits, [reqs[k] for k in who], self.rng, masks)
+            sampled = dict(zip(who, picked))
+        sampled_ids, lp_rows = [], []
+        for k, rid in enumerate(order):
+            if k in sampled:
+                token, lp = sampled[k]
+                reqs[k].append_output(token)
+                sampled_ids.append([token])
+                lp_rows.append((k, token, lp))
+            else:
+                sampled_ids.append([])  # a partial prefill chunk: no token
+        logprobs = self._logprobs_lists(reqs, lp_rows, len(order))
+        prompt_lps = {}
+        for r, (kind, k, i) in enumerate(row_kind):
+            if kind != "prompt":
+                continue
+            st = self.requests[order[k]]
+            target = st.req.prompt_token_ids[i + 1]
+            ids, vals, rank = _top(log_softmax(out[r]), target, st.req.params.prompt_logprobs)
+            st.prompt_logprobs.append((ids, vals, rank))
+        for k, rid in enumerate(order):
+            st = self.requests[rid]
+            plen = len(st.req.prompt_token_ids)
+            if (st.req.params.prompt_logprobs is not None and st.prompt_logprobs is not None
+                    and len(st.prompt_logprobs) == plen - 1 and k in sampled):
+                ids = torch.tensor(np.array([x[0] for x in st.prompt_logprobs], np.int64).reshape(plen - 1, -1))
+                vals = torch.tensor(np.array([x[1] for x in st.prompt_logprobs], np.float32).reshape(plen - 1, -1))
+                ranks = torch.tensor(np.array([x[2] for x in st.prompt_logprobs], np.int64))
+                prompt_lps[rid] = LogprobsTensors(ids, vals, ranks)
+                st.prompt_logprobs, st.prompt_logprobs_sent = None, True
+        return ModelRunnerOutput(req_ids=list(order), req_id_to_index={r: i for i, r in enumerate(order)},
+                                 sampled_token_ids=sampled_ids, logprobs=logprobs, prompt_logprobs_dict=prompt_lps)
+
+    def _logprobs_lists(self, reqs, lp_rows, num_reqs):
+        """vLLM's LogprobsLists: one row per request of the step, the sampled token in column 0, then the top k
+        (k = the most any request asked for)."""
+        from vllm.v1.outputs import LogprobsLists
+
+        want = [reqs[k].params.logprobs for k, _, lp in lp_rows if lp is not None]
+        if not want:
+            return None
+        k_max = max(want)
+        ids = np.zeros((num_reqs, k_max + 1), np.int64)
+        vals = np.zeros((num_reqs, k_max + 1), np.float32)
+        ranks = np.zeros(num_reqs, np.int64)
+        for k, token, lp in lp_rows:
+            if lp is None:
+                continue
+            i, v, rank = _top(lp, token, k_max)
+            ids[k], vals[k], ranks[k] = i, v, rank
+        return LogprobsLists(ids, vals, ranks)
+
+
+def _top(logprobs: np.ndarray, token: int, k: int):
+    """(ids [k+1], logprobs [k+1], rank of token): token first, then the k most likely (vLLM's gather_logprobs)."""
+    top = np.argpartition(-logprobs, min(k, len(logprobs) - 1))[:k] if k > 0 else np.zeros(0, np.int64)
+    top = top[np.argsort(-logprobs[top], kind="stable")]
+    ids = np.concatenate([[token], top]).astype(np.int64)
+    rank = int((logprobs > logprobs[token]).sum()) + 1
+    return ids, logprobs[ids].astype(np.float32), rank
