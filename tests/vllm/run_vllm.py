@@ -34,6 +34,9 @@ def main():
     try:  # in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0): our worker is reachable
         worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
         stats = getattr(getattr(worker, "runner", None), "stats", None)
+        if stats is not None:
+            stats = dict(stats, num_kv_blocks=worker.engine.num_kv_blocks,
+                         bytes_per_block=worker.get_cache_block_size_bytes())
     except AttributeError:
         pass
     print("RESULT " + json.dumps({"platform": type(current_platform).__name__,

@@ -160,3 +160,17 @@ def test_our_env_vars_draw_no_unknown_variable_warning(tiny_dir):
     bad = dict(full, VLLM_APPLE_ENGINE_BACKEND="gpu")
     p = subprocess.run(cmd, env=bad, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "VLLM_APPLE_ENGINE_BACKEND='gpu'" in p.stderr
+
+
+def test_kv_cache_sized_as_vllm_plans(tiny_dir):
+    """kv_cache_memory_bytes and gpu_memory_utilization size our cache; it holds exactly vLLM's blocks."""
+    model = tiny_dir / "llama"
+    rounds = [{"prompts": PROMPTS[:1], "params": GREEDY}]
+    base = engine(model)
+    del base["num_gpu_blocks_override"], base["gpu_memory_utilization"]
+    by_bytes = run_vllm({"engine": {**base, "kv_cache_memory_bytes": 3 << 20}, "rounds": rounds}, ours=True)["stats"]
+    assert by_bytes["num_kv_blocks"] == (3 << 20) // by_bytes["bytes_per_block"]
+    full = run_vllm({"engine": {**base, "gpu_memory_utilization": 0.8}, "rounds": rounds}, ours=True)["stats"]
+    half = run_vllm({"engine": {**base, "gpu_memory_utilization": 0.4}, "rounds": rounds}, ours=True)["stats"]
+    assert abs(half["num_kv_blocks"] * 2 - full["num_kv_blocks"]) <= 2, (half, full)
+    assert full["num_kv_blocks"] * full["bytes_per_block"] <= 0.8 * (256 << 20)
