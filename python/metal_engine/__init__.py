@@ -26,8 +26,13 @@ __all__ = [*_EXPORTS, "__version__"]
 
 def __getattr__(name):
     module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'metal_engine' has no attribute {name!r}")
+    if module is None:  # a submodule, as `metal_engine._core` after `import metal_engine`
+        try:
+            return importlib.import_module(f"metal_engine.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"metal_engine.{name}":
+                raise
+            raise AttributeError(f"module 'metal_engine' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -99,12 +99,46 @@ class BlockPool:
                 self.free_queue[b.block_id] = b
 
 
+class BlockTableRow:
+    """One request's block ids as an int32 array appended to in place (vLLM's BlockTable.append_row): a step
+    reads `ids` without rebuilding it, so the per-step cost is the blocks added, not the context."""
+
+    __slots__ = ("_buf", "n")
+
+    def __init__(self):
+        self._buf = np.zeros(8, dtype=np.int32)
+        self.n = 0
+
+    def extend(self, block_ids):
+        k = len(block_ids)
+        if self.n + k > len(self._buf):
+            grown = np.zeros(max(2 * len(self._buf), self.n + k), dtype=np.int32)
+            grown[: self.n] = self._buf[: self.n]
+            self._buf = grown
+        self._buf[self.n: self.n + k] = block_ids
+        self.n += k
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._buf[: self.n]
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    """`enable_caching` False: no block is hashed or cached, except those of requests that share their prompt
+    with sibling samples (n > 1: `request.hash_blocks`)."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
         self.block_size = block_size
+        self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks)
         self.req_to_blocks: dict = {}
         self.req_to_hashes: dict = {}
+        self.req_to_table: dict = {}       # request id -> BlockTableRow
+        self.req_to_num_cached: dict = {}  # request id -> how many of its leading blocks are cached (vLLM's
+                                           # num_cached_block): each step caches only the newly full ones
+
+    def _hashes_blocks(self, request) -> bool:
+        return self.enable_caching or getattr(request, "hash_blocks", False)
 
     @property
     def num_free_blocks(self) -> int:
@@ -128,8 +162,8 @@ class KVCacheManager:
     def get_computed_blocks(self, request) -> tuple[list, int]:
         """The longest run of cached full blocks that starts the request's tokens, leaving at least
         one token to compute (its logits are needed). Returns (blocks, number of tokens they hold)."""
-        if request.params.prompt_logprobs is not None:  # needs every prompt position's logits
-            return [], 0
+        if request.params.prompt_logprobs is not None or not self._hashes_blocks(request):
+            return [], 0  # prompt logprobs need every prompt position's logits
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits = []
         for h in self._block_hashes(request, max_blocks * self.block_size)[:max_blocks]:
@@ -150,21 +184,39 @@ class KVCacheManager:
         if need > self.pool.num_free_blocks - evictable_hits:
             return None
         self.pool.touch(new_computed_blocks)
-        blocks = self.req_to_blocks.setdefault(request.request_id, blocks)
-        blocks.extend(new_computed_blocks)
+        rid = request.request_id
+        blocks = self.req_to_blocks.setdefault(rid, blocks)
+        table = self.req_to_table.get(rid)
+        if table is None:
+            table = self.req_to_table[rid] = BlockTableRow()
         new = self.pool.get_new_blocks(max(need, 0))
-        blocks.extend(new)
-        # Cache the blocks that will be full once this step has run.
-        full = total // self.block_size
-        hashes = self._block_hashes(request, full * self.block_size)
-        for i in range(full):
-            self.pool.cache_block(blocks[i], hashes[i])
+        added = [*new_computed_blocks, *new]
+        blocks.extend(added)
+        if added:
+            table.extend([b.block_id for b in added])
+        if self._hashes_blocks(request):
+            # Cache the blocks that will be full once this step has run, from the first not yet cached.
+            start = self.req_to_num_cached.get(rid, 0) if not new_computed_blocks else 0
+            full = total // self.block_size
+            if full > start:
+                hashes = self._block_hashes(request, full * self.block_size)
+                for i in range(start, full):
+                    self.pool.cache_block(blocks[i], hashes[i])
+                self.req_to_num_cached[rid] = full
         return new
 
     def block_ids(self, request) -> list:
         return [b.block_id for b in self.req_to_blocks.get(request.request_id, [])]
 
+    def block_table(self, request) -> np.ndarray:
+        """The request's block ids, int32 [num_blocks] (a view of its BlockTableRow; valid until it grows)."""
+        table = self.req_to_table.get(request.request_id)
+        return table.ids if table is not None else np.zeros(0, dtype=np.int32)
+
     def free(self, request):
-        blocks = self.req_to_blocks.pop(request.request_id, [])
+        rid = request.request_id
+        blocks = self.req_to_blocks.pop(rid, [])
         self.pool.free_blocks(reversed(blocks))
-        self.req_to_hashes.pop(request.request_id, None)
+        self.req_to_hashes.pop(rid, None)
+        self.req_to_table.pop(rid, None)
+        self.req_to_num_cached.pop(rid, None)

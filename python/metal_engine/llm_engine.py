@@ -138,7 +138,7 @@ class LLMEngine:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if not config.chunked_prefill:  # every prompt fits one step's token budget: never chunked
             config.max_num_batched_tokens = max(config.max_num_batched_tokens, self.max_model_len)
-        self.kv = KVCacheManager(num_blocks, bs)
+        self.kv = KVCacheManager(num_blocks, bs, enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)
@@ -213,6 +213,7 @@ class LLMEngine:
             p = params if params.n == 1 else params.clone(n=1, seed=None if params.seed is None else params.seed + i)
             req = Request(f"{request_id}#{i}", ids, p, arrival_time=now, eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len, cache_salt=salt, parent=parent, sample_index=i)
+            req.hash_blocks = params.n > 1  # with prefix caching off, only siblings share (their prompt)
             if i > 0:
                 req.first_sibling = parent.samples[0].request
             if so is not None:
@@ -296,10 +297,17 @@ class LLMEngine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
             p = np.arange(start, end)
-            block_ids = np.asarray(self.kv.block_ids(req), dtype=np.int64)
-            toks.extend(req.token(i) for i in range(start, end))
+            block_ids = self.kv.block_table(req)  # int32, appended to as blocks are added
+            plen = len(req.prompt_token_ids)
+            if end <= plen:
+                toks.extend(req.prompt_token_ids[start:end])
+            elif start >= plen:
+                toks.extend(req.output_token_ids[start - plen:end - plen])
+            else:
+                toks.extend(req.prompt_token_ids[start:])
+                toks.extend(req.output_token_ids[:end - plen])
             pos.append(p)
-            slots.append(block_ids[p // bs] * bs + p % bs)
+            slots.append(block_ids[p // bs].astype(np.int64) * bs + p % bs)
             lens.append(end)
             tables.append(block_ids)
             base = qsl[-1]

@@ -44,6 +44,7 @@ class Request:
         self.cumulative_logprob = 0.0 if params.logprobs is not None else None
         self.output_counts: dict = {}  # token -> occurrences in the output (frequency/presence penalties)
         self.first_sibling: Optional["Request"] = None  # n > 1: wait for it to fill the shared prompt blocks
+        self.hash_blocks = False  # prefix caching off: hash its blocks anyway (n > 1 siblings share the prompt)
         self.grammar = None  # structured outputs: this sample's StructuredOutputGrammar (its own matcher)
         self.bad_words_token_ids: list = []  # bad_words, tokenized (with and without a leading space)
 

@@ -421,10 +421,15 @@ void Engine::validate(const StepInput& in) const {
     const int32_t* bt = in.block_tables.data() + size_t(s) * size_t(in.block_table_width);
     for (int b = 0; b < nblocks; ++b) impl_->kv->check_block_id(bt[b]);
     for (int i = 0; i < qlen; ++i) {
+      // Positions have one source of truth: a sequence's new tokens sit at the end of its seq_lens context.
+      const int p = len - qlen + i;
+      if (in.positions[size_t(q0 + i)] != p)
+        bad("positions[" + std::to_string(q0 + i) + "] = " + std::to_string(in.positions[size_t(q0 + i)]) +
+            " but sequence " + std::to_string(s) + " (seq_lens " + std::to_string(len) + ", " + std::to_string(qlen) +
+            " new tokens) puts that token at position " + std::to_string(p));
       const int64_t slot = in.slot_mapping[size_t(q0 + i)];
       if (slot < 0) continue;
       impl_->kv->check_slot(slot);
-      const int p = len - qlen + i;
       const int64_t expect = int64_t(bt[p / bs]) * bs + p % bs;
       if (slot != expect)
         bad("slot_mapping[" + std::to_string(q0 + i) + "] = " + std::to_string(slot) + " but sequence " +

@@ -172,3 +172,15 @@ def test_scratch_pool_too_small_names_the_knob(tiny_checkpoints):
     (logits, _), = Harness(engine).prefill_and_decode([[1, 2, 3]], 1)
     assert np.isfinite(logits).all()
     assert 0 < engine.scratch_high_water_bytes <= 1 << 20
+
+
+def test_positions_must_match_seq_lens(tiny_checkpoints):
+    """Positions have one source of truth: a sequence's new tokens sit at the end of its seq_lens context."""
+    eng = metal_engine.Engine(tiny_checkpoints["llama"], dtype="float32")
+    toks = np.array([3, 4, 5], np.int32)
+    bt = np.array([[1]], np.int32)
+    slots = np.array([16, 17, 18], np.int64)
+    ok = eng.step(toks, np.array([0, 1, 2]), np.array([0, 3]), np.array([3]), bt, slots)
+    assert ok.shape[0] == 1
+    with pytest.raises(ValueError, match=r"positions\[1\] = 5 but sequence 0 .* puts that token at position 1"):
+        eng.step(toks, np.array([0, 5, 2]), np.array([0, 3]), np.array([3]), bt, slots)

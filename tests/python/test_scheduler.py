@@ -189,3 +189,71 @@ def test_outputs_are_snapshots_later_steps_do_not_change(tiny_checkpoints):
     assert len(out[0].outputs[0].token_ids) == 6
     assert first.outputs[0].token_ids == tokens and len(first.outputs[0].logprobs) == logprobs == 1
     assert first.metrics.last_token_time == last_token_time and not first.finished
+
+
+class _Req:
+    """The little of a Request the KV manager reads."""
+
+    def __init__(self, rid, tokens, hash_blocks=False):
+        from metal_engine.sampling_params import SamplingParams
+
+        self.request_id, self._t, self.num_computed_tokens = rid, list(tokens), 0
+        self.params, self.cache_salt, self.hash_blocks = SamplingParams(), None, hash_blocks
+
+    @property
+    def num_tokens(self):
+        return len(self._t)
+
+    def token(self, i):
+        return self._t[i]
+
+
+def _count_hashes(monkeypatch):
+    import metal_engine.kv_cache_manager as kvm
+
+    calls = []
+    real = kvm.block_hash
+    monkeypatch.setattr(kvm, "block_hash", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_block_hashing_is_incremental_and_off_without_prefix_caching(monkeypatch):
+    """A decoding request hashes each block once, when it fills (vLLM's num_cached_block), not its whole
+    context every step; with prefix caching off nothing is hashed unless the request shares its prompt with
+    sibling samples (n > 1)."""
+    from metal_engine.kv_cache_manager import KVCacheManager
+
+    calls = _count_hashes(monkeypatch)
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    r = _Req("a", range(40))
+    kv.allocate_slots(r, 40)
+    r.num_computed_tokens = 40
+    assert len(calls) == 10
+    for step in range(20):  # decode: one token a step
+        r._t.append(100 + step)
+        kv.allocate_slots(r, 1)
+        r.num_computed_tokens += 1
+    assert len(calls) == 15  # the 5 blocks filled while decoding, each once
+    assert list(kv.block_table(r)) == kv.block_ids(r) and kv.block_table(r).dtype.name == "int32"
+
+    off = KVCacheManager(num_blocks=64, block_size=4, enable_caching=False)
+    calls.clear()
+    r2 = _Req("b", range(40))
+    off.allocate_slots(r2, 40)
+    assert calls == [] and off.get_computed_blocks(_Req("c", range(40))) == ([], 0)
+    assert all(b.block_hash is None for b in off.req_to_blocks["b"])
+    sib = _Req("d#0", range(40), hash_blocks=True)  # an n > 1 sample: its prompt blocks are shared
+    off.allocate_slots(sib, 40)
+    assert len(calls) == 10 and off.get_computed_blocks(_Req("d#1", range(41), hash_blocks=True))[1] == 40
+
+
+def test_block_table_row_grows_in_place():
+    from metal_engine.kv_cache_manager import BlockTableRow
+
+    row = BlockTableRow()
+    ids = []
+    for k in range(1, 30, 3):  # grows past its first capacity several times
+        new = list(range(len(ids), len(ids) + k))
+        row.extend(new)
+        ids += new
+        assert row.ids.tolist() == ids
