@@ -174,3 +174,33 @@ def test_kv_cache_sized_as_vllm_plans(tiny_dir):
     half = run_vllm({"engine": {**base, "gpu_memory_utilization": 0.4}, "rounds": rounds}, ours=True)["stats"]
     assert abs(half["num_kv_blocks"] * 2 - full["num_kv_blocks"]) <= 2, (half, full)
     assert full["num_kv_blocks"] * full["bytes_per_block"] <= 0.8 * (256 << 20)
+
+
+REFUSAL = """
+import json, sys
+from vllm import LLM, SamplingParams
+llm = LLM(**json.loads(sys.argv[1]))
+errors = {}
+for name, value in (("logprob_token_ids", [1, 2]), ("watermarking", True)):
+    try:
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2, **{name: value}), use_tqdm=False)
+        errors[name] = None
+    except ValueError as e:
+        errors[name] = str(e)
+ok = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True,
+                  detokenize=False), use_tqdm=False)
+print("RESULT " + json.dumps({"errors": errors, "after": list(ok[0].outputs[0].token_ids)}))
+"""
+
+
+def test_unsupported_sampling_fields_are_refused_and_the_engine_lives_on(tiny_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    env.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_APPLE_USE_ENGINE": "1"})
+    p = subprocess.run([sys.executable, "-c", REFUSAL, json.dumps(engine(tiny_dir / "llama"))], env=env,
+                       capture_output=True, text=True, timeout=600)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, p.stderr[-4000:]
+    r = json.loads(line[0][7:])
+    for name, err in r["errors"].items():
+        assert err is not None and f"SamplingParams.{name} is not supported by metal_engine" in err, (name, err)
+    assert len(r["after"]) == 3

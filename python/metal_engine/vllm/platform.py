@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 logger = init_logger("vllm." + __name__)  # under vLLM's logger, which vLLM configures
 
 WORKER = "metal_engine.vllm.worker.MetalEngineWorker"
+# SamplingParams fields vLLM's GPU model runner implements and our worker does not: refused per request, never
+# silently ignored (validate_request).
+UNSUPPORTED_SAMPLING_FIELDS = ("watermarking", "logprob_token_ids", "prompt_logprob_token_ids",
+                               "prompt_logprob_start", "thinking_token_budget")
 
 
 def engine_backend() -> str:
@@ -108,6 +112,9 @@ class MetalEnginePlatform(Platform):
         if vllm_config.lora_config is not None:
             raise ValueError("LoRA adapters are not supported by metal_engine: drop enable_lora "
                              "(or set VLLM_APPLE_USE_ENGINE=0)")
+        if vllm_config.model_config is not None and getattr(vllm_config.model_config, "logits_processors", None):
+            raise ValueError("custom logits_processors are not supported by metal_engine: drop them "
+                             "(or set VLLM_APPLE_USE_ENGINE=0)")
         if parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER
         if parallel.distributed_executor_backend in (None, "mp"):
@@ -133,6 +140,24 @@ class MetalEnginePlatform(Platform):
             raise ValueError(f"kv_cache_dtype={cache.cache_dtype!r}: metal_engine's KV cache is auto, float32, "
                              "float16 or bfloat16")
         engine_backend()  # a bad VLLM_APPLE_ENGINE_BACKEND fails here, naming the variable
+
+    @classmethod
+    def validate_request(cls, processed_inputs, params) -> None:
+        """Refuses, before the request reaches the engine core, what our worker cannot honour: pooling, prompt
+        embeddings and the SamplingParams fields vLLM's own GPU runner implements and ours does not."""
+        from vllm import SamplingParams
+
+        if not isinstance(params, SamplingParams):
+            raise ValueError("metal_engine runs generation only: pooling requests need vLLM's own platform "
+                             "(VLLM_APPLE_USE_ENGINE=0)")
+        kind = processed_inputs.get("type") if isinstance(processed_inputs, dict) else None
+        if kind == "embeds" or (isinstance(processed_inputs, dict) and processed_inputs.get("prompt_embeds")
+                                is not None):
+            raise ValueError("metal_engine does not take prompt embeddings: send token ids or text")
+        for name in UNSUPPORTED_SAMPLING_FIELDS:
+            if getattr(params, name, None) not in (None, False):
+                raise ValueError(f"SamplingParams.{name} is not supported by metal_engine; drop it, or run vLLM's "
+                                 "own platform (VLLM_APPLE_USE_ENGINE=0)")
 
     @classmethod
     def update_block_size_for_backend(cls, vllm_config: "VllmConfig") -> None:
