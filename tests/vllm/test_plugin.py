@@ -72,6 +72,7 @@ def test_n_and_seeds_and_logprobs(tiny_dir):
         {"prompts": PROMPTS[:2], "params": {**sampled, "n": 3, "seed": 7}},
         {"prompts": PROMPTS[:2], "params": {**sampled, "seed": 8}},
         {"prompts": PROMPTS[:1], "params": {**GREEDY, "max_tokens": 4, "logprobs": 3, "prompt_logprobs": 2}},
+        {"prompts": PROMPTS[:1], "params": {**sampled, "n": 2, "seed": -3}},  # vLLM takes negative seeds
     ]}
     r = run_vllm(spec, ours=True)
     first, again, other = r["rounds"][0], r["rounds"][1], r["rounds"][2]
@@ -79,6 +80,7 @@ def test_n_and_seeds_and_logprobs(tiny_dir):
     assert [[s["token_ids"] for s in o["samples"]] for o in first] == \
         [[s["token_ids"] for s in o["samples"]] for o in again]  # per-request seeds reproduce
     assert [o["samples"][0]["token_ids"] for o in other] != [o["samples"][0]["token_ids"] for o in first]
+    assert len(r["rounds"][4][0]["samples"]) == 2
     lp = r["rounds"][3][0]
     sample = lp["samples"][0]
     assert len(sample["logprobs"]) == 4
@@ -160,6 +162,9 @@ def test_our_env_vars_draw_no_unknown_variable_warning(tiny_dir):
     bad = dict(full, VLLM_APPLE_ENGINE_BACKEND="gpu")
     p = subprocess.run(cmd, env=bad, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "VLLM_APPLE_ENGINE_BACKEND='gpu'" in p.stderr
+    v2 = dict(full, VLLM_USE_V2_MODEL_RUNNER="1")  # our worker follows the V1 runner's contract
+    p = subprocess.run(cmd, env=v2, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "VLLM_USE_V2_MODEL_RUNNER=1" in p.stderr
 
 
 def test_kv_cache_sized_as_vllm_plans(tiny_dir):
@@ -204,3 +209,18 @@ def test_unsupported_sampling_fields_are_refused_and_the_engine_lives_on(tiny_di
     for name, err in r["errors"].items():
         assert err is not None and f"SamplingParams.{name} is not supported by metal_engine" in err, (name, err)
     assert len(r["after"]) == 3
+
+
+def test_long_prompt_logprobs_chunk_equals_vllm(tiny_dir):
+    """A 300-token chunk with prompt logprobs: more logits rows than one engine call takes (ModelRunner.MAX_ROWS),
+    scored in parts, equal to vLLM's own CPU platform."""
+    prompt = [1 + (j * 13) % 200 for j in range(300)]
+    spec = {"engine": engine(tiny_dir / "llama", max_model_len=512, max_num_batched_tokens=512),
+            "rounds": [{"prompts": [prompt], "params": {**GREEDY, "max_tokens": 2, "prompt_logprobs": 1}}]}
+    ours = run_vllm(spec, ours=True)["rounds"][0][0]
+    theirs = run_vllm(spec, ours=False)["rounds"][0][0]
+    assert len(ours["prompt_logprobs"]) == len(theirs["prompt_logprobs"]) == 300
+    for a, b in zip(ours["prompt_logprobs"][1:], theirs["prompt_logprobs"][1:]):
+        for t in set(a) & set(b):
+            assert a[t] == pytest.approx(b[t], abs=1e-3)
+    assert ours["samples"][0]["token_ids"] == theirs["samples"][0]["token_ids"]

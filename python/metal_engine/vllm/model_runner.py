@@ -26,10 +26,11 @@ def our_sampling_params(sp, vocab_size: int) -> SamplingParams:
         return None if v is None else (vocab_size if v == -1 else int(v))
 
     stops = sorted(getattr(sp, "all_stop_token_ids", None) or set(sp.stop_token_ids or ()))
+    seed = None if sp.seed is None else int(sp.seed) % (1 << 64)  # vLLM takes any int64; numpy's PCG64 wants >= 0
     return SamplingParams(
         temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=int(sp.top_k), min_p=float(sp.min_p),
         presence_penalty=float(sp.presence_penalty), frequency_penalty=float(sp.frequency_penalty),
-        repetition_penalty=float(sp.repetition_penalty), seed=sp.seed, min_tokens=int(sp.min_tokens or 0),
+        repetition_penalty=float(sp.repetition_penalty), seed=seed, min_tokens=int(sp.min_tokens or 0),
         stop_token_ids=stops or None, ignore_eos=True, max_tokens=None,
         logprobs=n_logprobs(sp.logprobs), prompt_logprobs=n_logprobs(sp.prompt_logprobs),
         logit_bias=sp.logit_bias or None, allowed_token_ids=sp.allowed_token_ids or None)
@@ -53,6 +54,8 @@ def bitmask_to_bool(bitmask: np.ndarray, vocab: int) -> np.ndarray:
 
 
 class ModelRunner:
+    MAX_ROWS = 256  # logits rows per engine call: more (long prompt-logprob chunks) rerun the step's forward
+
     def __init__(self, engine, vocab_size: int, max_model_len: int, seed: int = 0):
         self.engine = engine
         self.vocab_size = vocab_size
@@ -148,8 +151,13 @@ class ModelRunner:
         reqs = [self.requests[r].req for r in order]
         greedy = (bool(row_kind) and not so.has_structured_output_requests
                   and all(kind == "sample" and plain_greedy(reqs[k]) for kind, k, _ in row_kind))
-        out = self.engine.step(np.asarray(toks, dtype=np.int32), np.concatenate(pos), qsl, lens, bt,
-                               np.concatenate(slots), np.asarray(rows, dtype=np.int32), greedy=greedy)
+        args = (np.asarray(toks, dtype=np.int32), np.concatenate(pos), qsl, lens, bt, np.concatenate(slots))
+        rows = np.asarray(rows, dtype=np.int32)
+        if len(rows) <= self.MAX_ROWS:
+            out = self.engine.step(*args, rows, greedy=greedy)
+        else:  # rerunning the forward rewrites the same K/V to the same slots: only the logits rows differ
+            out = np.concatenate([self.engine.step(*args, rows[i:i + self.MAX_ROWS], greedy=greedy)
+                                  for i in range(0, len(rows), self.MAX_ROWS)])
         self.stats["steps"] += 1
         self.stats["tokens"] += len(toks)
         self._pending = (so, order, row_kind, out, greedy)

@@ -115,6 +115,17 @@ class MetalEnginePlatform(Platform):
         if vllm_config.model_config is not None and getattr(vllm_config.model_config, "logits_processors", None):
             raise ValueError("custom logits_processors are not supported by metal_engine: drop them "
                              "(or set VLLM_APPLE_USE_ENGINE=0)")
+        # The runner follows vLLM's V1 model-runner contract (a resumed request arrives as cached data, its
+        # tokens kept by the worker); V2 sends resumed requests as new ones.
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
+            raise ValueError("VLLM_USE_V2_MODEL_RUNNER=1: metal_engine's worker follows vLLM's V1 model-runner "
+                             "contract; unset it (or set VLLM_APPLE_USE_ENGINE=0)")
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        from metal_engine.config import ENV_MAX_BATCH_SIZE, _env_int
+
+        budget = _env_int(ENV_MAX_BATCH_SIZE)
+        if budget is not None:  # the seed's knob for the token budget per step, as in our own LLM
+            vllm_config.scheduler_config.max_num_batched_tokens = budget
         if parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER
         if parallel.distributed_executor_backend in (None, "mp"):

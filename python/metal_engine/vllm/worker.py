@@ -100,7 +100,9 @@ class MetalEngineWorker(WorkerBase):
 
         bs = cc.block_size
         need = -(-self.model_config.max_model_len // bs) * self._bytes_per_block()
-        return int(cc.gpu_memory_utilization * max(native_default("kv_cache_memory"), need))
+        # never less than one max_model_len request plus vLLM's null block: vLLM refuses to start below that
+        return max(int(cc.gpu_memory_utilization * max(native_default("kv_cache_memory"), need)),
+                   need + self._bytes_per_block())
 
     def initialize_from_config(self, kv_cache_config) -> None:
         if len(kv_cache_config.kv_cache_groups) != 1:
@@ -110,7 +112,7 @@ class MetalEngineWorker(WorkerBase):
         t0 = time.perf_counter()
         self.engine = Engine(self.model_path, dtype=self.dtype, kv_cache_dtype=self.kv_dtype, backend=self.backend,
                              block_size=self.cache_config.block_size, num_kv_blocks=num_blocks,
-                             scratch_pool_mb=self.scratch_pool_mb)
+                             scratch_pool_mb=self._scratch_mb())
         if self.engine.num_kv_blocks != num_blocks:
             raise RuntimeError(f"the engine holds {self.engine.num_kv_blocks} KV blocks, vLLM planned {num_blocks}")
         self.runner = ModelRunner(self.engine, self.model_cfg.vocab_size, self.model_config.max_model_len,
@@ -118,6 +120,19 @@ class MetalEngineWorker(WorkerBase):
         logger.info("metal_engine: %s on %s, %s weights, %s KV cache of %d blocks x %d tokens (%.1f s)",
                     self.model_path, self.engine.backend, self.engine.dtype, self.engine.kv_cache_dtype, num_blocks,
                     self.engine.block_size, time.perf_counter() - t0)
+
+    def _scratch_mb(self) -> int:
+        """The per-step arena: VLLM_METAL_SCRATCH_POOL_MB when set, else enough for vLLM's token budget per step
+        (its CPU defaults are 2048 / 4096 tokens, more than our own LLM's 256), with room to spare: a rough
+        upper bound of a step's activations (f32) and of one engine call's logits rows (ModelRunner.MAX_ROWS)."""
+        from metal_engine.config import ENV_SCRATCH_POOL_MB, _env_int
+
+        if _env_int(ENV_SCRATCH_POOL_MB) is not None:
+            return self.scratch_pool_mb
+        m = self.model_cfg
+        per_token = 4 * (12 * m.hidden_size + 4 * m.intermediate_size + 4 * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim)
+        need = self.scheduler_config.max_num_batched_tokens * per_token * 5 // 4 + ModelRunner.MAX_ROWS * m.vocab_size * 4
+        return max(self.scratch_pool_mb, -(-need // (1 << 20)))
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         return CompilationTimes(language_model=0.0, encoder=0.0)
