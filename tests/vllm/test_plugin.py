@@ -162,6 +162,10 @@ def test_our_env_vars_draw_no_unknown_variable_warning(tiny_dir):
     bad = dict(full, VLLM_APPLE_ENGINE_BACKEND="gpu")
     p = subprocess.run(cmd, env=bad, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "VLLM_APPLE_ENGINE_BACKEND='gpu'" in p.stderr
+    mode = json.loads(cmd[-1])
+    mode["engine"]["logprobs_mode"] = "processed_logprobs"
+    p = subprocess.run(cmd[:-1] + [json.dumps(mode)], env=full, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "logprobs_mode='processed_logprobs'" in p.stderr, p.stderr[-2000:]
     v2 = dict(full, VLLM_USE_V2_MODEL_RUNNER="1")  # our worker follows the V1 runner's contract
     p = subprocess.run(cmd, env=v2, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "VLLM_USE_V2_MODEL_RUNNER=1" in p.stderr

@@ -247,5 +247,5 @@ def _top(logprobs: np.ndarray, token: int, k: int):
     top = np.argpartition(-logprobs, min(k, len(logprobs) - 1))[:k] if k > 0 else np.zeros(0, np.int64)
     top = top[np.argsort(-logprobs[top], kind="stable")]
     ids = np.concatenate([[token], top]).astype(np.int64)
-    rank = int((logprobs > logprobs[token]).sum()) + 1
+    rank = int((logprobs >= logprobs[token]).sum())  # vLLM's: ties share the lower rank
     return ids, logprobs[ids].astype(np.float32), rank

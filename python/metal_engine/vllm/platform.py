@@ -126,6 +126,10 @@ class MetalEnginePlatform(Platform):
         budget = _env_int(ENV_MAX_BATCH_SIZE)
         if budget is not None:  # the seed's knob for the token budget per step, as in our own LLM
             vllm_config.scheduler_config.max_num_batched_tokens = budget
+        mode = getattr(vllm_config.model_config, "logprobs_mode", None) if vllm_config.model_config else None
+        if mode is not None and str(getattr(mode, "value", mode)) != "raw_logprobs":
+            raise ValueError(f"logprobs_mode={getattr(mode, 'value', mode)!r}: metal_engine returns raw_logprobs "
+                             "(the model's distribution, grammar mask applied); drop logprobs_mode")
         if parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER
         if parallel.distributed_executor_backend in (None, "mp"):
