@@ -47,7 +47,6 @@ struct DeviceCaps {
   int max_attention_head_dim = 0;       // 0: any
   int max_query_heads_per_kv_head = 0;  // 0: any
   int max_attention_group_dims = 0;     // query heads per KV head x head_dim at most this (0: any)
-  bool quantized_weights = true;        // <op>_<q> kernels for the quantized weight formats (metal_engine/quant.h)
 };
 
 class Device {

@@ -157,7 +157,7 @@ void init_ops(nb::module_& m) {
           d["metal_only"] = op.metal_only;
           d["quantized"] = op.quantized;
           d["cpu_kernels"] = op.metal_only ? std::vector<std::string>{} : op_kernel_names(op, false, true);
-          d["metal_kernels"] = op_kernel_names(op, true, false);  // Metal's quantized kernels: not yet
+          d["metal_kernels"] = op_kernel_names(op, true, true);
           out.push_back(d);
         }
         return out;

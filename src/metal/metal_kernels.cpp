@@ -57,11 +57,12 @@ using SpecTable = std::vector<std::pair<std::string, MetalKernelSpec>>;
 //  - paged_attention_*, _decode_*, _split_*: one function, two pipelines (function constant 0: heads wider
 //    than 128); paged_attention_reduce_* (the same file) takes the constant too, unused;
 //  - matmul_*: the GEMV function for a few rows of x (decode), the simdgroup-matrix GEMM beyond (prefill), each
-//    also by its own name; with 16-bit activations a _logits flavour writing f32 (the LM head, the router).
+//    also by its own name; with 16-bit activations a _logits flavour writing f32 (the LM head, the router). The
+//    quantized formats' (matmul_<q>: matmul_quant.metal) likewise.
 template <class Args>
 void add_op(SpecTable& t, const OpInfo& op) {
   const std::string op_name = op.name;
-  for (const std::string& name : op_kernel_names(op, /*with_half_activations=*/true, /*with_quantized=*/false)) {
+  for (const std::string& name : op_kernel_names(op, /*with_half_activations=*/true, /*with_quantized=*/true)) {
     if (op_name == "rms_norm") {
       t.emplace_back(name, MetalKernelSpec{sizeof(Args), op.num_buffers,
                                            {MetalPipelineKey{name, {{0, false}}}, MetalPipelineKey{name, {{0, true}}}},
@@ -118,7 +119,6 @@ DeviceCaps metal_device_caps() {
   c.max_attention_head_dim = kMetalMaxHeadDim;              // the other attention kernels keep a head in registers
   c.max_query_heads_per_kv_head = 8;
   c.max_attention_group_dims = kMetalMaxGroupDims;          // query heads per KV head x head_dim
-  c.quantized_weights = false;        // no MSL kernels for the quantized formats yet (#11)
   return c;
 }
 

@@ -53,6 +53,7 @@ extern "C" void me_sim_switch(void** save_sp, void* next_sp);
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <tuple>
 #include <mutex>
 #include <stdexcept>
 
@@ -90,7 +91,8 @@ struct Fiber {
   size_t bytes = 0;
   Combine combine = nullptr;
   const void* extra = nullptr;
-  const void* site = nullptr;
+  const char* site_file = nullptr;  // the collective it waits at (simd_collective)
+  int site_line = 0;
   void* out = nullptr;
 };
 
@@ -156,9 +158,10 @@ void start_fiber(Group& g, Fiber& f, std::vector<char>& stack) {
 // Releases every set of lanes (same simdgroup, same call site) waiting at a collective. Returns whether
 // any were released.
 bool release_collectives(Group& g) {
-  std::map<std::pair<uint32_t, const void*>, std::vector<Fiber*>> sets;
+  std::map<std::tuple<uint32_t, const char*, int>, std::vector<Fiber*>> sets;
   for (Fiber& f : g.fibers)
-    if (f.state == State::AtCollective) sets[{f.tc.simdgroup_index_in_threadgroup, f.site}].push_back(&f);
+    if (f.state == State::AtCollective)
+      sets[{f.tc.simdgroup_index_in_threadgroup, f.site_file, f.site_line}].push_back(&f);
   for (auto& kv : sets) {
     std::vector<Fiber*>& lanes = kv.second;
     std::sort(lanes.begin(), lanes.end(),
@@ -314,14 +317,16 @@ void barrier() {
 
 const ThreadContext& current() { return g_fiber->tc; }
 
-void simd_collective(const void* value, size_t bytes, Combine combine, const void* extra, void* out) {
+void simd_collective(const void* value, size_t bytes, Combine combine, const void* extra, void* out, const char* file,
+                     int line) {
   Fiber* f = g_fiber;
   std::memcpy(f->value, value, bytes);
   f->bytes = bytes;
   f->combine = combine;
   f->extra = extra;
   f->out = out;
-  f->site = __builtin_return_address(0);
+  f->site_file = file;
+  f->site_line = line;
   f->state = State::AtCollective;
   yield_to_scheduler();
 }

@@ -70,8 +70,14 @@ void barrier();                                // threadgroup_barrier
 void declare_threadgroup_memory(const void* array, size_t bytes);
 const ThreadContext& current();                // the running thread's context
 // A simd-group collective: every lane contributes `bytes` bytes at `value`; when the simdgroup's live
-// lanes have all arrived, `combine(values, lane_count, lane, out)` computes each lane's result.
+// lanes have all arrived, `combine(values, lane_count, lane, out)` computes each lane's result. Lanes meet by the
+// call's source line (file, line: the wrappers' __builtin_FILE / __builtin_LINE defaults), not by its machine
+// address: an optimiser that duplicates a call into two code paths (loop unswitching on the lane index, a peeled
+// iteration) must not split the lanes of one MSL collective into two.
 using Combine = void (*)(const unsigned char* values, int lanes, int lane, unsigned char* out, const void* extra);
-void simd_collective(const void* value, size_t bytes, Combine combine, const void* extra, void* out);
+void simd_collective(const void* value, size_t bytes, Combine combine, const void* extra, void* out, const char* file,
+                     int line);
+// The wrappers' last parameters: the call site, filled in where the kernel calls them
+#define ME_SIM_SITE const char* file = __builtin_FILE(), int line = __builtin_LINE()
 
 }  // namespace metal_sim

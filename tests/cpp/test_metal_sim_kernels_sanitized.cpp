@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../../metal/op_args.h"
+#include "metal_engine/quant.h"
 #include "metal/dispatch_geometry.h"
 #include "metal/metal_kernels.h"
 #include "metal_sim/runtime.h"
@@ -226,5 +227,48 @@ TEST(MetalSimKernelsSanitized, SixteenBitActivations) {
     run("paged_attention_decode_" + x, PagedAttentionDecodeArgs{dattn, KVH * HD, KVH * HD, NB * BS},
         {q.data(), kk.data(), vv.data(), dslots.data(), kc.data(), vc.data(), bt.data(), dqsl.data(), dlens.data(),
          o.data()});
+  }
+}
+
+// The quantized formats' kernels (matmul_quant.metal, moe.metal): W as exact-size rows of random blocks (any
+// code, any scale bits), biases in each float type, every activation flavour.
+TEST(MetalSimKernelsSanitized, QuantizedWeights) {
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (QuantType q : quant_types()) {
+    const std::string f = quant_info(q).name;
+    const int k = 2 * quant_info(q).block_elems, n = 19, E = 3;
+    std::vector<uint8_t> w(size_t(E) * n * quant_row_bytes(q, k));  // E experts' rows, or the first n of them
+    for (auto& b : w) b = uint8_t(byte(rng));
+    auto bias32 = randn(size_t(n));
+    auto bias16 = randh(size_t(n));
+    for (int m : {3, 37}) {
+      for (int has_bias : {0, 1, 2, 3}) {
+        void* bias = has_bias == 0 ? nullptr : has_bias == 1 ? static_cast<void*>(bias32.data()) : bias16.data();
+        const MatmulArgs a{m, n, k, has_bias, n};
+        const std::string kern = std::string(matmul_kernel_prefix(a)) + "_" + f;
+        auto x = randn(size_t(m) * k), y = randn(size_t(m) * n);
+        run(kern, a, {x.data(), w.data(), bias, y.data()});
+        if (has_bias != 2) continue;  // the 16-bit activations with one bias type
+        for (const std::string act : {"f16", "bf16"}) {
+          auto xh = randh(size_t(m) * k), yh = randh(size_t(m) * n);
+          run(kern + "_act_" + act, a, {xh.data(), w.data(), bias, yh.data()});
+          run(kern + "_act_" + act + "_logits", a, {xh.data(), w.data(), bias, y.data()});
+        }
+      }
+    }
+    std::vector<int32_t> ids = {18, 0, 7};
+    auto out = randn(size_t(3) * k);
+    auto outh = randh(size_t(3) * k);
+    run("embedding_" + f, EmbeddingArgs{3, k, n, 2.0f}, {ids.data(), w.data(), out.data()});
+    for (const std::string act : {"f16", "bf16"})
+      run("embedding_" + f + "_act_" + act, EmbeddingArgs{3, k, n, 2.0f}, {ids.data(), w.data(), outh.data()});
+    const int T = 4, K = 2;
+    std::vector<int32_t> experts = {0, 2, 1, -1, 2, 2, 0, 1};
+    auto x = randn(size_t(T) * k), y = randn(size_t(T) * K * n);
+    run("moe_matmul_" + f, MoeMatmulArgs{T * K, n, k, E, K}, {x.data(), w.data(), experts.data(), y.data()});
+    for (const std::string act : {"f16", "bf16"}) {
+      auto xh = randh(size_t(T) * k), yh = randh(size_t(T) * K * n);
+      run("moe_matmul_" + f + "_act_" + act, MoeMatmulArgs{T * K, n, k, E, K}, {xh.data(), w.data(), experts.data(), yh.data()});
+    }
   }
 }

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from metal_engine import _core
-from op_testing import Guarded, args, from_storage, to_storage
+from op_testing import QUANT_FORMATS, Guarded, args, from_storage, random_quant_rows, to_storage
 from test_metal_sim_kernels import (ATTENTION_CASES, DECODE_CASES, ORDERS, PREFILL_CASES, SPLIT_CASES, attention_case,
                                     cpu)
 from test_metal_sim_kernels import sim as sim_any
@@ -35,6 +35,10 @@ ACT_KERNELS = {
     "paged_attention_reduce_act_f16", "paged_attention_reduce_act_bf16",
     "paged_attention_decode_f16_act_f16", "paged_attention_decode_bf16_act_bf16",
 }
+# the quantized formats' (matmul_quant.metal, moe.metal): each launched by the test_*_quantized tests below
+ACT_KERNELS |= {f"{kernel}_{q}_act_{a}{suffix}" for q in QUANT_FORMATS for a in ("f16", "bf16")
+                for kernel, suffix in [("matmul_gemv", ""), ("matmul_gemm", ""), ("matmul_gemv", "_logits"),
+                                       ("matmul_gemm", "_logits"), ("embedding", ""), ("moe_matmul", "")]}
 
 
 def sim(kernel, a, buffers, reverse):
@@ -116,6 +120,68 @@ def test_matmul(act, m, n, k, bias, logits, reverse):
         y.check_guards()
     else:
         close(y, ref, act, scale=np.sqrt(k))
+
+
+@ORDERS
+@ACTS
+@pytest.mark.parametrize("fmt", list(QUANT_FORMATS))
+@pytest.mark.parametrize("m,n,k,bias", [(1, 17, 256, None), (3, 40, 512, "f16"), (37, 33, 256, "bf16"), (5, 8, 512, "f32")])
+@pytest.mark.parametrize("logits", [False, True])
+def test_matmul_quantized(act, fmt, m, n, k, bias, logits, reverse):
+    """matmul_<q>_act_<adt> (GEMV up to 4 rows, GEMM beyond; _logits writes f32) against the cpu's matmul_<q> on
+    the same rounded x; the bias in any float type (has_bias = 1 + its dtype)."""
+    if k % QUANT_FORMATS[fmt]["block_elems"]:
+        pytest.skip("k is not whole blocks")
+    rng = np.random.default_rng([m, n, k, QUANT_FORMATS[fmt]["block_bytes"]])
+    x, xf = rounded(rng.standard_normal((m, k)), act)
+    w = random_quant_rows(fmt, n, k, rng)
+    b = to_storage(rng.standard_normal(n), bias) if bias else None
+    a = args("MatmulArgs", m=m, n=n, k=k, has_bias=1 + ["f32", "f16", "bf16"].index(bias) if bias else 0)
+    ref = np.zeros((m, n), np.float32)
+    cpu(f"matmul_{fmt}", a, [xf, w, b, ref])
+    prefix = _core.ops.metal_matmul_kernel_prefix(a)
+    y = Guarded((m, n)) if logits else out16((m, n), act)
+    sim(f"{prefix}_{fmt}_act_{act}" + ("_logits" if logits else ""), a, [x, w, b, y.array], reverse)
+    scale = np.abs(ref).max()  # the cpu's int16 activations round x by ~1e-5 of a chunk's largest value
+    if logits:
+        np.testing.assert_allclose(y.array, ref, rtol=1e-4, atol=1e-4 * scale)
+        y.check_guards()
+    else:
+        close(y, ref, act, scale=scale)
+
+
+@ORDERS
+@ACTS
+@pytest.mark.parametrize("fmt", list(QUANT_FORMATS))
+def test_embedding_quantized(act, fmt, reverse):
+    rng = np.random.default_rng(QUANT_FORMATS[fmt]["block_bytes"])
+    tokens, hidden, vocab = 5, 512, 9
+    table = random_quant_rows(fmt, vocab, hidden, rng)
+    ids = rng.integers(0, vocab, tokens).astype(np.int32)
+    a = args("EmbeddingArgs", num_tokens=tokens, hidden=hidden, vocab=vocab, scale=3.0)
+    ref = np.zeros((tokens, hidden), np.float32)
+    cpu(f"embedding_{fmt}", a, [ids, table, ref])
+    out = out16((tokens, hidden), act)
+    sim(f"embedding_{fmt}_act_{act}", a, [ids, table, out.array], reverse)
+    close(out, ref, act)
+
+
+@ORDERS
+@ACTS
+@pytest.mark.parametrize("fmt", list(QUANT_FORMATS))
+def test_moe_matmul_quantized(act, fmt, reverse):
+    rng = np.random.default_rng(QUANT_FORMATS[fmt]["block_bytes"] + 1)
+    tokens, k, experts, n, kdim, div = 5, 2, 4, 17, 256, 2
+    rows = tokens * k
+    x, xf = rounded(rng.standard_normal((rows // div, kdim)), act)
+    w = random_quant_rows(fmt, experts * n, kdim, rng)
+    ids = rng.integers(0, experts, rows).astype(np.int32)
+    a = args("MoeMatmulArgs", rows=rows, n=n, k=kdim, num_experts=experts, x_row_div=div)
+    ref = np.zeros((rows, n), np.float32)
+    cpu(f"moe_matmul_{fmt}", a, [xf, w, ids, ref])
+    y = out16((rows, n), act)
+    sim(f"moe_matmul_{fmt}_act_{act}", a, [x, w, ids, y.array], reverse)
+    close(y, ref, act, scale=np.abs(ref).max())
 
 
 @ORDERS

@@ -12,6 +12,7 @@ import pytest
 from metal_engine import LLM, SamplingParams, _core
 from metal_engine.engine import Engine
 from engine_harness import Harness
+from op_testing import GGUF_FORMATS
 from tiny_models import ARCHS, make_tiny_checkpoint, make_tiny_text_checkpoint
 
 METAL = "metal" if "metal" in _core.available_backends() else "metal-sim"
@@ -226,3 +227,73 @@ def test_greedy_step_picks_on_the_device(checkpoints, backend):
     assert tokens.dtype == np.int32 and tokens.shape == (9,)
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
     assert engine._engine.take_profile()["argmax"][0] == 1
+
+
+# ------------------------------------------------------------------------------------------ quantized weights
+def _tiny_gguf(tmp_path, fmt, seed=3, **overrides):
+    """A tiny Llama written as a GGUF with its matrices in `fmt` (a name, or a function of the tensor name) and
+    its cached checkpoint (rows of 256: whole K-quant super-blocks)."""
+    from gguf_writer import write_gguf
+    from metal_engine.gguf_checkpoint import cached_checkpoint
+
+    cfg = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    src = make_tiny_text_checkpoint(tmp_path / "hf", "llama", seed=seed, **{**cfg, **overrides})
+    path = tmp_path / "tiny.gguf"
+    write_gguf(src, path, "llama", quant=fmt, seed=seed + 4)
+    return cached_checkpoint(path, progress=False)
+
+
+QUANT_PROMPTS = [list(range(5, 26)), [7, 3]]  # a 21-token prefill (the GEMM kernels) and decode rows (the GEMV)
+
+
+@pytest.mark.parametrize("fmt", GGUF_FORMATS)
+def test_quantized_gguf_matches_cpu(tmp_path, monkeypatch, fmt):
+    """Every matrix (the embedding, tied to the LM head, included) in one GGUF format, run from its blocks by
+    matmul_<q> / embedding_<q> (matmul_quant.metal) on Metal and by the cpu backend's integer kernels: the logits
+    agree within the cpu's int16 activation rounding."""
+    monkeypatch.setenv("METAL_ENGINE_CACHE", str(tmp_path / "cache"))
+    ckpt = _tiny_gguf(tmp_path, fmt)
+    ref = run(ckpt, "cpu", "float32", QUANT_PROMPTS, decode_steps=3)
+    profile = {}
+    got = run(ckpt, METAL, "float32", QUANT_PROMPTS, decode_steps=3, profile=profile, forced=decoded(ref, QUANT_PROMPTS))
+    scale = max(np.abs(l).max() for l, _ in ref)
+    assert_same(ref, got, 1e-3 * scale)
+    for kernel in (f"matmul_gemm_{fmt}", f"matmul_gemv_{fmt}", f"embedding_{fmt}"):
+        assert profile.get(kernel, (0, 0))[0] > 0, f"{kernel} never ran: {sorted(profile)}"
+
+
+def test_quantized_mix_with_biases_in_16bit_activations(tmp_path, monkeypatch):
+    """A Q4_K_M-style file (q/k Q4_K, v, the embedding and the output Q6_K: the fused q | k | v runs a matmul per format into
+    its columns) with attention biases, on Metal with f16 activations (matmul_<q>_act_f16 and its _logits
+    flavour for the LM head) against the cpu backend."""
+    monkeypatch.setenv("METAL_ENGINE_CACHE", str(tmp_path / "cache"))
+
+    def q4_k_m(name):
+        return "q6_k" if name.endswith(("attn_v.weight", "ffn_down.weight", "token_embd.weight", "output.weight")) \
+            else "q4_k"
+
+    ckpt = _tiny_gguf(tmp_path, q4_k_m, attention_bias=True)
+    ref = run(ckpt, "cpu", "float16", QUANT_PROMPTS, decode_steps=3)
+    profile = {}
+    got = run(ckpt, METAL, "float16", QUANT_PROMPTS, decode_steps=3, profile=profile,
+              forced=decoded(ref, QUANT_PROMPTS))
+    scale = max(np.abs(l).max() for l, _ in ref)
+    assert_same(ref, got, 2e-2 * scale)
+    for kernel in ("matmul_gemm_q4_k_act_f16", "matmul_gemv_q6_k_act_f16", "embedding_q6_k_act_f16"):
+        assert profile.get(kernel, (0, 0))[0] > 0, f"{kernel} never ran: {sorted(profile)}"
+    assert any(k.endswith("_act_f16_logits") and "q6_k" in k for k in profile), sorted(profile)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_quantized_experts_match_cpu(tmp_path, monkeypatch, checkpoints, arch):
+    """A mixture of experts quantized at load (quantization='q8_0'): the experts through moe_matmul_q8_0."""
+    monkeypatch.setenv("METAL_ENGINE_CACHE", str(tmp_path / "cache"))
+    from metal_engine.quantization import quantized_checkpoint
+
+    ckpt = quantized_checkpoint(checkpoints[arch], "q8_0", progress=False)
+    ref = run(ckpt, "cpu", "float32", QUANT_PROMPTS, decode_steps=3)
+    profile = {}
+    got = run(ckpt, METAL, "float32", QUANT_PROMPTS, decode_steps=3, profile=profile, forced=decoded(ref, QUANT_PROMPTS))
+    scale = max(np.abs(l).max() for l, _ in ref)
+    assert_same(ref, got, 1e-3 * scale)
+    assert profile.get("moe_matmul_q8_0", (0, 0))[0] > 0, sorted(profile)
