@@ -257,3 +257,16 @@ template [[host_name("matmul_gemm_a8_act_bf16_logits")]] kernel decltype(matmul_
 template [[host_name("embedding_a8")]] kernel decltype(embedding_q<QuantA8, float>) embedding_q<QuantA8, float>;
 template [[host_name("embedding_a8_act_f16")]] kernel decltype(embedding_q<QuantA8, half>) embedding_q<QuantA8, half>;
 template [[host_name("embedding_a8_act_bf16")]] kernel decltype(embedding_q<QuantA8, bfloat>) embedding_q<QuantA8, bfloat>;
+template [[host_name("matmul_gemv_a6")]] kernel decltype(matmul_gemv_q<QuantA6, float, float>) matmul_gemv_q<QuantA6, float, float>;
+template [[host_name("matmul_gemv_a6_act_f16")]] kernel decltype(matmul_gemv_q<QuantA6, half, half>) matmul_gemv_q<QuantA6, half, half>;
+template [[host_name("matmul_gemv_a6_act_bf16")]] kernel decltype(matmul_gemv_q<QuantA6, bfloat, bfloat>) matmul_gemv_q<QuantA6, bfloat, bfloat>;
+template [[host_name("matmul_gemv_a6_act_f16_logits")]] kernel decltype(matmul_gemv_q<QuantA6, half, float>) matmul_gemv_q<QuantA6, half, float>;
+template [[host_name("matmul_gemv_a6_act_bf16_logits")]] kernel decltype(matmul_gemv_q<QuantA6, bfloat, float>) matmul_gemv_q<QuantA6, bfloat, float>;
+template [[host_name("matmul_gemm_a6")]] kernel decltype(matmul_gemm_q<QuantA6, float, float>) matmul_gemm_q<QuantA6, float, float>;
+template [[host_name("matmul_gemm_a6_act_f16")]] kernel decltype(matmul_gemm_q<QuantA6, half, half>) matmul_gemm_q<QuantA6, half, half>;
+template [[host_name("matmul_gemm_a6_act_bf16")]] kernel decltype(matmul_gemm_q<QuantA6, bfloat, bfloat>) matmul_gemm_q<QuantA6, bfloat, bfloat>;
+template [[host_name("matmul_gemm_a6_act_f16_logits")]] kernel decltype(matmul_gemm_q<QuantA6, half, float>) matmul_gemm_q<QuantA6, half, float>;
+template [[host_name("matmul_gemm_a6_act_bf16_logits")]] kernel decltype(matmul_gemm_q<QuantA6, bfloat, float>) matmul_gemm_q<QuantA6, bfloat, float>;
+template [[host_name("embedding_a6")]] kernel decltype(embedding_q<QuantA6, float>) embedding_q<QuantA6, float>;
+template [[host_name("embedding_a6_act_f16")]] kernel decltype(embedding_q<QuantA6, half>) embedding_q<QuantA6, half>;
+template [[host_name("embedding_a6_act_bf16")]] kernel decltype(embedding_q<QuantA6, bfloat>) embedding_q<QuantA6, bfloat>;

@@ -174,6 +174,9 @@ template [[host_name("moe_matmul_q6_k_act_bf16")]] kernel decltype(moe_matmul_q<
 template [[host_name("moe_matmul_a8")]] kernel decltype(moe_matmul_q<QuantA8, float>) moe_matmul_q<QuantA8, float>;
 template [[host_name("moe_matmul_a8_act_f16")]] kernel decltype(moe_matmul_q<QuantA8, half>) moe_matmul_q<QuantA8, half>;
 template [[host_name("moe_matmul_a8_act_bf16")]] kernel decltype(moe_matmul_q<QuantA8, bfloat>) moe_matmul_q<QuantA8, bfloat>;
+template [[host_name("moe_matmul_a6")]] kernel decltype(moe_matmul_q<QuantA6, float>) moe_matmul_q<QuantA6, float>;
+template [[host_name("moe_matmul_a6_act_f16")]] kernel decltype(moe_matmul_q<QuantA6, half>) moe_matmul_q<QuantA6, half>;
+template [[host_name("moe_matmul_a6_act_bf16")]] kernel decltype(moe_matmul_q<QuantA6, bfloat>) moe_matmul_q<QuantA6, bfloat>;
 template [[host_name("moe_combine")]] kernel decltype(moe_combine<float>) moe_combine<float>;
 template [[host_name("moe_combine_act_f16")]] kernel decltype(moe_combine<half>) moe_combine<half>;
 template [[host_name("moe_combine_act_bf16")]] kernel decltype(moe_combine<bfloat>) moe_combine<bfloat>;

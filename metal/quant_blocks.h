@@ -150,6 +150,21 @@ struct QuantA8 {
   }
 };
 
+// A6 (MLX 6-bit): {f16 d; f16 m; u8 ql[16]; u8 qh[8]}: w = d * q + m, q's low 4 bits as Q4_1's, its top two for
+// weight 8 t + l at bits 2t, 2t + 1 of qh[l]
+struct QuantA6 {
+  enum { kElems = 32, kBytes = 28 };
+  static void codes16(device const uchar* blk, int s, thread float* q, thread float& a, thread float& b) {
+    a = q_f16(blk) * q_nibble_scale(s);
+    b = q_f16(blk + 2);
+    const uint mask = 0xFu << (4 * s), hi = 4 + 4 * s;
+    for (int i = 0; i < 16; ++i) {
+      const int w = 16 * s + i;
+      q[i] = float((blk[4 + i] & mask) | (((blk[20 + w % 8] >> (2 * (w / 8))) & 3) << hi));
+    }
+  }
+};
+
 // Half-group h (weights 16 h .. 16 h + 15) of a row of Q blocks
 template <typename Q>
 inline void q_codes16(device const uchar* row, int h, thread float* q, thread float& a, thread float& b) {

@@ -10,7 +10,10 @@ namespace metal_engine {
 
 // A8: affine 8-bit in blocks of 32, {f16 d; f16 m; u8 qs[32]}, w = d * q + m: no GGUF type; MLX's 8-bit
 // checkpoints are exactly this (their scale and bias per group repeated per 32).
-enum class QuantType : uint8_t { None, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, A8 };
+// A6: affine 6-bit in blocks of 32, {f16 d; f16 m; u8 ql[16]; u8 qh[8]}, w = d * q + m with q's low 4 bits in
+// ql as Q4_1 keeps them (byte i: weight i low, i + 16 high) and its top 2 bits of weight 8 t + l at bits 2t,
+// 2t + 1 of qh[l]: MLX's 6-bit checkpoints, 7 bits a weight.
+enum class QuantType : uint8_t { None, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, A8, A6 };
 
 struct QuantInfo {
   const char* name;  // "q4_1": kernel names, safetensors metadata, the Python API

@@ -11,7 +11,7 @@ const QuantInfo& quant_info(QuantType q) {
   static const QuantInfo table[] = {
       {"none", 1, 0, -1},    {"q8_0", 32, 34, 8},    {"q4_0", 32, 18, 2},    {"q4_1", 32, 20, 3},
       {"q5_0", 32, 22, 6},   {"q5_1", 32, 24, 7},    {"q4_k", 256, 144, 12}, {"q5_k", 256, 176, 13},
-      {"q6_k", 256, 210, 14}, {"a8", 32, 36, -1},
+      {"q6_k", 256, 210, 14}, {"a8", 32, 36, -1},  {"a6", 32, 28, -1},
   };
   return table[size_t(q)];
 }
@@ -19,7 +19,7 @@ const QuantInfo& quant_info(QuantType q) {
 const std::vector<QuantType>& quant_types() {
   static const std::vector<QuantType> all{QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1, QuantType::Q5_0,
                                           QuantType::Q5_1, QuantType::Q4_K, QuantType::Q5_K, QuantType::Q6_K,
-                                          QuantType::A8};
+                                          QuantType::A8,   QuantType::A6};
   return all;
 }
 

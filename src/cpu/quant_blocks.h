@@ -386,6 +386,34 @@ struct Format<QuantType::A8> {  // f16 d, m; u8 qs[32]               w = d * q +
 #endif
 };
 
+// A6: byte i of ql holds weight i's and weight i + 16's low 4 bits (as Q4_1); bits 2t, 2t + 1 of qh[l] are weight
+// 8 t + l's top two.
+template <>
+struct Format<QuantType::A6> {  // f16 d, m; u8 ql[16]; u8 qh[8]     w = d * q + m (MLX 6-bit)
+  static constexpr int kGroups = 1, kBytes = 28;
+  static constexpr bool kSigned = false, kPerHalf = false;
+  static void scales(const uint8_t* b, GroupScales* g) {
+    const float d = f16_at(b), m = f16_at(b + 2);
+    g[0] = {{d, d}, {m, m}};
+  }
+  static void codes_scalar(const uint8_t* b, int, uint8_t* out) {
+    nibbles_scalar(b + 4, out);
+    for (int i = 0; i < 32; ++i) out[i] |= uint8_t(((b[20 + i % 8] >> (2 * (i / 8))) & 3) << 4);
+  }
+#if ME_AVX2
+  static void chunk(const uint8_t* row, int g, __m256* A, __m256* B) { block32_chunk<28, 2, 0>(row, g, A, B); }
+  static __m256i codes(const uint8_t* b, int) {
+    int64_t h;
+    std::memcpy(&h, b + 20, 8);
+    // qh in each 64-bit lane t, shifted right by 2t: byte l's low two bits are then weight 8 t + l's top bits (a
+    // shift under 8 keeps them within the byte)
+    const __m256i top = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(h), _mm256_setr_epi64x(0, 2, 4, 6)),
+                                         _mm256_set1_epi8(3));
+    return _mm256_or_si256(nibbles(b + 4), _mm256_slli_epi16(top, 4));
+  }
+#endif
+};
+
 // Calls f(std::integral_constant<QuantType, Q>{}) for the runtime format q (a kernel per format, one template).
 template <class F>
 void with_format(QuantType q, F&& f) {
@@ -400,6 +428,7 @@ void with_format(QuantType q, F&& f) {
     case Q::Q5_K: f(std::integral_constant<Q, Q::Q5_K>{}); break;
     case Q::Q6_K: f(std::integral_constant<Q, Q::Q6_K>{}); break;
     case Q::A8: f(std::integral_constant<Q, Q::A8>{}); break;
+    case Q::A6: f(std::integral_constant<Q, Q::A6>{}); break;
     case Q::None: break;
   }
 }

@@ -110,7 +110,7 @@ def args(cls_name: str, **fields):
 QUANT_FORMATS = {q["name"]: q for q in _core.ops.quant_types()}  # name -> block_elems, block_bytes, ggml_type
 # byte offsets of each format's f16 scale fields in its block (ggml-common.h); the rest of a block is codes
 _SCALE_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2),
-                 "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "a8": (0, 2)}
+                 "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "a8": (0, 2), "a6": (0, 2)}
 GGUF_FORMATS = [f for f, q in QUANT_FORMATS.items() if q["ggml_type"] >= 0]  # the rest have no GGUF type
 
 
@@ -131,8 +131,8 @@ def random_quant_rows(fmt: str, rows: int, cols: int, rng, scale: float = 0.05) 
 
 
 def gguf_dequantize(fmt: str, rows: np.ndarray, cols: int) -> np.ndarray:
-    """float64 [rows, cols] by gguf-py (llama.cpp's reference dequantization), not by our code; A8 (no GGUF
-    type) by its definition in numpy: {f16 d, f16 m, u8 q[32]}, w = d * q + m."""
+    """float64 [rows, cols] by gguf-py (llama.cpp's reference dequantization), not by our code; A8 and A6 (no
+    GGUF type) by their definitions in numpy (include/metal_engine/quant.h)."""
     import gguf
 
     if fmt == "a8":
@@ -140,6 +140,14 @@ def gguf_dequantize(fmt: str, rows: np.ndarray, cols: int) -> np.ndarray:
         d = b[..., 0:2].copy().view(np.float16).astype(np.float64)
         m = b[..., 2:4].copy().view(np.float16).astype(np.float64)
         return (d * b[..., 4:].astype(np.float64) + m).reshape(rows.shape[0], cols)
+    if fmt == "a6":  # {f16 d, f16 m, u8 ql[16], u8 qh[8]}: weight i's low 4 bits in ql, its top 2 in qh (quant.h)
+        b = rows.reshape(rows.shape[0], cols // 32, 28)
+        d = b[..., 0:2].copy().view(np.float16).astype(np.float64)
+        m = b[..., 2:4].copy().view(np.float16).astype(np.float64)
+        i = np.arange(32)
+        low = np.where(i < 16, b[..., 4 + i % 16] & 0xF, b[..., 4 + i % 16] >> 4)
+        top = (b[..., 20 + i % 8] >> (2 * (i // 8))) & 3
+        return (d * (low | (top << 4)).astype(np.float64) + m).reshape(rows.shape[0], cols)
 
     t = gguf.GGMLQuantizationType(QUANT_FORMATS[fmt]["ggml_type"])
     return gguf.quants.dequantize(rows, t).astype(np.float64).reshape(rows.shape[0], cols)

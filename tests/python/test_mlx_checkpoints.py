@@ -1,6 +1,7 @@
-"""MLX affine checkpoints, laid out as mlx_lm.convert writes them (mlx-community): 4- and 8-bit linear layers and
-the (tied) embedding as packed uint32 + scales + biases, norms in the checkpoint's float type. They load as Q4_1
-and A8 blocks and match the same weights dequantized (w = scales * q + biases) to float32."""
+"""MLX affine checkpoints, laid out as mlx_lm.convert writes them (mlx-community): 2- to 8-bit linear layers and
+the (tied) embedding as packed uint32 + scales + biases, norms in the checkpoint's float type. They load as
+blocks holding the same values (Q4_1, Q5_1, A6, A8) and match the same weights dequantized
+(w = scales * q + biases) to float32."""
 
 import json
 
@@ -28,11 +29,9 @@ def mlx_quantize(w: np.ndarray, group: int, bits: int = 4):
     s32, b32 = scales.astype(np.float32)[..., None], biases.astype(np.float32)[..., None]
     q = np.clip(np.rint((g - b32) / s32), 0, top).astype(np.uint32)
     deq = (s32 * q.astype(np.float32) + b32).reshape(out, cols)
-    per = 32 // bits
-    q = q.reshape(out, cols // per, per)
-    packed = np.zeros((out, cols // per), np.uint32)
-    for k in range(per):
-        packed |= q[:, :, k] << np.uint32(bits * k)
+    # the row as one little-endian bit stream, element i at bits [i * bits, (i + 1) * bits), in 32-bit words
+    stream = ((q.reshape(out, cols)[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    packed = np.packbits(stream.reshape(out, cols * bits), axis=-1, bitorder="little").view("<u4")
     return packed, scales, biases, deq
 
 
@@ -63,9 +62,11 @@ def write_mlx(src, dst, group, overrides=None, bits=4):
     return dst, dst.with_name(dst.name + "_twin")
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32), (6, 64), (6, 128), (5, 32),
+                                        (5, 64), (3, 64), (3, 128), (2, 32)])
 def test_mlx_checkpoint_runs_from_its_blocks(tmp_path, monkeypatch, bits, group):
-    """4-bit as Q4_1 blocks, 8-bit as A8 blocks, against the same weights dequantized."""
+    """8-bit as A8 blocks, 6-bit as A6, 5-bit as Q5_1, 4-, 3- and 2-bit as Q4_1 (each the same values), against
+    the same weights dequantized."""
     monkeypatch.setenv("METAL_ENGINE_CACHE", str(tmp_path / "cache"))
     src = make_tiny_text_checkpoint(tmp_path / "hf", "llama", seed=9, hidden_size=128, intermediate_size=256,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
@@ -75,7 +76,7 @@ def test_mlx_checkpoint_runs_from_its_blocks(tmp_path, monkeypatch, bits, group)
 
     with safe_open(str(llm.llm_engine.model_path / "model.safetensors"), "np") as f:
         meta = f.metadata()
-    fmt = "q4_1" if bits == 4 else "a8"
+    fmt = {2: "q4_1", 3: "q4_1", 4: "q4_1", 5: "q5_1", 6: "a6", 8: "a8"}[bits]
     assert meta["quant.model.embed_tokens.weight"] == fmt  # the tied embedding / LM head too
     assert meta["quant.model.layers.0.mlp.down_proj.weight"] == fmt
     ref = Harness(metal_engine.Engine(twin, dtype="float32", kv_cache_memory=8 << 20)).prefill_and_decode(IDS, 6)
@@ -88,8 +89,8 @@ def test_mlx_checkpoints_the_engine_does_not_run_are_refused(tmp_path, monkeypat
     monkeypatch.setenv("METAL_ENGINE_CACHE", str(tmp_path / "cache"))
     src = make_tiny_text_checkpoint(tmp_path / "hf", "llama", seed=9, hidden_size=128, intermediate_size=256,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-    mlx, _ = write_mlx(src, tmp_path / "m6", 64, overrides={"bits": 6})
-    with pytest.raises(ValueError, match="MLX 6-bit; metal_engine runs MLX 4- and 8-bit"):
+    mlx, _ = write_mlx(src, tmp_path / "m7", 64, overrides={"bits": 7})
+    with pytest.raises(ValueError, match="MLX 7-bit; metal_engine runs MLX 2-, 3-, 4-, 5-, 6- and 8-bit"):
         metal_engine.LLM(str(mlx), progress=False)
     mlx, _ = write_mlx(src, tmp_path / "g16", 64, overrides={"group_size": 16})
     with pytest.raises(ValueError, match="group_size 16; metal_engine takes 32, 64 or 128"):
