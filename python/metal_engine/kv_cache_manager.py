@@ -125,17 +125,26 @@ class BlockTableRow:
 
 class KVCacheManager:
     """`enable_caching` False: no block is hashed or cached, except those of requests that share their prompt
-    with sibling samples (n > 1: `request.hash_blocks`)."""
+    with sibling samples (n > 1: `request.hash_blocks`).
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+    `sliding_window` > 0 (every layer of the model attends to that many keys: Mistral, Phi-3; vLLM's
+    SlidingWindowManager): a block whose tokens have all left the window of the next token to compute is freed
+    as the request goes on, so a request holds about window / block_size blocks however long it runs. Its entry
+    in the block table is left pointing at a block the request still holds (the attention kernels start at the
+    window, so it is never read, and no other request's block is named). Models with any full-attention layer
+    (Gemma 2 and 3, Qwen2 with max_window_layers) keep every block: one block table serves all layers."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True, sliding_window: int = 0):
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks)
         self.req_to_blocks: dict = {}
         self.req_to_hashes: dict = {}
         self.req_to_table: dict = {}       # request id -> BlockTableRow
         self.req_to_num_cached: dict = {}  # request id -> how many of its leading blocks are cached (vLLM's
                                            # num_cached_block): each step caches only the newly full ones
+        self.req_to_num_skipped: dict = {}  # request id -> its leading blocks freed (out of the sliding window)
 
     def _hashes_blocks(self, request) -> bool:
         return self.enable_caching or getattr(request, "hash_blocks", False)
@@ -173,9 +182,35 @@ class KVCacheManager:
             hits.append(block)
         return hits, len(hits) * self.block_size
 
+    def remove_skipped_blocks(self, request, num_computed_tokens: int):
+        """With a sliding window: frees the request's leading blocks that hold no key the next token's window
+        reaches (positions < num_computed_tokens - sliding_window + 1), in reverse so the newer ones are
+        evicted last, as vLLM's SlidingWindowManager does."""
+        if self.sliding_window <= 0:
+            return
+        rid = request.request_id
+        blocks = self.req_to_blocks.get(rid)
+        if not blocks:
+            return
+        first_useful = max(0, num_computed_tokens - self.sliding_window + 1) // self.block_size
+        first_useful = min(first_useful, len(blocks) - 1)  # the block of the next token's slot stays
+        done = self.req_to_num_skipped.get(rid, 0)
+        if first_useful <= done:
+            return
+        self.pool.free_blocks(reversed(blocks[done:first_useful]))
+        for i in range(done, first_useful):
+            blocks[i] = None
+        self.req_to_table[rid]._buf[done:first_useful] = blocks[first_useful].block_id
+        self.req_to_num_skipped[rid] = first_useful
+
+    def num_held_blocks(self, request) -> int:
+        """The blocks the request holds now (not those freed out of its sliding window)."""
+        return sum(b is not None for b in self.req_to_blocks.get(request.request_id, []))
+
     def allocate_slots(self, request, num_new_tokens: int, new_computed_blocks=()) -> Optional[list]:
         """Makes room for `num_new_tokens` more tokens of the request (after any cache-hit blocks),
-        or returns None, changing nothing, if the pool cannot."""
+        or returns None, changing nothing but the blocks that left its sliding window, if the pool cannot."""
+        self.remove_skipped_blocks(request, request.num_computed_tokens)
         blocks = self.req_to_blocks.get(request.request_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
@@ -201,12 +236,16 @@ class KVCacheManager:
             if full > start:
                 hashes = self._block_hashes(request, full * self.block_size)
                 for i in range(start, full):
-                    self.pool.cache_block(blocks[i], hashes[i])
+                    if blocks[i] is not None:
+                        self.pool.cache_block(blocks[i], hashes[i])
                 self.req_to_num_cached[rid] = full
         return new
 
     def block_ids(self, request) -> list:
-        return [b.block_id for b in self.req_to_blocks.get(request.request_id, [])]
+        """The request's block ids, those freed out of its sliding window named by its first held block."""
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        held = next((b.block_id for b in blocks if b is not None), None)
+        return [held if b is None else b.block_id for b in blocks]
 
     def block_table(self, request) -> np.ndarray:
         """The request's block ids, int32 [num_blocks] (a view of its BlockTableRow; valid until it grows)."""
@@ -216,7 +255,8 @@ class KVCacheManager:
     def free(self, request):
         rid = request.request_id
         blocks = self.req_to_blocks.pop(rid, [])
-        self.pool.free_blocks(reversed(blocks))
+        self.pool.free_blocks(reversed([b for b in blocks if b is not None]))
+        self.req_to_num_skipped.pop(rid, None)
         self.req_to_hashes.pop(rid, None)
         self.req_to_table.pop(rid, None)
         self.req_to_num_cached.pop(rid, None)

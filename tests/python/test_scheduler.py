@@ -191,6 +191,61 @@ def test_outputs_are_snapshots_later_steps_do_not_change(tiny_checkpoints):
     assert first.metrics.last_token_time == last_token_time and not first.finished
 
 
+def _run_steps(llm, ps, params, check=None):
+    """Generates ps with llm's engine step by step (check(engine) after each step); token ids per prompt."""
+    eng = llm.llm_engine
+    ids = [eng.add_request(p, params) for p in ps]
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+        if check:
+            check(eng)
+    return [done[i] for i in ids]
+
+
+def test_sliding_window_blocks_are_freed_as_requests_go_on(tiny_checkpoints):
+    """Mistral (every layer slides, window 5): a decoding request holds only the blocks its window reaches
+    (vLLM's SlidingWindowManager), the freed blocks serve other requests, and the
+    tokens equal those of the same requests run one at a time with every block kept."""
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    ps = prompts(6, seed=4, lo=14, hi=22)
+    keep = tiny_llm(tiny_checkpoints["mistral"])
+    keep.llm_engine.kv.sliding_window = 0  # every block kept
+    want = [texts(keep.generate([p], params, use_tqdm=False))[0] for p in ps]
+
+    small = tiny_llm(tiny_checkpoints["mistral"], num_kv_blocks=24, max_model_len=64)
+    kv = small.llm_engine.kv
+    assert kv.sliding_window == 5
+    held = []
+
+    def check(eng):
+        for r in eng.scheduler.running:
+            if r.num_computed_tokens > len(r.prompt_token_ids):  # decoded (blocks leave as a step is scheduled):
+                held.append(kv.num_held_blocks(r))                # the last token's window, 5 positions, spans
+                assert held[-1] <= 2, (r.request_id, r.num_computed_tokens, kv.block_ids(r))  # 2 blocks of 4
+                assert len(kv.block_ids(r)) == -(-r.num_computed_tokens // 4)
+
+    assert _run_steps(small, ps, params, check) == want
+    assert held and max(held) == 2
+    assert small.llm_engine.stats["num_preemptions"] == 0  # 6 x 50 tokens in 24 blocks of 4, none preempted
+    assert_all_blocks_free(small)
+
+    full = tiny_llm(tiny_checkpoints["mistral"], num_kv_blocks=24, max_model_len=64)
+    full.llm_engine.kv.sliding_window = 0
+    assert _run_steps(full, ps, params) == want
+    assert full.llm_engine.stats["num_preemptions"] > 0  # what keeping every block costs in that pool
+
+
+def test_models_with_a_full_attention_layer_keep_every_block(tiny_checkpoints):
+    """Gemma 3 slides on five of six layers: the full-attention layer reads the whole context, so nothing is
+    freed (one block table serves every layer)."""
+    llm = tiny_llm(tiny_checkpoints["gemma3"])
+    assert llm.llm_engine.kv.sliding_window == 0
+    assert tiny_llm(tiny_checkpoints["llama"]).llm_engine.kv.sliding_window == 0
+
+
 class _Req:
     """The little of a Request the KV manager reads."""
 
