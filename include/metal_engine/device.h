@@ -53,6 +53,8 @@ class Device {
  public:
   virtual ~Device() = default;
   virtual std::string name() const = 0;
+  // What the device is, for people: its hardware and, on Metal, where its kernels came from.
+  virtual std::string description() const { return name(); }
   virtual DeviceCaps caps() const = 0;
 
   virtual std::unique_ptr<Buffer> allocate(size_t bytes, const std::string& label) = 0;

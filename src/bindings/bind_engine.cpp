@@ -81,6 +81,8 @@ void init_engine(nb::module_& m) {
       .def_prop_ro("activation_dtype", [](const Engine& e) { return std::string(dtype_name(e.activation_dtype())); })
       .def_prop_ro("kv_cache_dtype", [](const Engine& e) { return std::string(dtype_name(e.kv_cache_dtype())); })
       .def_prop_ro("backend", [](Engine& e) { return e.device().name(); })
+      .def_prop_ro("device_description", [](Engine& e) { return e.device().description(); },
+                   "The device, and on Metal where its kernels came from (a metallib's path, or the embedded MSL source).")
       .def_prop_ro("num_kv_blocks", [](Engine& e) { return e.kv_cache().num_blocks(); })
       .def_prop_ro("block_size", [](Engine& e) { return e.kv_cache().block_size(); })
       .def_prop_ro("kv_cache_bytes", [](Engine& e) { return e.kv_cache().total_bytes(); })

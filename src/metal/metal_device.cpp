@@ -103,7 +103,7 @@ class MetalDevice : public Device {
 
   std::string name() const override { return backend_; }
   DeviceCaps caps() const override { return metal_device_caps(); }
-  std::string description() const { return device_name_ + ", kernels from " + library_origin_; }
+  std::string description() const override { return device_name_ + ", kernels from " + library_origin_; }
 
   std::unique_ptr<Buffer> allocate(size_t bytes, const std::string& label) override {
     MTL::Buffer* b = device_->newBuffer(bytes ? bytes : 16, MTL::ResourceStorageModeShared);
@@ -231,14 +231,14 @@ class MetalDevice : public Device {
     step_pool_ = nullptr;
   }
 
-  // The kernels: METAL_ENGINE_METALLIB if set, else metal_engine.metallib beside the extension (built at
-  // install time), else compiled from the MSL source embedded in this library.
+  // The kernels: METAL_ENGINE_METALLIB if set (empty: the embedded source), else metal_engine.metallib beside
+  // the extension (built at install time), else compiled from the MSL source embedded in this library.
   void load_library() {
     NS::Error* error = nullptr;
     std::string path;
     if (const char* env = std::getenv("METAL_ENGINE_METALLIB")) {
       path = env;
-      if (!file_exists(path))
+      if (!path.empty() && !file_exists(path))
         throw std::invalid_argument("METAL_ENGINE_METALLIB='" + path + "' is not a file; unset it or point it at a metallib");
     } else {
       path = metallib_beside_module();

@@ -224,6 +224,32 @@ bool register_kernel(const char* name, KernelEntry entry) {
   return true;
 }
 
+namespace {
+std::map<std::string, uint64_t>& source_registry() {
+  static std::map<std::string, uint64_t> r;
+  return r;
+}
+}  // namespace
+
+bool register_source(const char* file, uint64_t hash) {
+  source_registry()[file] = hash;
+  return true;
+}
+
+uint64_t source_hash(const std::string& file) {
+  auto it = source_registry().find(file);
+  return it == source_registry().end() ? 0 : it->second;
+}
+
+uint64_t fnv1a64(const std::string& text) {
+  uint64_t h = 1469598103934665603ULL;
+  for (unsigned char c : text) {
+    h ^= c;
+    h *= 1099511628211ULL;
+  }
+  return h;
+}
+
 bool register_function_constant(const char* kernel, int index, ConstantSetter set, size_t size) {
   constant_registry()[kernel][index] = ConstantSlot{set, size};
   return true;

@@ -38,6 +38,14 @@ bool register_kernel(const char* name, KernelEntry entry);
 void link_engine_kernels();
 std::vector<std::string> kernel_names();
 
+// The MSL text each kernel translation unit was built from (the pre-pass registers a 64-bit FNV-1a hash of each
+// .metal file and each header it includes, as tools/metal_prepass.py --embed lays them out: local #include and
+// #pragma once lines dropped), so newLibraryWithSource: can tell an embedded source that is not the one the
+// kernels were compiled from. 0: not registered.
+bool register_source(const char* file, uint64_t hash);
+uint64_t source_hash(const std::string& file);
+uint64_t fnv1a64(const std::string& text);
+
 // A function constant's value, by its [[function_constant(index)]].
 struct FunctionConstant {
   int index = 0;

@@ -110,6 +110,27 @@ TEST_F(MetalSimFramework, LibraryFromSourceOffersTheKernelsItNames) {
   EXPECT_EQ(device_->newLibrary(NS::URL::fileURLWithPath(str("/etc/hostname")), &error), nullptr);
 }
 
+// The embedded source is the text the kernels were built from, section by section (tools/metal_prepass.py
+// registers each file's hash); one changed character in one file's section, or a section for a file metal-sim
+// never compiled, and newLibraryWithSource: refuses it naming the file.
+TEST_F(MetalSimFramework, LibraryFromSourceIsTheSourceTheKernelsWereBuiltFrom) {
+  const std::string source = metal_engine::kMetalKernelSource;
+  for (const char* file : {"op_args.h", "quant_blocks.h", "matmul.metal", "matmul_quant.metal", "moe.metal"})
+    EXPECT_NE(source.find(std::string("\n// ---- ") + file + " ----\n"), std::string::npos) << file;
+  NS::Error* error = nullptr;
+  std::string stale = source;
+  const size_t at = stale.find("kQGemvRows = 4");
+  ASSERT_NE(at, std::string::npos);
+  stale[at + 13] = '8';  // matmul_quant.metal, edited after the build
+  EXPECT_EQ(device_->newLibrary(str(stale.c_str()), nullptr, &error), nullptr);
+  ASSERT_NE(error, nullptr);
+  EXPECT_NE(std::string(error->localizedDescription()->utf8String()).find("matmul_quant.metal is not the text"),
+            std::string::npos);
+  const std::string extra = source + "\n// ---- brand_new.metal ----\nkernel void brand_new() {}\n";
+  EXPECT_EQ(device_->newLibrary(str(extra.c_str()), nullptr, &error), nullptr);
+  EXPECT_NE(std::string(error->localizedDescription()->utf8String()).find("brand_new.metal"), std::string::npos);
+}
+
 TEST_F(MetalSimFramework, NoCopyBufferIsTheHostMemory) {
   const size_t bytes = 2 * 4096;
   void* mem = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

@@ -391,8 +391,37 @@ id device_new_buffer_no_copy(id, SEL, void* pointer, NSUInteger length, NSUInteg
   b->length = length;
   return make(g_buffer, b);
 }
+// A source in tools/metal_prepass.py --embed's sections (`// ---- name ----`, as the backend embeds it): each
+// section must be the very text metal-sim's kernels were built from (their registered hashes), or the library
+// would offer kernels compiled from other code than the source says. Returns the first mismatch, or "".
+std::string embedded_source_mismatch(const std::string& text) {
+  static const std::regex marker("\n// ---- (\\S+) ----\n");
+  std::vector<std::pair<std::string, size_t>> starts;  // name, where its text begins
+  std::vector<size_t> ends;
+  for (auto it = std::sregex_iterator(text.begin(), text.end(), marker); it != std::sregex_iterator(); ++it) {
+    if (!starts.empty()) ends.push_back(size_t(it->position()));
+    starts.emplace_back((*it)[1], size_t(it->position() + it->length()));
+  }
+  ends.push_back(text.size());
+  for (size_t i = 0; i < starts.size(); ++i) {
+    const std::string& name = starts[i].first;
+    const uint64_t want = metal_sim::source_hash(name);
+    if (want == 0) return "its section " + name + " is no file metal-sim's kernels were built from";
+    if (metal_sim::fnv1a64(text.substr(starts[i].second, ends[i] - starts[i].second)) != want)
+      return "its " + name + " is not the text metal-sim's kernels were built from (a stale embedded source: rebuild)";
+  }
+  return "";
+}
+
 id device_new_library_source(id, SEL, id source, id, id* error) {
-  return make_library(kernel_names_in(string_of(source)), error);
+  const std::string text = string_of(source);
+  link_engine_kernels();
+  const std::string mismatch = embedded_source_mismatch(text);
+  if (!mismatch.empty()) {
+    set_error_out(error, 3, "newLibraryWithSource: " + mismatch);
+    return nil;
+  }
+  return make_library(kernel_names_in(text), error);
 }
 id device_new_library_url(id, SEL, id url, id* error) {
   // metal-sim's metallib (written at build time by tools/metal_prepass.py --library): a header line, then

@@ -297,3 +297,32 @@ def test_quantized_experts_match_cpu(tmp_path, monkeypatch, checkpoints, arch):
     scale = max(np.abs(l).max() for l, _ in ref)
     assert_same(ref, got, 1e-3 * scale)
     assert profile.get("moe_matmul_q8_0", (0, 0))[0] > 0, sorted(profile)
+
+
+def test_the_backend_runs_from_the_embedded_source(checkpoints, monkeypatch, tmp_path):
+    """METAL_ENGINE_METALLIB='' skips the metallib: the backend compiles the MSL source embedded in the library
+    (newLibraryWithSource:, which on metal-sim checks it is the text its kernels were built from), and gives the
+    same logits as from a metallib."""
+    import pathlib
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 211, n).tolist() for n in (9, 3)]
+    if METAL == "metal-sim":  # metal-sim's metallib (what the install puts beside the extension), written here
+        root = pathlib.Path(__file__).resolve().parents[3]
+        lib = tmp_path / "metal_engine.metallib"
+        subprocess.run([sys.executable, str(root / "tools" / "metal_prepass.py"), "--library", str(lib),
+                        *map(str, sorted((root / "metal").glob("*.metal")))], check=True)
+        monkeypatch.setenv("METAL_ENGINE_METALLIB", str(lib))
+    else:
+        monkeypatch.delenv("METAL_ENGINE_METALLIB", raising=False)
+    from_lib = Engine(checkpoints["qwen3"], backend=METAL, dtype="float32", num_kv_blocks=32)
+    monkeypatch.setenv("METAL_ENGINE_METALLIB", "")
+    from_source = Engine(checkpoints["qwen3"], backend=METAL, dtype="float32", num_kv_blocks=32)
+    assert from_source._engine.device_description.endswith("kernels from the embedded MSL source")
+    if METAL == "metal-sim":
+        assert from_lib._engine.device_description.endswith(f"kernels from {lib}")
+    a = Harness(from_lib).prefill_and_decode(prompts, 2)
+    b = Harness(from_source).prefill_and_decode(prompts, 2)
+    assert_same(a, b, 0.0)
