@@ -27,6 +27,7 @@ class Buffer {
 struct BufferArg {
   Buffer* buffer = nullptr;
   size_t offset = 0;
+  size_t bytes = 0;  // how far the binding reaches from offset (a scratch tensor's size); 0: to the buffer's end
 };
 
 // Handle of a kernel resolved by Device::kernel(); cheap to copy and to dispatch.

@@ -56,7 +56,7 @@ void init_metal_sim(nb::module_& m) {
     return metal_sim::kernel_names();
   });
   std::set<std::string> bound;  // one run overload per argument struct of the op table
-#define ME_DEF_RUN(op, Args, buffers, flavour, metal_only, quantized) \
+#define ME_DEF_RUN(op, Args, buffers, flavour, metal_only, quantized, writes) \
   if (bound.insert(#Args).second) def_run<Args>(sim);
   ME_OPS(ME_DEF_RUN)
 #undef ME_DEF_RUN

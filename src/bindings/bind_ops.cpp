@@ -141,7 +141,7 @@ void init_ops(nb::module_& m) {
           "Which Metal matmul kernel these arguments take: matmul_gemv or matmul_gemm.");
   // one ops.run overload per argument struct of the op table
   std::set<std::string> bound;
-#define ME_DEF_RUN(op, Args, buffers, flavour, metal_only, quantized) \
+#define ME_DEF_RUN(op, Args, buffers, flavour, metal_only, quantized, writes) \
   if (bound.insert(#Args).second) def_run<Args>(ops);
   ME_OPS(ME_DEF_RUN)
 #undef ME_DEF_RUN
@@ -155,6 +155,7 @@ void init_ops(nb::module_& m) {
           d["args"] = op.args_name;
           d["num_buffers"] = op.num_buffers;
           d["metal_only"] = op.metal_only;
+          d["writes"] = op.writes;  // bit i: buffer i is written
           d["quantized"] = op.quantized;
           d["cpu_kernels"] = op.metal_only ? std::vector<std::string>{} : op_kernel_names(op, false, true);
           d["metal_kernels"] = op_kernel_names(op, true, true);

@@ -24,27 +24,29 @@ namespace metal_engine {
 // and with 16-bit activations <op>_<q>_act_<adt>.
 enum class OpFlavour { Weight, Activation, Single };
 
-// X(op, Args, buffers, flavour, metal_only, quantized)
-#define ME_OPS(X)                                                                   \
-  X(embedding, EmbeddingArgs, 3, Weight, false, true)                                \
-  X(rms_norm, RmsNormArgs, 4, Weight, false, false)                                  \
-  X(matmul, MatmulArgs, 4, Weight, false, true)                                      \
-  X(qk_norm, QKNormArgs, 4, Weight, false, false)                                    \
-  X(rope, RopeArgs, 4, Activation, false, false)                                     \
-  X(silu_mul, SiluMulArgs, 3, Activation, false, false)                              \
-  X(gelu_tanh_mul, SiluMulArgs, 3, Activation, false, false)                         \
-  X(kv_write, KVWriteArgs, 5, Weight, false, false)                                  \
-  X(paged_attention, PagedAttentionArgs, 7, Weight, false, false)                    \
-  X(paged_attention_decode, PagedAttentionDecodeArgs, 10, Weight, true, false)       \
-  X(paged_attention_prefill, PagedAttentionPrefillArgs, 7, Weight, true, false)      \
-  X(paged_attention_split, PagedAttentionSplitArgs, 9, Weight, true, false)          \
-  X(paged_attention_reduce, PagedAttentionReduceArgs, 4, Activation, true, false)    \
-  X(gather_rows, GatherRowsArgs, 3, Activation, false, false)                        \
-  X(moe_route, MoeRouteArgs, 3, Single, false, false)                                \
-  X(moe_matmul, MoeMatmulArgs, 4, Weight, false, true)                               \
-  X(moe_combine, MoeCombineArgs, 3, Activation, false, false)                        \
-  X(softcap, SoftcapArgs, 2, Single, false, false)                                   \
-  X(argmax, ArgmaxArgs, 2, Single, false, false)
+// X(op, Args, buffers, flavour, metal_only, quantized, writes): writes is a bit mask of the buffers (0 = the first
+// after the args struct) the op writes; the Metal backend puts a barrier only before a dispatch that reads or writes
+// what an earlier dispatch since the last barrier wrote, or writes what one read.
+#define ME_OPS(X)                                                                           \
+  X(embedding, EmbeddingArgs, 3, Weight, false, true, 0x4)                                  \
+  X(rms_norm, RmsNormArgs, 4, Weight, false, false, 0xA)                                    \
+  X(matmul, MatmulArgs, 4, Weight, false, true, 0x8)                                        \
+  X(qk_norm, QKNormArgs, 4, Weight, false, false, 0x3)                                      \
+  X(rope, RopeArgs, 4, Activation, false, false, 0xC)                                       \
+  X(silu_mul, SiluMulArgs, 3, Activation, false, false, 0x4)                                \
+  X(gelu_tanh_mul, SiluMulArgs, 3, Activation, false, false, 0x4)                           \
+  X(kv_write, KVWriteArgs, 5, Weight, false, false, 0x18)                                   \
+  X(paged_attention, PagedAttentionArgs, 7, Weight, false, false, 0x40)                     \
+  X(paged_attention_decode, PagedAttentionDecodeArgs, 10, Weight, true, false, 0x230)       \
+  X(paged_attention_prefill, PagedAttentionPrefillArgs, 7, Weight, true, false, 0x40)       \
+  X(paged_attention_split, PagedAttentionSplitArgs, 9, Weight, true, false, 0x1C0)          \
+  X(paged_attention_reduce, PagedAttentionReduceArgs, 4, Activation, true, false, 0x8)      \
+  X(gather_rows, GatherRowsArgs, 3, Activation, false, false, 0x4)                          \
+  X(moe_route, MoeRouteArgs, 3, Single, false, false, 0x6)                                  \
+  X(moe_matmul, MoeMatmulArgs, 4, Weight, false, true, 0x8)                                 \
+  X(moe_combine, MoeCombineArgs, 3, Activation, false, false, 0x4)                          \
+  X(softcap, SoftcapArgs, 2, Single, false, false, 0x2)                                     \
+  X(argmax, ArgmaxArgs, 2, Single, false, false, 0x2)
 
 // The fields of every argument struct, in declaration order: S(Args, F(field) F(field) ...). From it come the
 // Python bindings (_core.ops.<Args>, every field read-write) and a compile-time check that the list misses no
@@ -86,7 +88,7 @@ struct ArgsFields;  // defined for every struct of ME_ARGS_STRUCTS
 ME_ARGS_STRUCTS(ME_ARGS_FIELDS_CHECK)
 #undef ME_ARGS_FIELDS_CHECK
 #undef F
-#define ME_OP_ARGS_LISTED(op, Args, buffers, flavour, metal_only, quantized) \
+#define ME_OP_ARGS_LISTED(op, Args, buffers, flavour, metal_only, quantized, writes) \
   static_assert(sizeof(ArgsFields<Args>) > 0, #Args " is missing from ME_ARGS_STRUCTS");
 ME_OPS(ME_OP_ARGS_LISTED)
 #undef ME_OP_ARGS_LISTED
@@ -99,19 +101,20 @@ struct OpInfo {
   OpFlavour flavour;
   bool metal_only;
   bool quantized;
+  unsigned writes;  // bit i: the op writes buffer i (in-out buffers included)
 };
 
 inline const std::vector<OpInfo>& op_table() {
-#define ME_OP_INFO(op, Args, buffers, flavour, metal_only, quantized) \
-  OpInfo{#op, #Args, sizeof(Args), buffers, OpFlavour::flavour, metal_only, quantized},
+#define ME_OP_INFO(op, Args, buffers, flavour, metal_only, quantized, writes) \
+  OpInfo{#op, #Args, sizeof(Args), buffers, OpFlavour::flavour, metal_only, quantized, writes},
   static const std::vector<OpInfo> table = {ME_OPS(ME_OP_INFO)};
 #undef ME_OP_INFO
   return table;
 }
 
 // The largest argument struct and buffer count of any op: what a backend's recorded command must hold.
-#define ME_OP_ARGS_SIZE(op, Args, buffers, flavour, metal_only, quantized) sizeof(Args),
-#define ME_OP_BUFFERS(op, Args, buffers, flavour, metal_only, quantized) buffers,
+#define ME_OP_ARGS_SIZE(op, Args, buffers, flavour, metal_only, quantized, writes) sizeof(Args),
+#define ME_OP_BUFFERS(op, Args, buffers, flavour, metal_only, quantized, writes) buffers,
 constexpr size_t kOpArgsSizes[] = {ME_OPS(ME_OP_ARGS_SIZE)};
 constexpr int kOpBufferCounts[] = {ME_OPS(ME_OP_BUFFERS)};
 #undef ME_OP_ARGS_SIZE

@@ -37,7 +37,7 @@ BufferArg ScratchPool::alloc(size_t bytes, const char* what) {
   used_ = end;
   if (used_ > peak_) peak_ = used_;
   if (!measuring_ && used_ > high_water_) high_water_ = used_;
-  return BufferArg{measuring_ ? nullptr : buffer_.get(), start};
+  return BufferArg{measuring_ ? nullptr : buffer_.get(), start, bytes};
 }
 
 void ScratchPool::reset_to(size_t mark) {

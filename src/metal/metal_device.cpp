@@ -90,6 +90,7 @@ class MetalDevice : public Device {
       return 0;
     });
     if (!queue_ || !library_ || !dummy_) throw std::runtime_error("backend '" + backend + "': Metal setup failed");
+    if (const char* skip = std::getenv("METAL_ENGINE_SKIP_BARRIER")) skip_barrier_ = std::atoi(skip);
   }
 
   ~MetalDevice() override {
@@ -140,6 +141,9 @@ class MetalDevice : public Device {
     command_buffer_ = queue_->commandBuffer()->retain();
     encoder_ = command_buffer_->computeCommandEncoder(MTL::DispatchTypeConcurrent)->retain();
     encoding_ = true;
+    seg_reads_.clear();
+    seg_writes_.clear();
+    barriers_in_step_ = 0;
   }
 
   void dispatch(const Kernel& k, const void* args, size_t args_size, std::initializer_list<BufferArg> buffers) override {
@@ -174,9 +178,45 @@ class MetalDevice : public Device {
       }
       ++index;
     }
+    barrier_if_needed(e.spec.writes, buffers);
     encoder_->dispatchThreadgroups(MTL::Size(g.groups[0], g.groups[1], g.groups[2]),
                                    MTL::Size(g.threads[0], g.threads[1], g.threads[2]));
-    encoder_->memoryBarrier(MTL::BarrierScopeBuffers);  // the next dispatch sees this one's writes
+  }
+
+  // The encoder is concurrent: dispatches between two barriers may run at once. A barrier goes before a dispatch
+  // only when it reads or writes a range an earlier dispatch since the last barrier wrote, or writes one such a
+  // dispatch read (MLX's and ggml-metal's rule); each binding reaches from its offset over its bytes (a scratch
+  // tensor's size) or, unsized, to its buffer's end. METAL_ENGINE_SKIP_BARRIER=n leaves out the n-th needed
+  // barrier of every step: a fault the tests inject to show metal-sim catches a missing one.
+  struct Range {
+    const void* buffer;
+    size_t lo, hi;
+    bool overlaps(const Range& o) const { return buffer == o.buffer && lo < o.hi && o.lo < hi; }
+  };
+  void barrier_if_needed(unsigned written_mask, std::initializer_list<BufferArg> buffers) {
+    Range reads[16], writes[16];
+    int nr = 0, nw = 0, i = 0;
+    for (const BufferArg& b : buffers) {
+      const bool written = (written_mask >> i++) & 1;
+      if (!b.buffer || (written ? nw : nr) == 16) continue;
+      const Range r{b.buffer, b.offset, b.bytes ? b.offset + b.bytes : b.buffer->size()};
+      (written ? writes[nw++] : reads[nr++]) = r;
+    }
+    bool hazard = false;
+    for (int w = 0; w < nw && !hazard; ++w) {
+      for (const Range& x : seg_reads_) hazard = hazard || writes[w].overlaps(x);
+      for (const Range& x : seg_writes_) hazard = hazard || writes[w].overlaps(x);
+    }
+    for (int r = 0; r < nr && !hazard; ++r)
+      for (const Range& x : seg_writes_) hazard = hazard || reads[r].overlaps(x);
+    if (hazard) {
+      if (++barriers_in_step_ != skip_barrier_) encoder_->memoryBarrier(MTL::BarrierScopeBuffers);
+      if (profiling_) profile_["(memory barriers)"].calls += 1;
+      seg_reads_.clear();
+      seg_writes_.clear();
+    }
+    seg_reads_.insert(seg_reads_.end(), reads, reads + nr);
+    seg_writes_.insert(seg_writes_.end(), writes, writes + nw);
   }
 
   void submit() override {
@@ -300,6 +340,9 @@ class MetalDevice : public Device {
   MTL::ComputeCommandEncoder* encoder_ = nullptr;
   bool encoding_ = false;
   bool profiling_ = false;
+  std::vector<Range> seg_reads_, seg_writes_;  // what the dispatches since the last barrier read and write
+  int barriers_in_step_ = 0;
+  int skip_barrier_ = 0;  // METAL_ENGINE_SKIP_BARRIER (0: none skipped)
   std::map<std::string, KernelTime> profile_;
 };
 

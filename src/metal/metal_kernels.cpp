@@ -95,7 +95,7 @@ void add_op(SpecTable& t, const OpInfo& op) {
 // Generated from the op table (src/core/op_table.h).
 SpecTable table() {
   SpecTable t;
-#define ME_METAL_SPECS(op, Args, buffers, flavour, metal_only, quantized) add_op<Args>(t, *find_op(#op));
+#define ME_METAL_SPECS(op, Args, buffers, flavour, metal_only, quantized, writes) add_op<Args>(t, *find_op(#op));
   ME_OPS(ME_METAL_SPECS)
 #undef ME_METAL_SPECS
   return t;
@@ -130,7 +130,11 @@ std::string MetalPipelineKey::key() const {
 
 MetalKernelSpec metal_kernel_spec(const std::string& name) {
   for (const auto& kv : specs())
-    if (kv.first == name) return kv.second;
+    if (kv.first == name) {
+      MetalKernelSpec spec = kv.second;
+      spec.writes = op_of_kernel(name)->writes;
+      return spec;
+    }
   std::string all;
   for (const auto& kv : specs()) all += (all.empty() ? "" : ", ") + kv.first;
   throw std::invalid_argument("the Metal backend has no kernel '" + name + "' (it has: " + all + ")");

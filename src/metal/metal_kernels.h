@@ -29,6 +29,7 @@ struct MetalKernelSpec {
   std::vector<MetalPipelineKey> pipelines;  // every pipeline it may launch (all built when it is resolved)
   // For one launch's argument struct: which of `pipelines` runs, and its grid.
   std::pair<int, DispatchGeometry> (*plan)(const void* args) = nullptr;
+  unsigned writes = 0;  // bit i: buffer i (bound at i + 1) is written (the op table's writes)
 };
 
 // The Metal backend's capabilities and limits (the attention kernels' thresholds and the shapes they take).

@@ -297,10 +297,18 @@ void dispatch(const std::string& name, void* const* buffers, Dim3 groups, Dim3 t
   Group g;
   g.entry = it->second;
   g.fibers.resize(per_group);
-  std::vector<std::vector<char>> stacks(per_group, std::vector<char>(kStackBytes));
+  // the fibers' stacks, kept by the calling thread between dispatches (interleaving runs one group a call)
+  thread_local std::vector<std::vector<char>> stacks;
+  if (stacks.size() < per_group) stacks.resize(per_group, std::vector<char>(kStackBytes));
+  const uint64_t num_groups = uint64_t(groups.x) * groups.y * groups.z;
+  if (opt.only_group >= int64_t(num_groups))
+    throw std::invalid_argument("metal-sim: threadgroup " + std::to_string(opt.only_group) + " of a grid of " +
+                                std::to_string(num_groups));
+  uint64_t linear = 0;
   for (uint32_t gz = 0; gz < groups.z; ++gz)
     for (uint32_t gy = 0; gy < groups.y; ++gy)
-      for (uint32_t gx = 0; gx < groups.x; ++gx) {
+      for (uint32_t gx = 0; gx < groups.x; ++gx, ++linear) {
+        if (opt.only_group >= 0 && linear != uint64_t(opt.only_group)) continue;
         uint32_t index = 0;
         for (uint32_t tz = 0; tz < threads.z; ++tz)
           for (uint32_t ty = 0; ty < threads.y; ++ty)

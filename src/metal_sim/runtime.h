@@ -64,6 +64,7 @@ struct DispatchOptions {
   std::vector<FunctionConstant> constants;  // every constant the kernel declares must be given
   size_t dynamic_threadgroup_memory = 0;     // bytes set with setThreadgroupMemoryLength
   size_t max_threadgroup_memory = 32768;     // an Apple GPU's
+  int64_t only_group = -1;                   // >= 0: run only that threadgroup (x fastest), for interleaving
 };
 
 // Runs `name` over `groups` threadgroups of `threads` threads. Throws std::invalid_argument for an unknown

@@ -216,7 +216,8 @@ void Ops::qk_norm(const Tensor& q, const Tensor& k, const Weight& q_weight, cons
 }
 
 namespace {
-BufferArg at(BufferArg b, size_t bytes) { return BufferArg{b.buffer, b.offset + bytes}; }
+// a binding `bytes` further on (its reach kept: a superset of what it binds, as the barrier tracking needs)
+BufferArg at(BufferArg b, size_t bytes) { return BufferArg{b.buffer, b.offset + bytes, b.bytes}; }
 }  // namespace
 
 void Ops::attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v, const AttentionParams& p,

@@ -7,6 +7,8 @@
 #include <Foundation/Foundation.hpp>
 #include <Metal/Metal.hpp>
 #include <gtest/gtest.h>
+
+#include <cstdlib>
 #include <sys/mman.h>
 
 #include <cmath>
@@ -54,8 +56,9 @@ class MetalSimFramework : public ::testing::Test {
     return b;
   }
 
-  // out = silu(gate) * up over n elements, encoded on `enc`
-  void encode_silu_mul(MTL::ComputeCommandEncoder* enc, MTL::Buffer* gate, MTL::Buffer* up, MTL::Buffer* out, int n) {
+  // out = silu(gate) * up over n elements, encoded on `enc` (then a memory barrier unless barrier is false)
+  void encode_silu_mul(MTL::ComputeCommandEncoder* enc, MTL::Buffer* gate, MTL::Buffer* up, MTL::Buffer* out, int n,
+                       bool barrier = true) {
     SiluMulArgs a{1, n, n};
     enc->setComputePipelineState(pipeline_);
     enc->setBytes(&a, sizeof(a), 0);
@@ -63,7 +66,7 @@ class MetalSimFramework : public ::testing::Test {
     enc->setBuffer(up, 0, 2);
     enc->setBuffer(out, 0, 3);
     enc->dispatchThreadgroups(MTL::Size((NS::UInteger(n) + 255) / 256, 1, 1), MTL::Size(256, 1, 1));
-    enc->memoryBarrier(MTL::BarrierScopeBuffers);
+    if (barrier) enc->memoryBarrier(MTL::BarrierScopeBuffers);
   }
 
   NS::AutoreleasePool* pool_ = nullptr;
@@ -91,6 +94,44 @@ TEST_F(MetalSimFramework, RunsAStepOfTwoDependentDispatches) {
   const float* o = static_cast<float*>(out->contents());
   for (int i = 0; i < n; ++i) EXPECT_NEAR(o[i], silu_mul(silu_mul(g[i], u[i]), u[i]), 1e-5f) << i;
   for (MTL::Buffer* b : {gate, up, mid, out}) b->release();
+}
+
+// Dispatches of a concurrent encoder with no barrier between them run interleaved, threadgroup by threadgroup
+// (last-to-first with METAL_SIM_REVERSE_ORDER=1, else in a seeded random order): the second of two dependent
+// dispatches then reads the first's output before it is written. With the barrier, or on a serial encoder, it
+// never does.
+TEST_F(MetalSimFramework, DispatchesWithNoBarrierBetweenThemRunInterleaved) {
+  const int n = 300;  // two threadgroups each
+  auto run = [&](MTL::DispatchType type, bool barrier) {
+    MTL::Buffer *gate = filled(n, -3.0f), *up = filled(n, 0.5f), *mid = filled(n, 0.0f), *out = filled(n, 0.0f);
+    MTL::CommandBuffer* cb = queue_->commandBuffer();
+    MTL::ComputeCommandEncoder* enc = cb->computeCommandEncoder(type);
+    encode_silu_mul(enc, gate, up, mid, n, barrier);
+    encode_silu_mul(enc, mid, up, out, n);
+    enc->endEncoding();
+    cb->commit();
+    cb->waitUntilCompleted();
+    int wrong = 0;
+    for (int i = 0; i < n; ++i) {
+      const float g = static_cast<float*>(gate->contents())[i], u = static_cast<float*>(up->contents())[i];
+      wrong += std::abs(static_cast<float*>(out->contents())[i] - silu_mul(silu_mul(g, u), u)) > 1e-5f;
+    }
+    for (MTL::Buffer* b : {gate, up, mid, out}) b->release();
+    return wrong;
+  };
+  setenv("METAL_SIM_REVERSE_ORDER", "1", 1);
+  EXPECT_EQ(run(MTL::DispatchTypeConcurrent, false), n);  // the second ran first: it read mid's zeros
+  EXPECT_EQ(run(MTL::DispatchTypeConcurrent, true), 0);
+  EXPECT_EQ(run(MTL::DispatchTypeSerial, false), 0);
+  unsetenv("METAL_SIM_REVERSE_ORDER");
+  int any_wrong = 0;  // a seeded random order: some seed interleaves them badly
+  for (const char* seed : {"0", "1", "2", "3"}) {
+    setenv("METAL_SIM_SEED", seed, 1);
+    any_wrong += run(MTL::DispatchTypeConcurrent, false) > 0;
+    EXPECT_EQ(run(MTL::DispatchTypeConcurrent, true), 0);
+  }
+  unsetenv("METAL_SIM_SEED");
+  EXPECT_GT(any_wrong, 0);
 }
 
 TEST_F(MetalSimFramework, LibraryFromSourceOffersTheKernelsItNames) {

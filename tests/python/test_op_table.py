@@ -58,3 +58,24 @@ def test_the_cpu_backend_has_every_kernel_of_the_table():
 def test_op_table_names_every_args_struct_the_bindings_have():
     structs = {op["args"] for op in OPS}
     assert all(hasattr(_core.ops, s) for s in structs)
+
+
+def test_each_ops_written_buffers_are_the_ones_its_cases_check():
+    """The op table's `writes` (what the Metal backend's barrier tracking takes a dispatch to write) against the
+    op cases: every buffer a case checks as an output is in it, and every buffer in it is a case's output (or
+    unbound, or a view of one). test_backend_ops.py runs each case with its other buffers unwritten."""
+    from cases import CASES
+
+    writes = {o["name"]: o["writes"] for o in OPS}
+    seen = {}
+    for c in CASES:
+        op = op_of(c.kernel)
+        mask = writes[op]
+        for i in c.outputs:  # written as itself, or through a written buffer bound as a view of it (in place)
+            through = [j for j, (base, _) in c.views.items() if base == i and mask >> j & 1]
+            assert mask >> i & 1 or through, f"{c.id}: buffer {i} is an output but op_table.h's writes for {op} lack it"
+        for i in range(len(c.buffers)):
+            if mask >> i & 1 and c.buffers[i] is not None and i not in c.views:
+                seen.setdefault(op, set()).add(i)
+                assert i in c.outputs, f"{c.id}: op_table.h says {op} writes buffer {i}; the case reads it only"
+    assert set(seen) == {op_of(c.kernel) for c in CASES}  # every op with cases was checked

@@ -26,6 +26,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -230,6 +231,7 @@ struct Dispatch {
   NSUInteger threadgroup_memory = 0;  // dynamic, setThreadgroupMemoryLength
   std::vector<Binding> bindings;  // [kMaxBufferArguments]
   MTLSize groups{}, threads{};
+  bool concurrent_with_previous = false;  // a concurrent encoder's, with no memory barrier since the last one
 };
 
 struct CommandBufferImpl : Impl {
@@ -257,14 +259,33 @@ struct EncoderImpl : Impl {
   std::vector<Binding> bindings = std::vector<Binding>(kMaxBufferArguments);
   std::vector<NSUInteger> threadgroup_memory = std::vector<NSUInteger>(kMaxBufferArguments, 0);
   bool ended = false;
+  bool concurrent = false;  // MTLDispatchTypeConcurrent
+  bool dispatched = false;  // a dispatch since the encoder began or since its last memory barrier
   ~EncoderImpl() override {
     release(pipeline);
     for (Binding& b : bindings) release(b.buffer);
   }
 };
 
+// Runs a command buffer's dispatches. Dispatches a concurrent encoder issued with no memory barrier between them
+// may run at once on a GPU, so here their threadgroups run interleaved: all of them in a seeded random order
+// (METAL_SIM_SEED, default 0), or with METAL_SIM_REVERSE_ORDER=1 last-to-first (the later dispatch's groups
+// before the earlier's), so a dispatch that reads another's output without a barrier sees it unwritten.
 void run_command_buffer(CommandBufferImpl& cb) {
-  for (const Dispatch& d : cb.dispatches) {
+  const bool reverse = std::getenv("METAL_SIM_REVERSE_ORDER") && std::getenv("METAL_SIM_REVERSE_ORDER")[0] == '1';
+  const char* seed_env = std::getenv("METAL_SIM_SEED");
+  std::mt19937_64 rng(seed_env ? std::strtoull(seed_env, nullptr, 10) : 0);
+  auto options_of = [&](const Dispatch& d, int64_t only_group) {
+    DispatchOptions opt;
+    opt.max_threads_per_threadgroup = int(kMaxThreadsPerThreadgroup);
+    opt.constants = d.constants;
+    opt.dynamic_threadgroup_memory = d.threadgroup_memory;
+    opt.max_threadgroup_memory = kMaxThreadgroupMemory;
+    opt.reverse_order = reverse;
+    opt.only_group = only_group;
+    return opt;
+  };
+  auto pointers_of = [](const Dispatch& d) {
     std::vector<void*> ptrs(kMaxBufferArguments, nullptr);
     for (NSUInteger i = 0; i < kMaxBufferArguments; ++i) {
       const Binding& b = d.bindings[i];
@@ -272,20 +293,41 @@ void run_command_buffer(CommandBufferImpl& cb) {
       if (b.buffer) ptrs[i] = static_cast<char*>(impl_of<BufferImpl>(b.buffer)->data) + b.offset;
       else ptrs[i] = const_cast<unsigned char*>(b.bytes.data());
     }
-    DispatchOptions opt;
-    opt.max_threads_per_threadgroup = int(kMaxThreadsPerThreadgroup);
-    opt.constants = d.constants;
-    opt.dynamic_threadgroup_memory = d.threadgroup_memory;
-    opt.max_threadgroup_memory = kMaxThreadgroupMemory;
-    opt.reverse_order = std::getenv("METAL_SIM_REVERSE_ORDER") && std::getenv("METAL_SIM_REVERSE_ORDER")[0] == '1';
+    return ptrs;
+  };
+  auto grid = [](const MTLSize& s) { return Dim3{uint32_t(s.width), uint32_t(s.height), uint32_t(s.depth)}; };
+  size_t i = 0;
+  while (i < cb.dispatches.size()) {
+    size_t j = i + 1;  // [i, j): dispatches that may run at once
+    while (j < cb.dispatches.size() && cb.dispatches[j].concurrent_with_previous) ++j;
+    const Dispatch* failed = nullptr;
     try {
-      dispatch(d.function, ptrs.data(), {uint32_t(d.groups.width), uint32_t(d.groups.height), uint32_t(d.groups.depth)},
-               {uint32_t(d.threads.width), uint32_t(d.threads.height), uint32_t(d.threads.depth)}, opt);
+      if (j == i + 1) {
+        failed = &cb.dispatches[i];
+        const std::vector<void*> ptrs = pointers_of(*failed);
+        dispatch(failed->function, ptrs.data(), grid(failed->groups), grid(failed->threads), options_of(*failed, -1));
+      } else {
+        std::vector<std::vector<void*>> ptrs;
+        std::vector<std::pair<size_t, int64_t>> order;  // (dispatch, threadgroup)
+        for (size_t k = i; k < j; ++k) {
+          ptrs.push_back(pointers_of(cb.dispatches[k]));
+          const MTLSize& g = cb.dispatches[k].groups;
+          for (int64_t t = 0; t < int64_t(g.width * g.height * g.depth); ++t) order.emplace_back(k, t);
+        }
+        if (reverse) std::reverse(order.begin(), order.end());
+        else std::shuffle(order.begin(), order.end(), rng);
+        for (const auto& [k, t] : order) {
+          failed = &cb.dispatches[k];
+          dispatch(failed->function, ptrs[k - i].data(), grid(failed->groups), grid(failed->threads),
+                   options_of(*failed, t));
+        }
+      }
     } catch (const std::exception& e) {
       cb.status = kError;
-      cb.error = make_error(1, std::string("kernel '") + d.function + "' failed: " + e.what());
+      cb.error = make_error(1, std::string("kernel '") + failed->function + "' failed: " + e.what());
       return;
     }
+    i = j;
   }
   cb.status = kCompleted;
 }
@@ -532,7 +574,11 @@ id command_buffer_encoder(id self, SEL) {
   e->command_buffer = self;
   return autorelease(make(g_encoder, e));
 }
-id command_buffer_encoder_typed(id self, SEL sel, NSUInteger) { return command_buffer_encoder(self, sel); }
+id command_buffer_encoder_typed(id self, SEL sel, NSUInteger type) {
+  id encoder = command_buffer_encoder(self, sel);
+  impl_of<EncoderImpl>(encoder)->concurrent = type == 1;  // MTLDispatchTypeConcurrent
+  return encoder;
+}
 void command_buffer_commit(id self, SEL) {
   SELF_IMPL(CommandBufferImpl);
   if (self_impl->status != kNotEnqueued) refuse("commit of a command buffer committed before");
@@ -621,6 +667,8 @@ void encoder_dispatch(id self, SEL, MTLSize groups, MTLSize threads) {
   d.bindings = e->bindings;
   d.groups = groups;
   d.threads = threads;
+  d.concurrent_with_previous = e->concurrent && e->dispatched;
+  e->dispatched = true;
   std::lock_guard<std::mutex> lock(g_mutex);
   for (const Binding& b : d.bindings) {  // the command buffer keeps each bound buffer alive and in flight
     if (!b.buffer) continue;
@@ -629,7 +677,8 @@ void encoder_dispatch(id self, SEL, MTLSize groups, MTLSize threads) {
   }
   cb->dispatches.push_back(std::move(d));
 }
-void encoder_memory_barrier(id self, SEL, NSUInteger) { open_encoder(self, "memoryBarrierWithScope:"); }
+// Orders every dispatch before it against every one after (the only ordering a concurrent encoder has).
+void encoder_memory_barrier(id self, SEL, NSUInteger) { open_encoder(self, "memoryBarrierWithScope:")->dispatched = false; }
 void encoder_end(id self, SEL) {
   EncoderImpl* e = open_encoder(self, "endEncoding");
   e->ended = true;

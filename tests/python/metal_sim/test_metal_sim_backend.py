@@ -326,3 +326,29 @@ def test_the_backend_runs_from_the_embedded_source(checkpoints, monkeypatch, tmp
     a = Harness(from_lib).prefill_and_decode(prompts, 2)
     b = Harness(from_source).prefill_and_decode(prompts, 2)
     assert_same(a, b, 0.0)
+
+
+@pytest.mark.skipif(METAL != "metal-sim", reason="metal-sim's dispatch orders and fault injection")
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "gemma3"])
+def test_barriers_only_where_needed_and_every_one_needed(checkpoints, monkeypatch, arch):
+    """The backend puts a memory barrier only before a dispatch that reads or writes what one since the last
+    barrier wrote (or writes what one read), so some dispatches run concurrently; metal-sim runs the threadgroups
+    of dispatches with no barrier between them interleaved, and the engine matches the cpu backend in seeded
+    random orders and last-to-first; leaving out any one needed barrier (METAL_ENGINE_SKIP_BARRIER=n) breaks it."""
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(0, 211, n).tolist() for n in (21, 2)]
+    ref = run(checkpoints[arch], "cpu", "float32", prompts, decode_steps=3)
+    forced = decoded(ref, prompts)
+    for seed, reverse in (("0", "0"), ("5", "0"), ("0", "1")):
+        monkeypatch.setenv("METAL_SIM_SEED", seed)
+        monkeypatch.setenv("METAL_SIM_REVERSE_ORDER", reverse)
+        profile = {}
+        got = run(checkpoints[arch], METAL, "float32", prompts, decode_steps=3, profile=profile, forced=forced)
+        assert_same(ref, got, TOL["float32"])
+    dispatches = sum(calls for k, (calls, _) in profile.items() if not k.startswith("("))
+    assert 0 < profile["(memory barriers)"][0] < dispatches, (profile["(memory barriers)"], dispatches)
+    for n in (1, 4, 9):
+        monkeypatch.setenv("METAL_ENGINE_SKIP_BARRIER", str(n))
+        got = run(checkpoints[arch], METAL, "float32", prompts, decode_steps=3, forced=forced)
+        err = max(np.abs(a - b).max() for (a, _), (b, _) in zip(ref, got))
+        assert err > 1e-2, (n, err)
