@@ -200,7 +200,7 @@ class KVCacheManager:
         self.pool.free_blocks(reversed(blocks[done:first_useful]))
         for i in range(done, first_useful):
             blocks[i] = None
-        self.req_to_table[rid]._buf[done:first_useful] = blocks[first_useful].block_id
+        self.req_to_table[rid]._buf[:first_useful] = blocks[first_useful].block_id  # every freed entry
         self.req_to_num_skipped[rid] = first_useful
 
     def num_held_blocks(self, request) -> int:

@@ -10,8 +10,9 @@ are repacked at load into blocks of 32 that hold the same values exactly, scale 
   5-bit -> Q5_1, 6 bits a weight;
   4-bit -> Q4_1 (the nibbles reordered to "byte i holds weights i and i + 16"), 5 bits a weight;
   3- and 2-bit -> Q4_1 too (their codes fit a nibble; 5 bits a weight where MLX's files take 3.5 and 2.5).
-Scales and biases become f16 (an MLX file's bf16 scales convert exactly within f16's range; a value outside it is
-an error naming the tensor).
+Scales and biases become f16 (an MLX file's bf16 scales convert exactly within f16's normal range, magnitudes
+from 6e-5 to 65504; smaller ones round to f16's subnormals, below 6e-8 to zero; a value past the range is an
+error naming the tensor).
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ class MetalDevice : public Device {
       return 0;
     });
     if (!queue_ || !library_ || !dummy_) throw std::runtime_error("backend '" + backend + "': Metal setup failed");
-    if (const char* skip = std::getenv("METAL_ENGINE_SKIP_BARRIER")) skip_barrier_ = std::atoi(skip);
+    // the tests' fault injection, on metal-sim only: a real GPU would silently compute garbage
+    if (const char* skip = std::getenv("METAL_ENGINE_SKIP_BARRIER"); skip && backend_ == "metal-sim")
+      skip_barrier_ = std::atoi(skip);
   }
 
   ~MetalDevice() override {
@@ -190,8 +192,8 @@ class MetalDevice : public Device {
   // The encoder is concurrent: dispatches between two barriers may run at once. A barrier goes before a dispatch
   // only when it reads or writes a range an earlier dispatch since the last barrier wrote, or writes one such a
   // dispatch read (MLX's and ggml-metal's rule); each binding reaches from its offset over its bytes (a scratch
-  // tensor's size) or, unsized, to its buffer's end. METAL_ENGINE_SKIP_BARRIER=n leaves out the n-th needed
-  // barrier of every step: a fault the tests inject to show metal-sim catches a missing one.
+  // tensor's size) or, unsized, to its buffer's end. On metal-sim METAL_ENGINE_SKIP_BARRIER=n leaves out the n-th
+  // needed barrier of every step: a fault the tests inject to show metal-sim catches a missing one.
   struct Range {
     const void* buffer;
     size_t lo, hi;
@@ -200,13 +202,17 @@ class MetalDevice : public Device {
   void barrier_if_needed(unsigned written_mask, std::initializer_list<BufferArg> buffers) {
     Range reads[16], writes[16];
     int nr = 0, nw = 0, i = 0;
+    bool hazard = false;
     for (const BufferArg& b : buffers) {
       const bool written = (written_mask >> i++) & 1;
-      if (!b.buffer || (written ? nw : nr) == 16) continue;
+      if (!b.buffer) continue;
+      if ((written ? nw : nr) == 16) {  // more bindings than tracked: order this dispatch after everything
+        hazard = true;
+        continue;
+      }
       const Range r{b.buffer, b.offset, b.bytes ? b.offset + b.bytes : b.buffer->size()};
       (written ? writes[nw++] : reads[nr++]) = r;
     }
-    bool hazard = false;
     for (int w = 0; w < nw && !hazard; ++w) {
       for (const Range& x : seg_reads_) hazard = hazard || writes[w].overlaps(x);
       for (const Range& x : seg_writes_) hazard = hazard || writes[w].overlaps(x);

@@ -304,11 +304,13 @@ void dispatch(const std::string& name, void* const* buffers, Dim3 groups, Dim3 t
   if (opt.only_group >= int64_t(num_groups))
     throw std::invalid_argument("metal-sim: threadgroup " + std::to_string(opt.only_group) + " of a grid of " +
                                 std::to_string(num_groups));
-  uint64_t linear = 0;
-  for (uint32_t gz = 0; gz < groups.z; ++gz)
-    for (uint32_t gy = 0; gy < groups.y; ++gy)
-      for (uint32_t gx = 0; gx < groups.x; ++gx, ++linear) {
-        if (opt.only_group >= 0 && linear != uint64_t(opt.only_group)) continue;
+  const bool one = opt.only_group >= 0;  // only that group (x fastest): the loops start and stop at it
+  const uint64_t og = one ? uint64_t(opt.only_group) : 0;
+  const uint32_t x0 = uint32_t(og % groups.x), y0 = uint32_t(og / groups.x % groups.y),
+                 z0 = uint32_t(og / groups.x / groups.y);
+  for (uint32_t gz = one ? z0 : 0; gz < (one ? z0 + 1 : groups.z); ++gz)
+    for (uint32_t gy = one ? y0 : 0; gy < (one ? y0 + 1 : groups.y); ++gy)
+      for (uint32_t gx = one ? x0 : 0; gx < (one ? x0 + 1 : groups.x); ++gx) {
         uint32_t index = 0;
         for (uint32_t tz = 0; tz < threads.z; ++tz)
           for (uint32_t ty = 0; ty < threads.y; ++ty)

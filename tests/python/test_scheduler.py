@@ -226,6 +226,9 @@ def test_sliding_window_blocks_are_freed_as_requests_go_on(tiny_checkpoints):
                 held.append(kv.num_held_blocks(r))                # the last token's window, 5 positions, spans
                 assert held[-1] <= 2, (r.request_id, r.num_computed_tokens, kv.block_ids(r))  # 2 blocks of 4
                 assert len(kv.block_ids(r)) == -(-r.num_computed_tokens // 4)
+                held_ids = {b.block_id for b in kv.req_to_blocks[r.request_id] if b is not None}
+                assert set(kv.block_table(r).tolist()) <= held_ids  # freed entries name a block it holds
+                assert kv.block_table(r).tolist() == kv.block_ids(r)
 
     assert _run_steps(small, ps, params, check) == want
     assert held and max(held) == 2

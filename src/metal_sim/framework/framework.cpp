@@ -274,7 +274,8 @@ struct EncoderImpl : Impl {
 void run_command_buffer(CommandBufferImpl& cb) {
   const bool reverse = std::getenv("METAL_SIM_REVERSE_ORDER") && std::getenv("METAL_SIM_REVERSE_ORDER")[0] == '1';
   const char* seed_env = std::getenv("METAL_SIM_SEED");
-  std::mt19937_64 rng(seed_env ? std::strtoull(seed_env, nullptr, 10) : 0);
+  static std::atomic<uint64_t> committed{0};  // each command buffer its own order, the sequence seeded
+  std::mt19937_64 rng((seed_env ? std::strtoull(seed_env, nullptr, 10) : 0) * 0x9E3779B97F4A7C15ULL + committed++);
   auto options_of = [&](const Dispatch& d, int64_t only_group) {
     DispatchOptions opt;
     opt.max_threads_per_threadgroup = int(kMaxThreadsPerThreadgroup);
