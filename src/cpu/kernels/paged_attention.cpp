@@ -36,39 +36,48 @@ static void attend_chunk_blas(const PagedAttentionArgs& a, const BlasItem& it, c
   const int32_t* bt = block_tables + int64_t(it.seq) * a.block_table_width;
   const int64_t slot_stride = int64_t(a.num_kv_heads) * hd;
 
-  thread_local std::vector<float> kf, vf, sc;
-  kf.resize(size_t(n) * hd);   // keys   [n, hd]
-  vf.resize(size_t(n) * hd);   // values [n, hd]
-  sc.resize(size_t(rows) * n); // scores [rows, n]
+  // The group's query heads share the keys: their rows go through one S = Q K^T and one O = P V of
+  // group * rows rows (Q gathered head after head, O scattered back), not a pair of small GEMMs per head.
+  const int m = group * rows;
+  thread_local std::vector<float> kf, vf, qg, sc, og;
+  kf.resize(size_t(n) * hd);    // keys   [n, hd]
+  vf.resize(size_t(n) * hd);    // values [n, hd]
+  qg.resize(size_t(m) * hd);    // queries [group * rows, hd]: head hi's row r at hi * rows + r
+  sc.resize(size_t(m) * n);     // scores  [group * rows, n]
+  og.resize(size_t(m) * hd);    // outputs [group * rows, hd]
   for (int j = 0; j < n; ++j) {
     const int c = first + j;
     const int64_t at = (int64_t(bt[c / a.block_size]) * a.block_size + c % a.block_size) * slot_stride + int64_t(g) * hd;
     convert_to_f32(k_cache + at, kf.data() + size_t(j) * hd, hd);
     convert_to_f32(v_cache + at, vf.data() + size_t(j) * hd, hd);
   }
-  for (int h = g * group; h < (g + 1) * group; ++h) {
-    const float* qh = q + int64_t(it.row0) * a.q_stride + int64_t(h) * hd;
-    blas_sgemm_xwt(rows, n, hd, qh, a.q_stride, kf.data(), hd, sc.data(), n);  // S = Q K^T
-    for (int r = 0; r < rows; ++r) {  // mask, softmax
-      float* sr = sc.data() + size_t(r) * n;
-      const int p = pos0 + r;
-      const int lo = (a.sliding_window > 0 ? std::max(0, p - a.sliding_window + 1) : 0) - first;
-      const int hi = p - first;  // inclusive
-      float mx = -std::numeric_limits<float>::infinity();
-      float scale = a.scale;
-      if (a.softcap > 0.0f) {  // Gemma 2: scores softcap * tanh(s * scale / softcap), then a plain softmax
-        for (int j = lo; j <= hi; ++j) sr[j] = a.softcap * std::tanh(sr[j] * a.scale / a.softcap);
-        scale = 1.0f;
-      }
-      for (int j = lo; j <= hi; ++j) mx = std::max(mx, sr[j]);
-      const float inv = 1.0f / exp_scaled_sum(sr + lo, hi - lo + 1, scale, mx * scale);
-      for (int j = 0; j < lo; ++j) sr[j] = 0.f;
-      for (int j = lo; j <= hi; ++j) sr[j] *= inv;
-      for (int j = hi + 1; j < n; ++j) sr[j] = 0.f;
+  for (int hi = 0; hi < group; ++hi)
+    for (int r = 0; r < rows; ++r)
+      std::copy_n(q + int64_t(it.row0 + r) * a.q_stride + int64_t(g * group + hi) * hd, hd,
+                  qg.data() + (size_t(hi) * rows + r) * hd);
+  blas_sgemm_xwt(m, n, hd, qg.data(), hd, kf.data(), hd, sc.data(), n);  // S = Q K^T
+  for (int i = 0; i < m; ++i) {  // mask, softmax
+    float* sr = sc.data() + size_t(i) * n;
+    const int p = pos0 + i % rows;
+    const int lo = (a.sliding_window > 0 ? std::max(0, p - a.sliding_window + 1) : 0) - first;
+    const int hi = p - first;  // inclusive
+    float mx = -std::numeric_limits<float>::infinity();
+    float scale = a.scale;
+    if (a.softcap > 0.0f) {  // Gemma 2: scores softcap * tanh(s * scale / softcap), then a plain softmax
+      for (int j = lo; j <= hi; ++j) sr[j] = a.softcap * std::tanh(sr[j] * a.scale / a.softcap);
+      scale = 1.0f;
     }
-    float* oh = out + int64_t(it.row0) * a.num_heads * hd + int64_t(h) * hd;
-    blas_sgemm_xw(rows, hd, n, sc.data(), n, vf.data(), hd, oh, a.num_heads * hd);  // O = P V
+    for (int j = lo; j <= hi; ++j) mx = std::max(mx, sr[j]);
+    const float inv = 1.0f / exp_scaled_sum(sr + lo, hi - lo + 1, scale, mx * scale);
+    for (int j = 0; j < lo; ++j) sr[j] = 0.f;
+    for (int j = lo; j <= hi; ++j) sr[j] *= inv;
+    for (int j = hi + 1; j < n; ++j) sr[j] = 0.f;
   }
+  blas_sgemm_xw(m, hd, n, sc.data(), n, vf.data(), hd, og.data(), hd);  // O = P V
+  for (int hi = 0; hi < group; ++hi)
+    for (int r = 0; r < rows; ++r)
+      std::copy_n(og.data() + (size_t(hi) * rows + r) * hd, hd,
+                  out + int64_t(it.row0 + r) * a.num_heads * hd + int64_t(g * group + hi) * hd);
 }
 
 // One query row against its n keys, for the `group` query heads sharing a kv head (decode rows and short
