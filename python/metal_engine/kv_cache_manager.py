@@ -174,13 +174,28 @@ class KVCacheManager:
         if request.params.prompt_logprobs is not None or not self._hashes_blocks(request):
             return [], 0  # prompt logprobs need every prompt position's logits
         max_blocks = (request.num_tokens - 1) // self.block_size
+        hashes = self._block_hashes(request, max_blocks * self.block_size)[:max_blocks]
+        if self.sliding_window > 0:
+            return self._sliding_window_hits(hashes)
         hits = []
-        for h in self._block_hashes(request, max_blocks * self.block_size)[:max_blocks]:
+        for h in hashes:
             block = self.pool.get_cached_block(h)
             if block is None:
                 break
             hits.append(block)
         return hits, len(hits) * self.block_size
+
+    def _sliding_window_hits(self, hashes) -> tuple[list, int]:
+        """With a sliding window only the blocks the window of the first token to compute reaches are needed
+        (vLLM's SlidingWindowManager, searching from the right): the longest k such that the blocks before k that
+        window reaches are cached. Hits then start with None for the blocks before it (freed, never read)."""
+        bs, w = self.block_size, self.sliding_window
+        cached = [self.pool.get_cached_block(h) for h in hashes]
+        for k in range(len(cached), 0, -1):
+            first = max(0, k * bs - w + 1) // bs  # the block of the earliest key token k * bs attends to
+            if all(b is not None for b in cached[first:k]):
+                return [None] * first + cached[first:k], k * bs
+        return [], 0
 
     def remove_skipped_blocks(self, request, num_computed_tokens: int):
         """With a sliding window: frees the request's leading blocks that hold no key the next token's window
@@ -215,10 +230,11 @@ class KVCacheManager:
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         need = -(-total // self.block_size) - len(blocks) - len(new_computed_blocks)
-        evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        hit_blocks = [b for b in new_computed_blocks if b is not None]  # None: out of the sliding window
+        evictable_hits = sum(1 for b in hit_blocks if b.ref_cnt == 0)
         if need > self.pool.num_free_blocks - evictable_hits:
             return None
-        self.pool.touch(new_computed_blocks)
+        self.pool.touch(hit_blocks)
         rid = request.request_id
         blocks = self.req_to_blocks.setdefault(rid, blocks)
         table = self.req_to_table.get(rid)
@@ -228,7 +244,13 @@ class KVCacheManager:
         added = [*new_computed_blocks, *new]
         blocks.extend(added)
         if added:
-            table.extend([b.block_id for b in added])
+            held = next(b.block_id for b in blocks if b is not None)  # what freed entries name (the table's rule)
+            table.extend([held if b is None else b.block_id for b in added])
+            lead = 0  # sliding-window hits start with the blocks out of the window: freed already
+            while lead < len(added) and added[lead] is None:
+                lead += 1
+            if lead:
+                self.req_to_num_skipped[rid] = lead
         if self._hashes_blocks(request):
             # Cache the blocks that will be full once this step has run, from the first not yet cached.
             start = self.req_to_num_cached.get(rid, 0) if not new_computed_blocks else 0

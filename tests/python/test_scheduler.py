@@ -315,3 +315,35 @@ def test_block_table_row_grows_in_place():
         row.extend(new)
         ids += new
         assert row.ids.tolist() == ids
+
+
+def _evict_until_gone(kv, block_hash):
+    """Takes free blocks from the head of the LRU queue until `block_hash`'s block is evicted, then frees them."""
+    taken = []
+    while kv.pool.get_cached_block(block_hash) is not None:
+        taken += kv.pool.get_new_blocks(1)
+    kv.pool.free_blocks(taken)
+
+
+def test_sliding_window_prefix_hits_need_only_the_window(tiny_checkpoints):
+    """A prefix's earliest blocks are the first a sliding-window request frees, and so the first evicted; a later
+    request with the same prefix still hits the blocks its first computed token's window reaches (vLLM's
+    SlidingWindowManager searches from the right), and its tokens equal those of the request run alone. Without
+    a window the hit chain runs from block 0 to the first evicted one."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prefix = list(range(10, 50))  # 40 tokens: 10 blocks of 4
+    a, b = {"prompt_token_ids": prefix + [3]}, {"prompt_token_ids": prefix + [7, 8]}
+    hashes = None
+    for arch, want in (("mistral", 40), ("llama", 4)):  # Llama's chain from block 0 stops at the evicted block 1
+        llm = tiny_llm(tiny_checkpoints[arch], num_kv_blocks=24, max_model_len=64)
+        kv = llm.llm_engine.kv
+        llm.generate([a], params, use_tqdm=False)
+        hashes = kv._block_hashes(_Req("x", prefix), 40)
+        _evict_until_gone(kv, hashes[1])  # the prefix's first two blocks
+        if arch == "mistral":  # freed first, as the window left them: the window's last blocks stay cached
+            assert kv.pool.get_cached_block(hashes[9]) is not None
+        [out] = llm.generate([b], params, use_tqdm=False)
+        assert out.metrics.num_cached_tokens == want, arch
+        alone = tiny_llm(tiny_checkpoints[arch], enable_prefix_caching=False)
+        assert out.outputs[0].token_ids == alone.generate([b], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert_all_blocks_free(llm)
