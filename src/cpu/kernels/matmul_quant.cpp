@@ -2,7 +2,7 @@
 // x f32, W [n, k] as rows of blocks. Each row of x is quantized once per call to int16 groups of 32 with their
 // scale (finer than llama.cpp's int8 activations: logits as a float matmul's); each weight group's dot product
 // with it is an integer dot product (AVX2: madd on the codes widened to int16; AVX-512 VNNI / AVX-VNNI: dpwssd;
-// plain C++ elsewhere), scaled once per group.
+// NEON: vmlal on the codes widened to int16; plain C++ elsewhere), scaled once per group.
 // A weight group is decoded once for up to 4 rows of x. Rows of x go in blocks of kRowBlock against the
 // thread's share of W (which stays in L2 between blocks); decode (1-4 rows) streams W once. From
 // kDequantMinRows rows W is dequantized to f32 slabs for the float GEMM tiles instead.
@@ -276,8 +276,26 @@ void dot_rows(const uint8_t* wrow, int G, const XRows& x, int r0, float* out) {
         const size_t at = size_t(r0 + r) * G + g + j;
         const int16_t* xq = x.q + at * 32;
         int32_t isum[2] = {0, 0};
+#if ME_NEON
+        // NEON: the codes widened to int16, multiplied with x's int16 and summed in int32 lanes (vmlal, AVX2's
+        // madd; the dotprod and i8mm instructions take int8 activations, ours are int16)
+        for (int h = 0; h < 2; ++h) {
+          const uint8x16_t c8 = vld1q_u8(codes + 16 * h);
+          const int16x8_t c0 = F::kSigned ? vmovl_s8(vget_low_s8(vreinterpretq_s8_u8(c8)))
+                                          : vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(c8)));
+          const int16x8_t c1 = F::kSigned ? vmovl_s8(vget_high_s8(vreinterpretq_s8_u8(c8)))
+                                          : vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(c8)));
+          const int16x8_t x0 = vld1q_s16(xq + 16 * h), x1 = vld1q_s16(xq + 16 * h + 8);
+          int32x4_t v = vmull_s16(vget_low_s16(c0), vget_low_s16(x0));
+          v = vmlal_high_s16(v, c0, x0);
+          v = vmlal_s16(v, vget_low_s16(c1), vget_low_s16(x1));
+          v = vmlal_high_s16(v, c1, x1);
+          isum[h] = vaddvq_s32(v);
+        }
+#else
         for (int i = 0; i < 32; ++i)
           isum[i / 16] += (F::kSigned ? int32_t(int8_t(codes[i])) : int32_t(codes[i])) * int32_t(xq[i]);
+#endif
         t[r] += a[0][j] * float(isum[0]) + a[1][j] * float(isum[1]);
         acc[r] += b[0][j] * x.s0[at] + b[1][j] * x.s1[at];
       }
