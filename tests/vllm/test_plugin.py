@@ -64,6 +64,20 @@ def test_chunked_prefill_preemption_and_prefix_hits(tiny_dir):
     assert tokens(tight, 0) == tokens(free) and tokens(tight, 1) == tokens(free)
 
 
+def test_sliding_window_blocks_freed_by_vllm(tiny_dir):
+    """Mistral (every layer slides, window 5) reports a SlidingWindowSpec: vLLM frees the blocks leaving the
+    window and names them by its null block in later tables. In the pool that makes Llama preempt (above), the
+    same requests run without preemption, their tokens those of an unconstrained run and of vLLM's CPU platform."""
+    model = tiny_dir / "mistral"
+    params = {**GREEDY, "max_tokens": 12}
+    free = run_vllm({"engine": engine(model), "rounds": [{"prompts": PROMPTS, "params": params}]}, ours=True)
+    spec = {"engine": engine(model, block_size=16, num_gpu_blocks_override=7, max_num_batched_tokens=16,
+                             max_model_len=64), "rounds": [{"prompts": PROMPTS, "params": params}]}
+    tight = run_vllm(spec, ours=True)
+    assert tight["stats"]["preempted"] == 0, tight["stats"]
+    assert tokens(tight) == tokens(free) == tokens(run_vllm(spec, ours=False))
+
+
 def test_n_and_seeds_and_logprobs(tiny_dir):
     model = tiny_dir / "llama"
     sampled = {"temperature": 1.0, "top_p": 0.9, "max_tokens": 10, "ignore_eos": True, "detokenize": False}

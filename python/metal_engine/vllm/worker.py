@@ -72,14 +72,22 @@ class MetalEngineWorker(WorkerBase):
         self.kv_dtype = _CACHE_DTYPES[cache_dtype] or self.dtype
 
     def get_kv_cache_spec(self):
-        """One full-attention spec per layer, as our cache lays them out: [blocks, block_size, kv_heads,
-        head_dim] for K and for V. Sliding-window layers are reported as full attention too: vLLM keeps their
-        blocks (our attention applies the window itself)."""
-        from vllm.v1.kv_cache_interface import FullAttentionSpec
+        """One spec per layer, as our cache lays them out: [blocks, block_size, kv_heads, head_dim] for K and
+        for V. When every layer slides over one window (Mistral, Phi-3) a SlidingWindowSpec: vLLM's
+        SlidingWindowManager then frees the blocks that leave the window and names them by its null block in
+        later block tables (our attention kernels start at the window, so they never read those entries). A
+        model with any full-attention layer reports full attention everywhere: one block table serves all our
+        layers, so vLLM must keep every block (our attention applies the windows itself)."""
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
         m = self.model_cfg
-        spec = FullAttentionSpec(block_size=self.cache_config.block_size, num_kv_heads=m.num_kv_heads,
-                                 head_size=m.head_dim, dtype=_OURS_TO_TORCH[self.kv_dtype])
+        common = dict(block_size=self.cache_config.block_size, num_kv_heads=m.num_kv_heads, head_size=m.head_dim,
+                      dtype=_OURS_TO_TORCH[self.kv_dtype])
+        layers = list(m.layer_uses_sliding_window)
+        if layers and all(layers) and m.sliding_window > 0:
+            spec = SlidingWindowSpec(**common, sliding_window=m.sliding_window)
+        else:
+            spec = FullAttentionSpec(**common)
         return {f"model.layers.{i}.self_attn.attn": spec for i in range(m.num_layers)}
 
     def get_supported_kv_cache_layouts(self) -> list[str]:
