@@ -21,8 +21,11 @@ inline uint q_u32(device const uchar* p) {  // 4 bytes at any alignment (Q5_0's 
 // instead of shifting it down: exact (a power of two), one AND per code
 inline float q_nibble_scale(int high) { return high ? 1.0f / 16.0f : 1.0f; }
 
-// K-quants' 6-bit scale and min of sub-block j (0..7) from their 12 packed bytes (ggml's get_scale_min_k4)
-inline void q_k_scale_min(device const uchar* s, int j, thread int& sc, thread int& m) {
+// Q4_K / Q5_K: sub-block j's (0..7) a = d * sc and b = -dmin * m, from its 6-bit scale and min in the 12 packed
+// bytes after d and dmin (ggml's get_scale_min_k4); a scaled by 1/16 for an odd j, whose codes are high nibbles
+inline void q_k4_affine(device const uchar* blk, int j, thread float& a, thread float& b) {
+  device const uchar* s = blk + 4;
+  int sc, m;
   if (j < 4) {
     sc = s[j] & 63;
     m = s[j + 4] & 63;
@@ -30,6 +33,8 @@ inline void q_k_scale_min(device const uchar* s, int j, thread int& sc, thread i
     sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
     m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
   }
+  a = q_f16(blk) * float(sc) * q_nibble_scale(j & 1);
+  b = -q_f16(blk + 2) * float(m);
 }
 
 // {f16 d; i8 qs[32]}: w = d * q (the codes signed: q + 128 stored as unsigned, b = -128 d)
@@ -95,10 +100,7 @@ struct QuantQ4_K {
   enum { kElems = 256, kBytes = 144 };
   static void codes16(device const uchar* blk, int s, thread float* q, thread float& a, thread float& b) {
     const int j = s / 2, l0 = (s & 1) * 16;
-    int sc, m;
-    q_k_scale_min(blk + 4, j, sc, m);
-    a = q_f16(blk) * float(sc) * q_nibble_scale(j & 1);
-    b = -q_f16(blk + 2) * float(m);
+    q_k4_affine(blk, j, a, b);
     device const uchar* qs = blk + 16 + 32 * (j / 2) + l0;
     const uint mask = 0xFu << (4 * (j & 1));
     for (int i = 0; i < 16; ++i) q[i] = float(qs[i] & mask);
@@ -110,10 +112,7 @@ struct QuantQ5_K {
   enum { kElems = 256, kBytes = 176 };
   static void codes16(device const uchar* blk, int s, thread float* q, thread float& a, thread float& b) {
     const int j = s / 2, l0 = (s & 1) * 16;
-    int sc, m;
-    q_k_scale_min(blk + 4, j, sc, m);
-    a = q_f16(blk) * float(sc) * q_nibble_scale(j & 1);
-    b = -q_f16(blk + 2) * float(m);
+    q_k4_affine(blk, j, a, b);
     device const uchar* qh = blk + 16 + l0;
     device const uchar* qs = blk + 48 + 32 * (j / 2) + l0;
     const uint mask = 0xFu << (4 * (j & 1)), hi = 4 + 4 * (j & 1);

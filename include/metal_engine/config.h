@@ -52,6 +52,13 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   int sliding_window = 0;  // 0 = full attention
   std::vector<bool> layer_uses_sliding_window;  // [num_layers]
+  // The window when every layer slides over it (Mistral, Phi-3), so a request's blocks before it can go; 0 when
+  // any layer attends to the whole context (one block table serves all layers)
+  int uniform_sliding_window() const {
+    for (bool b : layer_uses_sliding_window)
+      if (!b) return 0;
+    return layer_uses_sliding_window.empty() ? 0 : sliding_window;
+  }
   DType checkpoint_dtype = DType::F32;
 
   // Parses and validates config.json text (through the architecture registry, src/models/); `source` names

@@ -118,6 +118,10 @@ class BlockTableRow:
         self._buf[self.n: self.n + k] = block_ids
         self.n += k
 
+    def fill(self, upto: int, block_id: int):
+        """Entries [0, upto) name block_id (blocks freed out of a sliding window)."""
+        self._buf[:upto] = block_id
+
     @property
     def ids(self) -> np.ndarray:
         return self._buf[: self.n]
@@ -215,7 +219,7 @@ class KVCacheManager:
         self.pool.free_blocks(reversed(blocks[done:first_useful]))
         for i in range(done, first_useful):
             blocks[i] = None
-        self.req_to_table[rid]._buf[:first_useful] = blocks[first_useful].block_id  # every freed entry
+        self.req_to_table[rid].fill(first_useful, blocks[first_useful].block_id)  # every freed entry
         self.req_to_num_skipped[rid] = first_useful
 
     def num_held_blocks(self, request) -> int:
@@ -243,14 +247,13 @@ class KVCacheManager:
         new = self.pool.get_new_blocks(max(need, 0))
         added = [*new_computed_blocks, *new]
         blocks.extend(added)
-        if added:
-            held = next(b.block_id for b in blocks if b is not None)  # what freed entries name (the table's rule)
-            table.extend([held if b is None else b.block_id for b in added])
-            lead = 0  # sliding-window hits start with the blocks out of the window: freed already
-            while lead < len(added) and added[lead] is None:
-                lead += 1
-            if lead:
-                self.req_to_num_skipped[rid] = lead
+        lead = 0  # sliding-window hits start with the blocks out of the window (None: freed already)
+        while lead < len(added) and added[lead] is None:
+            lead += 1
+        if added:  # the freed entries name the first block held, as remove_skipped_blocks has them
+            table.extend([added[lead].block_id] * lead + [b.block_id for b in added[lead:]])
+        if lead:
+            self.req_to_num_skipped[rid] = lead
         if self._hashes_blocks(request):
             # Cache the blocks that will be full once this step has run, from the first not yet cached.
             start = self.req_to_num_cached.get(rid, 0) if not new_computed_blocks else 0

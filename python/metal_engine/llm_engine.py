@@ -139,9 +139,8 @@ class LLMEngine:
         if not config.chunked_prefill:  # every prompt fits one step's token budget: never chunked
             config.max_num_batched_tokens = max(config.max_num_batched_tokens, self.max_model_len)
         # every layer sliding (one window): blocks that leave it are freed as requests go on
-        layers = list(mc.layer_uses_sliding_window)
-        window = mc.sliding_window if layers and all(layers) and mc.sliding_window > 0 else 0
-        self.kv = KVCacheManager(num_blocks, bs, enable_caching=config.enable_prefix_caching, sliding_window=window)
+        self.kv = KVCacheManager(num_blocks, bs, enable_caching=config.enable_prefix_caching,
+                                 sliding_window=mc.uniform_sliding_window)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)

@@ -39,5 +39,7 @@ void init_config(nb::module_& m) {
       .def_ro("rope_theta", &ModelConfig::rope_theta)
       .def_ro("tie_word_embeddings", &ModelConfig::tie_word_embeddings)
       .def_ro("sliding_window", &ModelConfig::sliding_window)
-      .def_ro("layer_uses_sliding_window", &ModelConfig::layer_uses_sliding_window);
+      .def_ro("layer_uses_sliding_window", &ModelConfig::layer_uses_sliding_window)
+      .def_prop_ro("uniform_sliding_window", &ModelConfig::uniform_sliding_window,
+                   "The window when every layer slides over it, else 0.");
 }

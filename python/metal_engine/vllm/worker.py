@@ -83,9 +83,8 @@ class MetalEngineWorker(WorkerBase):
         m = self.model_cfg
         common = dict(block_size=self.cache_config.block_size, num_kv_heads=m.num_kv_heads, head_size=m.head_dim,
                       dtype=_OURS_TO_TORCH[self.kv_dtype])
-        layers = list(m.layer_uses_sliding_window)
-        if layers and all(layers) and m.sliding_window > 0:
-            spec = SlidingWindowSpec(**common, sliding_window=m.sliding_window)
+        if m.uniform_sliding_window > 0:
+            spec = SlidingWindowSpec(**common, sliding_window=m.uniform_sliding_window)
         else:
             spec = FullAttentionSpec(**common)
         return {f"model.layers.{i}.self_attn.attn": spec for i in range(m.num_layers)}
