@@ -218,7 +218,17 @@ struct ArgmaxArgs {
   int vocab;
 };
 
+// feed_tokens: dst[t] = src[rows[t]] where 0 <= rows[t] < num_src, else dst[t] unchanged. A step's token ids from
+// the greedy tokens of the step before it, on the device (two steps in flight: the host never saw those tokens);
+// also how a greedy step hands its tokens to the next (rows = 0..n-1 into a buffer of their own).
+// buffers: src i32 [num_src], rows i32 [num_tokens], dst i32 [num_tokens] (read-write)
+struct FeedTokensArgs {
+  int num_tokens;
+  int num_src;
+};
+
 ME_STATIC_ASSERT(sizeof(EmbeddingArgs) == 16, "EmbeddingArgs layout");
+ME_STATIC_ASSERT(sizeof(FeedTokensArgs) == 8, "FeedTokensArgs layout");
 ME_STATIC_ASSERT(sizeof(ArgmaxArgs) == 8, "ArgmaxArgs layout");
 ME_STATIC_ASSERT(sizeof(SoftcapArgs) == 12, "SoftcapArgs layout");
 ME_STATIC_ASSERT(sizeof(RmsNormArgs) == 16, "RmsNormArgs layout");

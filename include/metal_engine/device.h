@@ -3,7 +3,10 @@
 //
 //   dev.begin_step();  dev.dispatch(k1, args, {...});  dev.dispatch(k2, ...);  dev.submit();  dev.wait();
 //
-// Nothing may read a buffer written by the step between begin_step() and wait().
+// Steps may be in flight together: begin_step() may follow submit() before the wait() (the next step encoded while
+// the device runs this one); submitted steps run in submission order, each after the one before it, and wait()
+// waits for the oldest submitted step not yet waited for. Nothing may read or write a buffer a submitted step
+// binds until that step's wait().
 #pragma once
 #include <cstddef>
 #include <initializer_list>
@@ -72,7 +75,7 @@ class Device {
   virtual void dispatch(const Kernel& k, const void* args, size_t args_size,
                         std::initializer_list<BufferArg> buffers) = 0;
   virtual void submit() = 0;
-  virtual void wait() = 0;
+  virtual void wait() = 0;  // the oldest submitted step not yet waited for (none: returns at once)
   // Drops a step whose encoding failed (nothing of it runs), so the next begin_step() starts clean.
   virtual void abandon_step() = 0;
 

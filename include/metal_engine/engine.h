@@ -40,6 +40,22 @@ class Engine {
   // chosen on the device: reads back one int per row instead of the logits.
   void step_greedy(const StepInput& in, int32_t* tokens);
 
+  // Steps in flight. submit() validates and encodes a step (greedy: ending with the on-device argmax) and hands it
+  // to the device without waiting; collect() waits for the oldest step not yet collected and copies its results out:
+  // logits [rows, vocab] of a step submitted with greedy=false, the greedy tokens [rows] of a greedy one. At most
+  // kMaxStepsInFlight steps are submitted and not collected, each with its own scratch pool (the second one grows
+  // on demand), so step N+1 is encoded and its inputs uploaded while the device runs step N; the results of a
+  // step are read only after its own wait. A greedy step's tokens also stay on the device for the next step's
+  // StepInput::prev_token_rows. step() and step_greedy() are submit + collect, and need no step in flight.
+  static constexpr int kMaxStepsInFlight = 2;
+  uint64_t submit(const StepInput& in, bool greedy);
+  void collect(uint64_t ticket, float* logits);     // a step submitted with greedy=false
+  void collect(uint64_t ticket, int32_t* tokens);   // a greedy step
+  int steps_in_flight() const;                      // submitted, not yet collected
+  // The rows a step's results hold (its logits_indices), and whether it was submitted greedy.
+  size_t result_rows(uint64_t ticket) const;
+  bool result_is_greedy(uint64_t ticket) const;
+
  private:
   explicit Engine(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;

@@ -15,6 +15,11 @@ struct StepInput {
   int32_t block_table_width = 0;
   std::vector<int64_t> slot_mapping;     // [num_tokens]   KV slot = block_id * block_size + offset; < 0 skips
   std::vector<int32_t> logits_indices;   // [num_logit_rows] token rows whose logits the step returns
+  // [num_tokens] or empty. Row t with prev_token_rows[t] = r >= 0 takes as its token the greedy token of logits row r
+  // of the step submitted just before this one (which must be a greedy Engine::submit), on the device: token_ids[t]
+  // is then a placeholder (any id in the vocabulary). -1: token_ids[t] as given. Two steps in flight (vLLM's async
+  // scheduling) decode this way: the host never waits for a token to pass it to the next step.
+  std::vector<int32_t> prev_token_rows;
 
   int num_tokens() const { return int(token_ids.size()); }
   int num_seqs() const { return query_start_loc.empty() ? 0 : int(query_start_loc.size()) - 1; }

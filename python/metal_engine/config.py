@@ -74,6 +74,10 @@ class EngineConfig:
     tokenizer: Optional[str] = None        # a folder with tokenizer.json (default: the checkpoint's)
     skip_tokenizer_init: bool = False      # no tokenizer: prompts are token ids, outputs have no text
     max_logprobs: Optional[int] = None     # vLLM's: the most logprobs / prompt_logprobs a request may ask for
+    async_scheduling: Optional[bool] = None  # vLLM's: greedy decode steps are scheduled and submitted before the
+                                           # step ahead of them has been read back (two in flight; their tokens
+                                           # passed on the device). None: on with Metal, off on cpu (whose steps
+                                           # run as they are submitted: nothing would overlap)
     extra: dict = field(default_factory=dict)
 
     def resolve(self) -> "EngineConfig":
@@ -104,6 +108,8 @@ class EngineConfig:
         if self.kv_cache_memory_share != 1.0:
             self.kv_cache_memory = max(1, int(self.kv_cache_memory * self.kv_cache_memory_share))
             self.kv_cache_memory_share = 1.0
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len <= 0):
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         return self

@@ -105,19 +105,38 @@ class Engine:
         [num_seqs + 1]; seq_lens [num_seqs]; block_tables [num_seqs, width]; logits_indices [rows]
         (default: the last token of every sequence). Returns float32 [rows, vocab_size]; with greedy=True,
         each row's greedy token instead (argmax on the device, int32 [rows]), without reading logits back."""
+        run = self._engine.step_greedy if greedy else self._engine.step
+        return run(*self._arrays(token_ids, positions, query_start_loc, seq_lens, block_tables, slot_mapping,
+                                 logits_indices))
+
+    def submit(self, token_ids, positions, query_start_loc, seq_lens, block_tables, slot_mapping,
+               logits_indices: Optional[np.ndarray] = None, greedy: bool = False, prev_token_rows=None) -> int:
+        """The same forward, submitted without waiting for it: returns a ticket for ``collect``. Up to two steps are
+        in flight, so the next one is encoded while the device runs this one. ``prev_token_rows`` [num_tokens]: a
+        row r >= 0 takes the greedy token of logits row r of the step submitted just before (a greedy submit), on
+        the device; its ``token_ids`` entry is then a placeholder."""
+        arrays = self._arrays(token_ids, positions, query_start_loc, seq_lens, block_tables, slot_mapping,
+                              logits_indices)
+        prev = None if prev_token_rows is None else np.ascontiguousarray(prev_token_rows, dtype=np.int32)
+        return self._engine.submit(*arrays, greedy, prev)
+
+    def collect(self, ticket: int) -> np.ndarray:
+        """Waits for the oldest submitted step (``ticket``); returns what ``step`` would have: logits float32
+        [rows, vocab], or int32 [rows] greedy tokens for a greedy submit."""
+        return self._engine.collect(ticket)
+
+    @property
+    def steps_in_flight(self) -> int:
+        return self._engine.steps_in_flight
+
+    @staticmethod
+    def _arrays(token_ids, positions, query_start_loc, seq_lens, block_tables, slot_mapping, logits_indices):
         qsl = np.ascontiguousarray(query_start_loc, dtype=np.int32)
         if logits_indices is None:
             logits_indices = qsl[1:] - 1
         bt = np.ascontiguousarray(block_tables, dtype=np.int32)
         if bt.ndim != 2:
             raise ValueError(f"block_tables must be 2-D [num_seqs, width], got shape {bt.shape}")
-        run = self._engine.step_greedy if greedy else self._engine.step
-        return run(
-            np.ascontiguousarray(token_ids, dtype=np.int32),
-            np.ascontiguousarray(positions, dtype=np.int32),
-            qsl,
-            np.ascontiguousarray(seq_lens, dtype=np.int32),
-            bt,
-            np.ascontiguousarray(slot_mapping, dtype=np.int64),
-            np.ascontiguousarray(logits_indices, dtype=np.int32),
-        )
+        return (np.ascontiguousarray(token_ids, dtype=np.int32), np.ascontiguousarray(positions, dtype=np.int32), qsl,
+                np.ascontiguousarray(seq_lens, dtype=np.int32), bt, np.ascontiguousarray(slot_mapping, dtype=np.int64),
+                np.ascontiguousarray(logits_indices, dtype=np.int32))

@@ -13,6 +13,7 @@ MAPPED = {
     "tokenizer": "tokenizer",
     "skip_tokenizer_init": "skip_tokenizer_init",
     "max_logprobs": "max_logprobs",
+    "async_scheduling": "async_scheduling",
 }
 
 
@@ -47,7 +48,6 @@ ACCEPTED = {
     "cpu_offload_gb": (_is(0, None), "weight offloading is not supported"),
     "speculative_config": (_is(None), "speculative decoding is not supported"),
     "enable_lora": (_is(False, None), "LoRA adapters are not supported"),
-    "async_scheduling": (_is(False, None), "async scheduling is not supported by the standalone LLM"),
 }
 
 

@@ -256,15 +256,22 @@ class KVCacheManager:
             self.req_to_num_skipped[rid] = lead
         if self._hashes_blocks(request):
             # Cache the blocks that will be full once this step has run, from the first not yet cached.
-            start = self.req_to_num_cached.get(rid, 0) if not new_computed_blocks else 0
-            full = total // self.block_size
-            if full > start:
-                hashes = self._block_hashes(request, full * self.block_size)
-                for i in range(start, full):
-                    if blocks[i] is not None:
-                        self.pool.cache_block(blocks[i], hashes[i])
-                self.req_to_num_cached[rid] = full
+            self._cache_full_blocks(request, total, from_start=bool(new_computed_blocks))
         return new
+
+    def _cache_full_blocks(self, request, num_tokens: int, from_start: bool = False):
+        """Caches the request's blocks full within its first `num_tokens` tokens, from the first not yet cached. A
+        block whose last token is still to come from the device (async scheduling) waits for a later call."""
+        rid = request.request_id
+        blocks = self.req_to_blocks.get(rid, [])
+        start = 0 if from_start else self.req_to_num_cached.get(rid, 0)
+        full = min(num_tokens, request.num_tokens, len(blocks) * self.block_size) // self.block_size
+        if full > start:
+            hashes = self._block_hashes(request, full * self.block_size)
+            for i in range(start, full):
+                if blocks[i] is not None:
+                    self.pool.cache_block(blocks[i], hashes[i])
+            self.req_to_num_cached[rid] = full
 
     def block_ids(self, request) -> list:
         """The request's block ids, those freed out of its sliding window named by its first held block."""
@@ -279,6 +286,8 @@ class KVCacheManager:
 
     def free(self, request):
         rid = request.request_id
+        if self._hashes_blocks(request) and rid in self.req_to_blocks:  # blocks that filled as its last tokens came
+            self._cache_full_blocks(request, request.num_computed_tokens)
         blocks = self.req_to_blocks.pop(rid, [])
         self.pool.free_blocks(reversed([b for b in blocks if b is not None]))
         self.req_to_num_skipped.pop(rid, None)

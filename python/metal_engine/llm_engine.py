@@ -58,6 +58,17 @@ def resolve_model_path(model: Optional[str], progress: bool = True, quantization
 
 
 @dataclass
+class _Batch:
+    """A submitted step: its ticket, the (request, tokens) it computes, who owns each logits row, and whether the
+    device picked greedy tokens."""
+
+    ticket: int
+    scheduled: list
+    row_owner: list
+    greedy: bool
+
+
+@dataclass
 class _Sample:
     """Per-sample state the engine keeps beside the scheduler's Request."""
 
@@ -148,7 +159,12 @@ class LLMEngine:
         self._structured = None  # the StructuredOutputManager, made at the first constrained request
         self.parents: dict = {}
         self._ids = itertools.count()
-        self.stats = {"num_steps": 0, "num_tokens": 0, "num_preemptions": 0}
+        # num_steps_ahead: steps submitted while the step before them was in flight (async scheduling)
+        self.stats = {"num_steps": 0, "num_tokens": 0, "num_preemptions": 0, "num_steps_ahead": 0}
+        # async scheduling: on where the device runs apart from the host (Metal), unless asked
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.engine.backend != "cpu")
+        self._in_flight: Optional[_Batch] = None  # a step submitted ahead (async scheduling), read by the next step()
 
     # ----------------------------------------------------------------------------------- requests
     def _prompt_ids(self, prompt: PromptType) -> tuple[Optional[str], list]:
@@ -282,18 +298,38 @@ class LLMEngine:
 
     # -------------------------------------------------------------------------------------- step
     def step(self) -> list:
-        """One scheduler step and forward; returns snapshots of the requests that changed."""
-        sched = self.scheduler.schedule()
-        self.stats["num_preemptions"] += len(sched.preempted)
-        if not sched.scheduled:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("the scheduler could not place any request: the KV cache is too small")
-            return []
+        """One scheduler step and forward; returns snapshots of the requests that changed.
+
+        With async scheduling, the greedy decode step after this one is scheduled and submitted before this one is
+        read back (vLLM's async scheduling): its rows take this step's tokens on the device, so the device runs step
+        N + 1 while the host samples, detokenizes and checks step N. A request that step N finishes has its row of
+        step N + 1 dropped, as vLLM drops the token computed past a stop."""
+        batch = self._in_flight
+        self._in_flight = None
+        if batch is None:
+            sched = self.scheduler.schedule()
+            self.stats["num_preemptions"] += len(sched.preempted)
+            if not sched.scheduled:
+                if self.scheduler.has_unfinished():
+                    raise RuntimeError("the scheduler could not place any request: the KV cache is too small")
+                return []
+            batch = self._submit(sched.scheduled)
+        if self.async_scheduling and batch.greedy:
+            self._in_flight = self._submit_next_decode(batch)
+        outputs = self._finish(batch)
+        nxt = self._in_flight
+        if nxt is not None and all(req.is_finished for req, _ in nxt.scheduled):
+            self._in_flight = None  # every request it continues has finished: nothing to wait for later
+            self.engine.collect(nxt.ticket)
+        return outputs
+
+    def _submit(self, scheduled, prev_rows: Optional[dict] = None) -> "_Batch":
+        """Submits a step over `scheduled` [(request, tokens)]; with `prev_rows` {request: row}, each of those
+        requests' one token is the greedy token of that row of the step in flight, filled in on the device."""
         bs = self.engine.block_size
-        toks, pos, slots, qsl, lens, rows, row_owner = [], [], [], [0], [], [], []
-        tables = []
+        toks, pos, slots, qsl, lens, rows, row_owner, tables, fed = [], [], [], [0], [], [], [], [], []
         now = time.monotonic()
-        for req, n in sched.scheduled:
+        for req, n in scheduled:
             start = req.num_computed_tokens
             end = start + n
             if req.metrics.first_scheduled_time is None:
@@ -301,13 +337,18 @@ class LLMEngine:
             p = np.arange(start, end)
             block_ids = self.kv.block_table(req)  # int32, appended to as blocks are added
             plen = len(req.prompt_token_ids)
-            if end <= plen:
+            if prev_rows is not None and req in prev_rows:  # its token is still on the device
+                toks.append(0)
+                fed.append(prev_rows[req])
+            elif end <= plen:
                 toks.extend(req.prompt_token_ids[start:end])
             elif start >= plen:
                 toks.extend(req.output_token_ids[start - plen:end - plen])
             else:
                 toks.extend(req.prompt_token_ids[start:])
                 toks.extend(req.output_token_ids[:end - plen])
+            if prev_rows is not None and req not in prev_rows:
+                fed.extend([-1] * n)
             pos.append(p)
             slots.append(block_ids[p // bs].astype(np.int64) * bs + p % bs)
             lens.append(end)
@@ -318,7 +359,7 @@ class LLMEngine:
                 for i in range(start, last):
                     rows.append(base + i - start)
                     row_owner.append((req, "prompt", i))
-            if end == req.num_tokens:
+            if end >= req.num_tokens:  # the last known token, or one still on the device: a sample row
                 rows.append(base + n - 1)
                 row_owner.append((req, "sample", None))
             qsl.append(base + n)
@@ -329,13 +370,45 @@ class LLMEngine:
         # When every row picks a plain greedy token (no logprobs, penalties or banned tokens), the device
         # chooses it and only the token ids come back.
         greedy = bool(row_owner) and all(kind == "sample" and plain_greedy(req) for req, kind, _ in row_owner)
-        logits = self.engine.step(np.asarray(toks, dtype=np.int32), np.concatenate(pos), qsl, lens, bt,
-                                  np.concatenate(slots), np.asarray(rows, dtype=np.int32), greedy=greedy)
+        ticket = self.engine.submit(np.asarray(toks, dtype=np.int32), np.concatenate(pos), qsl, lens, bt,
+                                    np.concatenate(slots), np.asarray(rows, dtype=np.int32), greedy=greedy,
+                                    prev_token_rows=None if prev_rows is None else np.asarray(fed, dtype=np.int32))
         self.stats["num_steps"] += 1
         self.stats["num_tokens"] += len(toks)
-        for req, n in sched.scheduled:
+        for req, n in scheduled:
             req.num_computed_tokens += n
+        return _Batch(ticket, list(scheduled), row_owner, greedy)
 
+    def _submit_next_decode(self, batch: "_Batch") -> Optional["_Batch"]:
+        """The greedy decode step after `batch`, submitted before `batch` is read back, when the scheduler knows
+        it now: every request of `batch` sampled a plain greedy token, nothing waits to be admitted, and each
+        continuing request (not one `batch` surely finishes by length) gets its KV slot without preempting.
+        None otherwise: the next step() schedules as usual once `batch` is in."""
+        running = self.scheduler.running
+        if self.scheduler.waiting or any(req.is_finished for req in running):
+            return None
+        row_of, nxt = {}, []
+        for r, (req, kind, _) in enumerate(batch.row_owner):
+            if req.is_finished:  # finished while `batch` was in flight (an abort): nothing to continue
+                continue
+            if kind != "sample":
+                return None
+            row_of[req] = r
+            if len(req.output_token_ids) + 1 >= req.max_tokens or req.num_tokens + 1 >= self.max_model_len:
+                continue  # the token `batch` gives it is its last
+            nxt.append((req, 1))
+        if not nxt or len(row_of) != len(running):  # a running request `batch` left out would wait behind it
+            return None
+        for req, _ in nxt:
+            if self.kv.allocate_slots(req, 1) is None:  # blocks it gained stay its own for its next step
+                return None
+        self.stats["num_steps_ahead"] += 1
+        return self._submit(nxt, prev_rows=row_of)
+
+    def _finish(self, batch: "_Batch") -> list:
+        """Reads a submitted step back: samples (unless the device did), appends tokens, checks stops."""
+        logits = self.engine.collect(batch.ticket)
+        row_owner, greedy = batch.row_owner, batch.greedy
         changed = {}
         now = time.monotonic()
         sample_rows = [r for r, (_, kind, _) in enumerate(row_owner) if kind == "sample"]
@@ -352,6 +425,8 @@ class LLMEngine:
             picked = sample_batch(rows_logits, reqs, self.rng, masks)
         picks = dict(zip(sample_rows, picked)) if sample_rows else {}
         for r, (req, kind, i) in enumerate(row_owner):
+            if req.is_finished:  # finished (or aborted) since this step was submitted: its row is dropped
+                continue
             parent = req.parent
             if kind == "prompt":
                 if req.sample_index == 0 and len(parent.prompt_logprobs) == i + 1:  # not again after preemption

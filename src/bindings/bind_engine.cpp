@@ -3,6 +3,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/unique_ptr.h>
 
 #include <algorithm>
@@ -121,5 +122,36 @@ void init_engine(nb::module_& m) {
           },
           nb::arg("token_ids"), nb::arg("positions"), nb::arg("query_start_loc"), nb::arg("seq_lens"),
           nb::arg("block_tables"), nb::arg("slot_mapping"), nb::arg("logits_indices"),
-          "The same forward; returns each requested row's greedy token (argmax on the device), int32 [rows].");
+          "The same forward; returns each requested row's greedy token (argmax on the device), int32 [rows].")
+      .def(
+          "submit",
+          [](Engine& e, Vec<int32_t> token_ids, Vec<int32_t> positions, Vec<int32_t> query_start_loc,
+             Vec<int32_t> seq_lens, Table block_tables, Vec<int64_t> slot_mapping, Vec<int32_t> logits_indices,
+             bool greedy, std::optional<Vec<int32_t>> prev_token_rows) {
+            StepInput in = step_input(token_ids, positions, query_start_loc, seq_lens, block_tables, slot_mapping,
+                                      logits_indices);
+            if (prev_token_rows) in.prev_token_rows = to_vector(*prev_token_rows);
+            nb::gil_scoped_release release;
+            return e.submit(in, greedy);
+          },
+          nb::arg("token_ids"), nb::arg("positions"), nb::arg("query_start_loc"), nb::arg("seq_lens"),
+          nb::arg("block_tables"), nb::arg("slot_mapping"), nb::arg("logits_indices"), nb::arg("greedy") = false,
+          nb::arg("prev_token_rows") = nb::none(),
+          "Encodes and submits a step without waiting; returns its ticket for collect(). prev_token_rows [num_tokens]: "
+          "rows >= 0 take that greedy token of the step submitted just before (a greedy submit), on the device.")
+      .def(
+          "collect",
+          [](Engine& e, uint64_t ticket) -> nb::object {
+            const size_t rows = e.result_rows(ticket);
+            if (e.result_is_greedy(ticket)) {
+              const size_t shape[1] = {rows};
+              return nb::cast(filled_array<int32_t>(shape, [&](int32_t* out) { e.collect(ticket, out); }));
+            }
+            const size_t shape[2] = {rows, size_t(e.model_config().vocab_size)};
+            return nb::cast(filled_array<float>(shape, [&](float* out) { e.collect(ticket, out); }));
+          },
+          nb::arg("ticket"),
+          "Waits for the oldest submitted step (`ticket`) and returns its logits f32 [rows, vocab], or its greedy "
+          "tokens int32 [rows] if it was submitted greedy.")
+      .def_prop_ro("steps_in_flight", &Engine::steps_in_flight, "Steps submitted and not yet collected.");
 }

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
+#include <numeric>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
@@ -79,15 +81,42 @@ struct Engine::Impl {
   bool weights_in_place = false;                        // some weight is the mapped file itself
   std::vector<std::unique_ptr<Buffer>> owned_buffers;  // converted weights, RoPE tables
   std::unique_ptr<PagedKVCache> kv;
-  std::unique_ptr<ScratchPool> scratch;
+  std::unique_ptr<ScratchPool> scratch;   // the pool of a step submitted with none in flight
+  std::unique_ptr<ScratchPool> scratch2;  // a second step's in flight (grows on demand): made at the first one
+
+  // Steps submitted and not yet collected, oldest first (at most kMaxStepsInFlight).
+  struct Submitted {
+    uint64_t ticket;
+    ScratchPool* pool;
+    bool greedy;
+    size_t rows;
+    BufferArg out;       // logits f32 [rows, V] or greedy tokens i32 [rows], in `pool`
+    bool fed = false;    // its token ids took the previous step's greedy tokens on the device
+    std::string failed;  // the step it fed from failed on the device: this one computed from garbage
+  };
+  std::deque<Submitted> in_flight;
+  uint64_t next_ticket = 1;
+  // A greedy submitted step's tokens, copied into a buffer of their own (the next step reads them there while the
+  // host reads that step's pool): step k's in feed[k % 2], i32 [feed_capacity[k % 2]]. Buffers replaced while a step
+  // in flight may still bind them wait in retired_feeds until nothing is in flight.
+  std::unique_ptr<Buffer> feed[2];
+  int feed_capacity[2] = {0, 0};  // rows
+  std::vector<std::unique_ptr<Buffer>> retired_feeds;
+  bool last_fed_ok = false;  // the last submitted step was greedy, wrote its feed, and (so far) did not fail
+  int last_feed_rows = 0;    // ... that many tokens
 
   void check_device_limits() const;
   // Measuring passes over the step shapes that take each kernel path: every kernel the model uses is resolved
   // (its pipelines built) at load, and a kernel this backend lacks fails here, not at a first step.
   void resolve_kernels();
   // Lays out the step in `pool` and (unless measuring) encodes it; with `greedy`, ends with argmax of the logits.
-  void encode_forward(const StepInput& in, ScratchPool& pool, bool greedy, BufferArg* logits_out, BufferArg* tokens_out);
-  void run_step(const StepInput& in, bool greedy, BufferArg* logits, BufferArg* tokens);
+  // prev: the previous step's greedy tokens (i32 [prev_rows]) for in.prev_token_rows; feed_out (bound: a greedy
+  // step) receives this step's tokens for the next.
+  void encode_forward(const StepInput& in, ScratchPool& pool, bool greedy, BufferArg prev, int prev_rows,
+                      BufferArg feed_out, BufferArg* logits_out, BufferArg* tokens_out);
+  uint64_t submit(const StepInput& in, bool greedy, bool keep_feed);
+  void collect(uint64_t ticket, bool greedy, void* out);
+  const Submitted& find(uint64_t ticket) const;
 };
 
 namespace {
@@ -294,8 +323,9 @@ void Engine::Impl::resolve_kernels() {
   for (const StepInput& in : shapes) {
     BufferArg logits, tokens;
     scratch->begin(/*measuring=*/true);
-    encode_forward(in, *scratch, /*greedy=*/true, &logits, &tokens);
+    encode_forward(in, *scratch, /*greedy=*/true, {}, 0, {}, &logits, &tokens);
   }
+  kernels->get("feed_tokens");  // steps in flight: a step's tokens from the one before it
 }
 
 std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineConfig config) {
@@ -369,7 +399,15 @@ std::unique_ptr<Engine> Engine::from_checkpoint(const std::string& dir, EngineCo
 }
 
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-Engine::~Engine() = default;
+Engine::~Engine() {
+  while (!impl_->in_flight.empty()) {  // steps still in flight finish before their buffers go
+    impl_->in_flight.pop_front();
+    try {
+      impl_->device->wait();
+    } catch (const std::exception&) {  // a step nobody will collect failed: nothing to report it to
+    }
+  }
+}
 
 const ModelConfig& Engine::model_config() const { return impl_->model; }
 const EngineConfig& Engine::engine_config() const { return impl_->config; }
@@ -438,10 +476,11 @@ void Engine::validate(const StepInput& in) const {
 }
 
 // Uploads the step's inputs to `pool` and, unless the pool is only measuring, encodes the model's forward.
-void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, bool greedy, BufferArg* logits_out,
-                                  BufferArg* tokens_out) {
+void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, bool greedy, BufferArg prev, int prev_rows,
+                                  BufferArg feed_out, BufferArg* logits_out, BufferArg* tokens_out) {
   const int T = in.num_tokens(), S = in.num_seqs(), R = int(in.logits_indices.size());
   const size_t i32 = sizeof(int32_t);
+  const bool fed = !in.prev_token_rows.empty(), feeds = greedy && feed_out.buffer && R > 0;
   models::Ops::StepTensors st;
   st.token_ids = pool.alloc(i32 * T, "token_ids");                             // i32 [T]
   st.positions = pool.alloc(i32 * T, "positions");                             // i32 [T]
@@ -451,6 +490,8 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, bool g
   st.block_tables = pool.alloc(i32 * in.block_tables.size(), "block_tables");  // i32 [S, W]
   st.logits_indices = pool.alloc(i32 * std::max(R, 1), "logits_indices");      // i32 [R]
   BufferArg tokens = pool.alloc(i32 * std::max(R, 1), "greedy tokens");        // i32 [R]
+  BufferArg prev_rows_buf = fed ? pool.alloc(i32 * T, "prev_token_rows") : BufferArg{};  // i32 [T]
+  BufferArg iota = feeds ? pool.alloc(i32 * R, "0..R-1") : BufferArg{};                   // i32 [R]
   const bool measuring = st.token_ids.buffer == nullptr;
   if (!measuring) {
     auto upload = [&](BufferArg dst, const void* src, size_t bytes) {
@@ -463,49 +504,145 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, bool g
     upload(st.seq_lens, in.seq_lens.data(), i32 * S);
     upload(st.block_tables, in.block_tables.data(), i32 * in.block_tables.size());
     upload(st.logits_indices, in.logits_indices.data(), i32 * R);
+    if (fed) upload(prev_rows_buf, in.prev_token_rows.data(), i32 * T);
+    if (feeds) std::iota(static_cast<int32_t*>(pool.host_ptr(iota)), static_cast<int32_t*>(pool.host_ptr(iota)) + R, 0);
+    if (fed)  // the previous step's greedy tokens into this step's token ids, before anything reads them
+      device->dispatch(kernels->get("feed_tokens"), FeedTokensArgs{T, prev_rows}, {prev, prev_rows_buf, st.token_ids});
   }
   models::Ops ops(*device, *kernels, pool, *kv, act, in, st, measuring, model.num_heads, model.head_dim);
   Tensor logits = arch->forward(ops);  // f32 [R, V]
   if (greedy && R > 0) {                // i32 [R]
     const Kernel& argmax = kernels->get("argmax");
     if (!measuring) device->dispatch(argmax, ArgmaxArgs{R, model.vocab_size}, {logits.arg, tokens});
+    if (!measuring && feeds) device->dispatch(kernels->get("feed_tokens"), FeedTokensArgs{R, R}, {tokens, iota, feed_out});
   }
   *logits_out = logits.arg;
   *tokens_out = tokens;
 }
 
-void Engine::Impl::run_step(const StepInput& in, bool greedy, BufferArg* logits, BufferArg* tokens) {
-  ScratchPool& pool = *scratch;
-  pool.begin(/*measuring=*/true);
-  encode_forward(in, pool, greedy, logits, tokens);
-  pool.require(pool.peak());
-  pool.begin(false);
+uint64_t Engine::Impl::submit(const StepInput& in, bool greedy, bool keep_feed) {
+  if (int(in_flight.size()) >= kMaxStepsInFlight)
+    throw std::logic_error("Engine::submit: " + std::to_string(in_flight.size()) +
+                           " steps are submitted and not collected (at most " + std::to_string(kMaxStepsInFlight) +
+                           " in flight): collect the oldest first");
+  const uint64_t ticket = next_ticket;
+  const int prev_slot = int((ticket - 1) % 2), slot = int(ticket % 2);
+  const bool fed = !in.prev_token_rows.empty();
+  if (fed) {
+    if (int(in.prev_token_rows.size()) != in.num_tokens())
+      throw std::invalid_argument("StepInput: prev_token_rows has " + std::to_string(in.prev_token_rows.size()) +
+                                  " entries for " + std::to_string(in.num_tokens()) + " tokens");
+    if (!last_fed_ok)
+      throw std::invalid_argument("StepInput: prev_token_rows takes the greedy tokens of the step submitted just "
+                                  "before, but that step was not a greedy Engine::submit (or it failed)");
+    for (size_t t = 0; t < in.prev_token_rows.size(); ++t) {
+      const int r = in.prev_token_rows[t];
+      if (r < -1 || r >= last_feed_rows)
+        throw std::invalid_argument("StepInput: prev_token_rows[" + std::to_string(t) + "] = " + std::to_string(r) +
+                                    " but the previous step returned " + std::to_string(last_feed_rows) +
+                                    " greedy tokens (-1: the row's own token id)");
+    }
+  }
+  // The pool no step in flight uses: the first unless a step in flight holds it.
+  ScratchPool* pool = scratch.get();
+  for (const Submitted& s : in_flight)
+    if (s.pool == scratch.get()) {
+      if (!scratch2) scratch2 = std::make_unique<ScratchPool>(*device, scratch->capacity(), /*grow_on_demand=*/true);
+      pool = scratch2.get();
+    }
+  const int R = int(in.logits_indices.size());
+  const bool feeds = greedy && keep_feed && R > 0;
+  if (feeds && feed_capacity[slot] < R) {  // this step's feed buffer, grown (the one replaced may be bound in flight)
+    if (feed[slot]) retired_feeds.push_back(std::move(feed[slot]));
+    const int rows = std::max(R, 256);
+    feed[slot] = device->allocate(sizeof(int32_t) * size_t(rows), "greedy tokens for the next step");
+    feed_capacity[slot] = rows;
+  }
+  const int prev_rows = fed ? last_feed_rows : 0;
+  const BufferArg prev = fed ? BufferArg{feed[prev_slot].get(), 0, sizeof(int32_t) * size_t(prev_rows)} : BufferArg{};
+  const BufferArg feed_out = feeds ? BufferArg{feed[slot].get(), 0, sizeof(int32_t) * size_t(R)} : BufferArg{};
+  BufferArg logits, tokens;
+  pool->begin(/*measuring=*/true);
+  encode_forward(in, *pool, greedy, prev, prev_rows, feed_out, &logits, &tokens);
+  pool->reserve(pool->peak());
+  pool->begin(false);
   Device& d = *device;
   d.begin_step();
   try {
-    encode_forward(in, pool, greedy, logits, tokens);
+    encode_forward(in, *pool, greedy, prev, prev_rows, feed_out, &logits, &tokens);
     d.submit();
   } catch (...) {
     d.abandon_step();  // nothing of a step that failed to encode runs; the engine stays usable
     throw;
   }
-  d.wait();
+  ++next_ticket;
+  last_fed_ok = feeds;  // what the next step may feed from: this step's R tokens
+  last_feed_rows = feeds ? R : 0;
+  in_flight.push_back(Submitted{ticket, pool, greedy, size_t(R), greedy ? tokens : logits, fed, {}});
+  return ticket;
+}
+
+const Engine::Impl::Submitted& Engine::Impl::find(uint64_t ticket) const {
+  for (const Submitted& s : in_flight)
+    if (s.ticket == ticket) return s;
+  throw std::invalid_argument("Engine: step " + std::to_string(ticket) +
+                              " is not in flight (collected before, or never submitted)");
+}
+
+void Engine::Impl::collect(uint64_t ticket, bool greedy, void* out) {
+  const Submitted& f = find(ticket);
+  if (f.ticket != in_flight.front().ticket)
+    throw std::invalid_argument("Engine::collect: step " + std::to_string(ticket) + " was submitted after step " +
+                                std::to_string(in_flight.front().ticket) + ", which is not collected: steps are "
+                                "collected in the order they were submitted");
+  if (f.greedy != greedy)
+    throw std::invalid_argument(std::string("Engine::collect: step ") + std::to_string(ticket) + " was submitted " +
+                                (f.greedy ? "greedy (collect its tokens)" : "for logits (collect its logits)"));
+  Submitted s = f;
+  in_flight.pop_front();
+  std::string failure = s.failed.empty() ? "" : "it took its tokens from a step that failed: " + s.failed;
+  try {
+    device->wait();
+  } catch (const std::exception& e) {
+    failure = e.what();
+  }
+  if (in_flight.empty()) retired_feeds.clear();
+  if (!failure.empty()) {  // whatever took this step's tokens on the device computed from garbage
+    if (!in_flight.empty() && in_flight.front().fed) in_flight.front().failed = failure;
+    if (in_flight.empty()) last_fed_ok = false;
+    throw std::runtime_error("step " + std::to_string(ticket) + " failed: " + failure);
+  }
+  const size_t n = s.rows * (greedy ? 1 : size_t(model.vocab_size));
+  if (n) std::memcpy(out, s.pool->host_ptr(s.out), n * (greedy ? sizeof(int32_t) : sizeof(float)));
+}
+
+uint64_t Engine::submit(const StepInput& in, bool greedy) {
+  validate(in);
+  return impl_->submit(in, greedy, /*keep_feed=*/true);
+}
+
+void Engine::collect(uint64_t ticket, float* logits) { impl_->collect(ticket, false, logits); }
+void Engine::collect(uint64_t ticket, int32_t* tokens) { impl_->collect(ticket, true, tokens); }
+int Engine::steps_in_flight() const { return int(impl_->in_flight.size()); }
+size_t Engine::result_rows(uint64_t ticket) const { return impl_->find(ticket).rows; }
+bool Engine::result_is_greedy(uint64_t ticket) const { return impl_->find(ticket).greedy; }
+
+static void check_none_in_flight(const Engine& e, const char* what) {
+  if (e.steps_in_flight() > 0)
+    throw std::logic_error(std::string("Engine::") + what + " while " + std::to_string(e.steps_in_flight()) +
+                           " submitted steps are not collected: collect them first");
 }
 
 void Engine::step(const StepInput& in, float* logits) {
+  check_none_in_flight(*this, "step");
   validate(in);
-  BufferArg out, tokens;
-  impl_->run_step(in, false, &out, &tokens);
-  const size_t n = in.logits_indices.size() * size_t(impl_->model.vocab_size);
-  if (n) std::memcpy(logits, impl_->scratch->host_ptr(out), n * sizeof(float));
+  impl_->collect(impl_->submit(in, false, false), false, logits);
 }
 
 void Engine::step_greedy(const StepInput& in, int32_t* tokens) {
+  check_none_in_flight(*this, "step_greedy");
   validate(in);
-  BufferArg logits, out;
-  impl_->run_step(in, true, &logits, &out);
-  const size_t n = in.logits_indices.size();
-  if (n) std::memcpy(tokens, impl_->scratch->host_ptr(out), n * sizeof(int32_t));
+  impl_->collect(impl_->submit(in, true, false), true, tokens);
 }
 
 std::vector<float> Engine::step(const StepInput& in) {

@@ -46,7 +46,8 @@ enum class OpFlavour { Weight, Activation, Single };
   X(moe_matmul, MoeMatmulArgs, 4, Weight, false, true, 0x8)                                 \
   X(moe_combine, MoeCombineArgs, 3, Activation, false, false, 0x4)                          \
   X(softcap, SoftcapArgs, 2, Single, false, false, 0x2)                                     \
-  X(argmax, ArgmaxArgs, 2, Single, false, false, 0x2)
+  X(argmax, ArgmaxArgs, 2, Single, false, false, 0x2)                                     \
+  X(feed_tokens, FeedTokensArgs, 3, Single, false, false, 0x4)
 
 // The fields of every argument struct, in declaration order: S(Args, F(field) F(field) ...). From it come the
 // Python bindings (_core.ops.<Args>, every field read-write) and a compile-time check that the list misses no
@@ -74,7 +75,8 @@ enum class OpFlavour { Weight, Activation, Single };
   S(MoeMatmulArgs, F(rows) F(n) F(k) F(num_experts) F(x_row_div))                                             \
   S(MoeCombineArgs, F(num_tokens) F(top_k) F(dim))                                                            \
   S(SoftcapArgs, F(rows) F(cols) F(cap))                                                                      \
-  S(ArgmaxArgs, F(rows) F(vocab))
+  S(ArgmaxArgs, F(rows) F(vocab))                                                                             \
+  S(FeedTokensArgs, F(num_tokens) F(num_src))
 
 template <class Args>
 struct ArgsFields;  // defined for every struct of ME_ARGS_STRUCTS

@@ -1,14 +1,28 @@
 #include "metal_engine/scratch_pool.h"
 
+#include <algorithm>
 #include <sstream>
 
 namespace metal_engine {
 
 static size_t mib_ceil(size_t bytes) { return (bytes + (1u << 20) - 1) >> 20; }
 
-ScratchPool::ScratchPool(Device& device, size_t capacity_bytes) : capacity_(capacity_bytes) {
+ScratchPool::ScratchPool(Device& device, size_t capacity_bytes, bool grow_on_demand)
+    : device_(device), capacity_(capacity_bytes) {
   if (capacity_bytes == 0) throw std::invalid_argument("scratch_pool_mb must be > 0");
-  buffer_ = device.allocate(capacity_bytes, "scratch pool");
+  if (!grow_on_demand) {
+    buffer_ = device.allocate(capacity_bytes, "scratch pool");
+    allocated_ = capacity_bytes;
+  }
+}
+
+void ScratchPool::reserve(size_t bytes) {
+  require(bytes);
+  if (buffer_ && allocated_ >= bytes) return;
+  const size_t want = std::min(capacity_, std::max(bytes + bytes / 2, size_t(1) << 20));  // room to grow
+  buffer_.reset();
+  buffer_ = device_.allocate(want, "scratch pool (second step in flight)");
+  allocated_ = want;
 }
 
 void ScratchPool::begin(bool measuring) {
@@ -30,8 +44,9 @@ void ScratchPool::require(size_t bytes) const {
 BufferArg ScratchPool::alloc(size_t bytes, const char* what) {
   size_t start = (used_ + kAlignment - 1) / kAlignment * kAlignment;
   size_t end = start + bytes;
-  if (!measuring_ && end > capacity_) {
+  if (!measuring_ && end > allocated_) {
     require(end);  // throws, naming the size needed so far
+    throw std::logic_error("ScratchPool: reserve() a step's peak before laying it out");
   }
   (void)what;
   used_ = end;

@@ -86,6 +86,7 @@ class CpuDevice : public Device {
     add_paged_attention_kernels(table_);
     add_gather_rows_kernels(table_);
     add_argmax_kernels(table_);
+    add_feed_tokens_kernels(table_);
     add_softcap_kernels(table_);
     check_against_op_table();
   }

@@ -41,6 +41,7 @@ void add_kv_write_kernels(std::vector<KernelDef>& table);
 void add_paged_attention_kernels(std::vector<KernelDef>& table);
 void add_gather_rows_kernels(std::vector<KernelDef>& table);
 void add_argmax_kernels(std::vector<KernelDef>& table);
+void add_feed_tokens_kernels(std::vector<KernelDef>& table);
 void add_softcap_kernels(std::vector<KernelDef>& table);
 
 }  // namespace metal_engine::cpu

@@ -23,6 +23,9 @@ DispatchGeometry per_group(int groups, int work) {
 
 DispatchGeometry dispatch_geometry(const RmsNormArgs& a) { return per_group(a.rows, a.dim); }
 DispatchGeometry dispatch_geometry(const ArgmaxArgs& a) { return per_group(a.rows, a.vocab); }
+DispatchGeometry dispatch_geometry(const FeedTokensArgs& a) {
+  return per_group((a.num_tokens + int(kMaxThreads) - 1) / int(kMaxThreads), a.num_tokens);
+}
 DispatchGeometry dispatch_geometry(const SoftcapArgs& a) { return per_group(a.rows, a.cols); }
 DispatchGeometry dispatch_geometry(const EmbeddingArgs& a) { return per_group(a.num_tokens, a.hidden); }
 DispatchGeometry dispatch_geometry(const GatherRowsArgs& a) { return per_group(a.rows, a.dim); }

@@ -19,6 +19,7 @@ DispatchGeometry dispatch_geometry(const GatherRowsArgs& a);   // one threadgrou
 DispatchGeometry dispatch_geometry(const KVWriteArgs& a);      // one threadgroup per token
 DispatchGeometry dispatch_geometry(const RopeArgs& a);         // one threadgroup per token
 DispatchGeometry dispatch_geometry(const ArgmaxArgs& a);       // one threadgroup per row
+DispatchGeometry dispatch_geometry(const FeedTokensArgs& a);  // a thread per token, 256 a threadgroup
 DispatchGeometry dispatch_geometry(const SoftcapArgs& a);      // one threadgroup per row
 DispatchGeometry dispatch_geometry(const QKNormArgs& a);       // one simdgroup per (token, head)
 DispatchGeometry dispatch_geometry(const MoeRouteArgs& a);     // one simdgroup per token; top_k <= 32

@@ -2,9 +2,11 @@
 // against metal-sim's stand-in for the Metal framework ("metal-sim"). The same calls, kernels, grids and
 // bindings run in both places.
 //
-// A step is one command buffer with one compute encoder (concurrent dispatch type, ordered by a buffer
-// memory barrier after each dispatch): begin_step() opens them, dispatch() encodes, submit() ends the
-// encoder and commits, wait() waits once at the step boundary. Buffers are MTLBuffers in shared storage
+// A step is one command buffer with one compute encoder (concurrent dispatch type, a buffer memory barrier only
+// before a dispatch that depends on an earlier one): begin_step() opens them, dispatch() encodes, submit() ends the
+// encoder and commits, wait() waits for the oldest committed step. Steps may be in flight together: one queue runs
+// its command buffers in commit order, and every buffer is a tracked resource (the default hazard tracking), so
+// Metal orders a step's reads of what the step before it wrote (the KV cache, the greedy tokens it feeds on). Buffers are MTLBuffers in shared storage
 // (the host writes step inputs and reads logits through contents(), never inside a step); mmap'ed weights
 // are wrapped without a copy where page-aligned. Pipelines are built once, when the engine resolves its
 // kernels at load time, and cached by function name.
@@ -19,6 +21,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <deque>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -98,6 +101,11 @@ class MetalDevice : public Device {
 
   ~MetalDevice() override {
     abandon_step();
+    while (!committed_.empty()) {  // steps still in flight finish before their buffers go
+      committed_.front()->waitUntilCompleted();
+      committed_.front()->release();
+      committed_.pop_front();
+    }
     for (auto& kv : pipelines_) kv.second->release();
     if (dummy_) dummy_->release();
     if (library_) library_->release();
@@ -139,7 +147,7 @@ class MetalDevice : public Device {
   std::vector<std::string> kernel_names() const override { return metal_kernel_names(); }
 
   void begin_step() override {
-    if (command_buffer_) throw std::logic_error("begin_step() while a step is open: submit() and wait() first");
+    if (command_buffer_) throw std::logic_error("begin_step() while a step is being encoded: submit() it first");
     step_pool_ = NS::AutoreleasePool::alloc()->init();
     command_buffer_ = queue_->commandBuffer()->retain();
     encoder_ = command_buffer_->computeCommandEncoder(MTL::DispatchTypeConcurrent)->retain();
@@ -242,16 +250,22 @@ class MetalDevice : public Device {
       t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - encode_start_).count();
     }
     command_buffer_->commit();
+    committed_.push_back(command_buffer_);  // our reference moves to the queue of steps in flight
+    encoder_->release();
+    step_pool_->release();  // only the encoding's autoreleased objects: pools drain in LIFO order, steps do not
+    encoder_ = nullptr;
+    command_buffer_ = nullptr;
+    step_pool_ = nullptr;
   }
 
   void wait() override {
-    if (encoding_) throw std::logic_error("wait() inside a step's encode phase: submit() first");
-    if (!command_buffer_) return;
-    command_buffer_->waitUntilCompleted();
+    if (committed_.empty()) return;
+    MTL::CommandBuffer* cb = committed_.front();
+    committed_.pop_front();
+    cb->waitUntilCompleted();
     std::string failure;
-    if (command_buffer_->status() == MTL::CommandBufferStatusError)
-      failure = describe(command_buffer_->error());
-    end_step();
+    if (cb->status() == MTL::CommandBufferStatusError) failure = with_pool([&] { return describe(cb->error()); });
+    cb->release();
     if (!failure.empty()) throw std::runtime_error("the Metal command buffer failed: " + failure);
   }
 
@@ -354,8 +368,9 @@ class MetalDevice : public Device {
   std::map<std::string, MTL::ComputePipelineState*> pipelines_;  // by MetalPipelineKey::key()
   std::vector<Entry> kernels_;
   NS::AutoreleasePool* step_pool_ = nullptr;
-  MTL::CommandBuffer* command_buffer_ = nullptr;
+  MTL::CommandBuffer* command_buffer_ = nullptr;  // the step being encoded
   MTL::ComputeCommandEncoder* encoder_ = nullptr;
+  std::deque<MTL::CommandBuffer*> committed_;     // steps in flight, oldest first (retained)
   bool encoding_ = false;
   bool profiling_ = false;
   std::vector<Range> seg_reads_, seg_writes_;  // what the dispatches since the last barrier read and write

@@ -324,6 +324,22 @@ for rows, vocab in [(1, 1), (3, 7), (5, 49152), (2, 1000)]:
          buffers=[x, np.zeros(rows, np.int32)], outputs={1: None}, reference=lambda x=x: {1: x.argmax(-1)},
          tol=(0, 0), backend_tol=(0, 0))
 
+# ----------------------------------------------------------------------------------------------- feed_tokens
+for tokens, num_src in [(1, 1), (5, 3), (300, 17)]:  # 300: more than one threadgroup of 256
+    rng = np.random.default_rng(tokens)
+    src = rng.integers(0, 50000, num_src).astype(np.int32)
+    rows = rng.integers(-1, num_src + 2, tokens).astype(np.int32)  # -1 and past num_src keep dst's token
+    rows[0] = num_src - 1
+    dst = rng.integers(0, 50000, tokens).astype(np.int32)
+
+    def feed_ref(src=src, rows=rows, dst=dst):
+        ok = (rows >= 0) & (rows < len(src))
+        return {2: np.where(ok, src[np.clip(rows, 0, len(src) - 1)], dst)}
+
+    case(id=f"feed_tokens-{tokens}-from{num_src}", kernel="feed_tokens",
+         args=args("FeedTokensArgs", num_tokens=tokens, num_src=num_src), buffers=[src, rows, dst], outputs={2: dst},
+         reference=feed_ref, tol=(0, 0), backend_tol=(0, 0))
+
 # -------------------------------------------------------------------------------------------------- softcap
 for rows, cols, cap in [(1, 1, 30.0), (3, 211, 4.0), (2, 49152, 30.0)]:
     rng = np.random.default_rng(cols)
