@@ -506,8 +506,11 @@ void Engine::Impl::encode_forward(const StepInput& in, ScratchPool& pool, bool g
     upload(st.logits_indices, in.logits_indices.data(), i32 * R);
     if (fed) upload(prev_rows_buf, in.prev_token_rows.data(), i32 * T);
     if (feeds) std::iota(static_cast<int32_t*>(pool.host_ptr(iota)), static_cast<int32_t*>(pool.host_ptr(iota)) + R, 0);
-    if (fed)  // the previous step's greedy tokens into this step's token ids, before anything reads them
-      device->dispatch(kernels->get("feed_tokens"), FeedTokensArgs{T, prev_rows}, {prev, prev_rows_buf, st.token_ids});
+  }
+  if (fed) {  // the previous step's greedy tokens into this step's token ids, by the embedding (models/ops.cpp)
+    st.prev_tokens = prev;
+    st.prev_token_rows = prev_rows_buf;
+    st.prev_rows = prev_rows;
   }
   models::Ops ops(*device, *kernels, pool, *kv, act, in, st, measuring, model.num_heads, model.head_dim);
   Tensor logits = arch->forward(ops);  // f32 [R, V]

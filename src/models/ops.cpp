@@ -132,6 +132,9 @@ Tensor Ops::rope_table(const RotaryEmbedding& rope) {
 
 void Ops::embedding(const Weight& table, const Tensor& out, float scale) {
   check_rows(out, "embedding");
+  if (step_.prev_token_rows.buffer)
+    run("feed_tokens", FeedTokensArgs{T_, step_.prev_rows},
+        {step_.prev_tokens, step_.prev_token_rows, step_.token_ids});
   run(kernel_name("embedding", table), EmbeddingArgs{T_, out.cols, int(table.rows()), scale},
               {step_.token_ids, table.arg, out.arg});
 }

@@ -90,6 +90,12 @@ class Ops {
     BufferArg seq_lens;         // i32 [S]
     BufferArg block_tables;     // i32 [S, W]
     BufferArg logits_indices;   // i32 [R]
+    // A step fed by the previous one (StepInput::prev_token_rows): token_ids[t] = prev_tokens[prev_token_rows[t]]
+    // where that row is >= 0, merged on the device just before the embedding reads token_ids, after every upload
+    // of the step (a buffer a dispatch binds is the device's until the step is waited for).
+    BufferArg prev_tokens;      // i32 [prev_rows]  the previous step's greedy tokens
+    BufferArg prev_token_rows;  // i32 [T]
+    int prev_rows = 0;
   };
 
   // num_heads, head_dim: the model's largest attention layer (sizes the split attention's partial results)

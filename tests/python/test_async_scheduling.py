@@ -58,6 +58,42 @@ def test_submitted_steps_feed_their_tokens_on_the_device(llama, backend):
     assert got == want
 
 
+def two_seqs(a, a_start, b, b_start, bs=4):
+    """A step over a[a_start:] (blocks 1-4) and b[b_start:] (blocks 5-10): two sequences, logits rows at their ends."""
+    ta, pa = a[a_start:], np.arange(a_start, len(a))
+    tb, pb = b[b_start:], np.arange(b_start, len(b))
+    blocks = [[1, 2, 3, 4, 0, 0], [5, 6, 7, 8, 9, 10]]
+    slots = [blocks[0][p // bs] * bs + p % bs for p in pa] + [blocks[1][p // bs] * bs + p % bs for p in pb]
+    n = len(ta)
+    return (np.asarray(ta + tb, np.int32), np.concatenate([pa, pb]).astype(np.int32),
+            np.array([0, n, n + len(tb)], np.int32), np.array([len(a), len(b)], np.int32),
+            np.array(blocks, np.int32), np.array(slots, np.int64), np.array([n - 1, n + len(tb) - 1], np.int32))
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}],
+                         ids=["default-rope", "per-step-rope"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fed_step_beside_a_prefill_chunk(tmp_path, backend, rope):
+    """A fed decode row beside another sequence's prefill chunk: the step uploads more than its inputs (an
+    attention group's rebased query_start_loc; a per-step RoPE table), and all of it precedes the device-side feed
+    (metal-sim refuses a host write to a buffer a dispatch already binds)."""
+    path = make_tiny_checkpoint(tmp_path / "m", "llama", max_position_embeddings=16,
+                                **({"rope_parameters": rope} if rope else {}))
+    a, b = [3, 17, 5, 9, 11], [1 + (7 * j) % 200 for j in range(20)]
+    ref = Engine(path, dtype="float32", backend=backend, block_size=4, num_kv_blocks=16)
+    t0 = ref.step(*two_seqs(a, 0, b[:11], 0), greedy=True)
+    a1 = a + [int(t0[0])]
+    t1 = ref.step(*two_seqs(a1, 5, b, 11), greedy=True)
+
+    eng = Engine(path, dtype="float32", backend=backend, block_size=4, num_kv_blocks=16)
+    k0 = eng.submit(*two_seqs(a, 0, b[:11], 0), greedy=True)
+    rows = np.full(1 + 9, -1, np.int32)
+    rows[0] = 0  # a's new token: row 0 of the step before
+    k1 = eng.submit(*two_seqs(a + [0], 5, b, 11), greedy=True, prev_token_rows=rows)
+    assert list(eng.collect(k0)) == list(t0)
+    assert list(eng.collect(k1)) == list(t1)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_steps_in_flight_are_checked(llama, backend):
     eng = Engine(llama, dtype="float32", backend=backend, block_size=4, num_kv_blocks=16)

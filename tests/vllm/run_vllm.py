@@ -16,10 +16,13 @@ def main():
     llm = LLM(**spec["engine"])
     rounds = []
     for rnd in spec["rounds"]:
-        sp = dict(rnd["params"])
-        if "structured_outputs" in sp:
-            sp["structured_outputs"] = StructuredOutputsParams(**sp["structured_outputs"])
-        params = SamplingParams(**sp)
+        each = rnd["params"] if isinstance(rnd["params"], list) else [rnd["params"]]  # one, or one per prompt
+        params = []
+        for sp in map(dict, each):
+            if "structured_outputs" in sp:
+                sp["structured_outputs"] = StructuredOutputsParams(**sp["structured_outputs"])
+            params.append(SamplingParams(**sp))
+        params = params if isinstance(rnd["params"], list) else params[0]
         prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in rnd["prompts"]]
         outs = llm.generate(prompts, params, use_tqdm=False)
         rounds.append([{
@@ -36,7 +39,8 @@ def main():
         stats = getattr(getattr(worker, "runner", None), "stats", None)
         if stats is not None:
             stats = dict(stats, num_kv_blocks=worker.engine.num_kv_blocks,
-                         bytes_per_block=worker.get_cache_block_size_bytes())
+                         bytes_per_block=worker.get_cache_block_size_bytes(),
+                         async_scheduling=bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling))
     except AttributeError:
         pass
     print("RESULT " + json.dumps({"platform": type(current_platform).__name__,

@@ -242,3 +242,37 @@ def test_long_prompt_logprobs_chunk_equals_vllm(tiny_dir):
         for t in set(a) & set(b):
             assert a[t] == pytest.approx(b[t], abs=1e-3)
     assert ours["samples"][0]["token_ids"] == theirs["samples"][0]["token_ids"]
+
+
+def test_async_scheduling_feeds_tokens_on_the_device(tiny_dir):
+    """vLLM's async scheduling (its default) on metal-sim: vLLM schedules step N+1 before it has step N's tokens;
+    plain greedy steps leave theirs on the device, where the next step takes them (prev_token_rows), and vLLM
+    reads them after handing us that step. Tokens equal the synchronous cpu run's through stop tokens, chunked
+    prefill, preemption, and greedy rows beside sampled and seeded ones (those steps sampled on the host)."""
+    model = tiny_dir / "llama"
+    sim = {"VLLM_APPLE_ENGINE_BACKEND": "metal-sim"}
+    free = tokens(run_vllm({"engine": engine(model), "rounds": [{"prompts": PROMPTS, "params": GREEDY}]},
+                           ours=True))
+    stop = {**GREEDY, "stop_token_ids": [free[1][4], free[3][2]]}  # two requests stop early, mid-batch
+    sampled = {"temperature": 1.0, "top_p": 0.9, "max_tokens": 10, "ignore_eos": True, "detokenize": False,
+               "seed": 5}
+    rounds = [{"prompts": PROMPTS, "params": GREEDY}, {"prompts": PROMPTS, "params": stop},
+              {"prompts": PROMPTS, "params": [GREEDY, sampled, GREEDY, {**GREEDY, "min_tokens": 3}]}]
+    tight = engine(model, block_size=16, num_gpu_blocks_override=7, max_num_batched_tokens=16, max_model_len=64)
+    sync = run_vllm({"engine": engine(model), "rounds": rounds}, ours=True)  # cpu backend: async off
+    assert sync["stats"]["async_scheduling"] is False and sync["stats"]["async_steps"] == 0
+    asyn = run_vllm({"engine": engine(model), "rounds": rounds}, ours=True, extra_env=sim)
+    st = asyn["stats"]
+    assert st["async_scheduling"] is True and st["async_steps"] > 0 and st["fed_rows"] > 0, st
+    for rnd in range(len(rounds)):
+        assert tokens(asyn, rnd) == tokens(sync, rnd), rnd
+    assert tokens(asyn, 0) == free
+    assert all(len(t) < 12 for t in (tokens(asyn, 1)[1], tokens(asyn, 1)[3]))
+    pressed = run_vllm({"engine": tight, "rounds": [{"prompts": PROMPTS, "params": GREEDY}] * 2}, ours=True,
+                       extra_env=sim)
+    st = pressed["stats"]
+    assert st["async_steps"] > 0 and st["preempted"] > 0 and st["partial_prefills"] > 0, st
+    assert tokens(pressed, 0) == free and tokens(pressed, 1) == free
+    off = run_vllm({"engine": engine(model, async_scheduling=False), "rounds": rounds[:1]}, ours=True, extra_env=sim)
+    assert off["stats"]["async_scheduling"] is False and off["stats"]["async_steps"] == 0
+    assert tokens(off) == free

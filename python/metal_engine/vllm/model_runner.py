@@ -1,6 +1,12 @@
-"""One vLLM step on our Engine: vLLM's SchedulerOutput becomes the flattened batch Engine.step takes
+"""One vLLM step on our Engine: vLLM's SchedulerOutput becomes the flattened batch Engine.submit takes
 (token_ids, positions, query_start_loc, seq_lens, block_tables, slot_mapping), and the logits become vLLM's
 ModelRunnerOutput (sampled tokens, logprobs, prompt logprobs).
+
+With vLLM's async scheduling (scheduler_config.async_scheduling), vLLM schedules step N+1 before step N's tokens
+come back: a step whose every row is plain greedy returns an AsyncModelRunnerOutput, its tokens stay on the device,
+and step N+1's rows take them there (Engine.submit's prev_token_rows) while the host has not read them. vLLM
+reads step N's output (get_output) only after it has handed us step N+1, so N+1 is encoded while N runs. Steps
+are collected in submission order; a step sampled on the host first collects the ones before it.
 
 vLLM sends each request's prompt once (NewRequestData) and never the tokens it samples: the runner keeps every
 request's token history itself. vLLM's block ids index our PagedKVCache directly (it holds exactly vLLM's
@@ -9,10 +15,12 @@ num_blocks blocks; block 0 is vLLM's null block and is never assigned to a reque
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+from vllm.v1.outputs import AsyncModelRunnerOutput
 
 from metal_engine.request import Request
 from metal_engine.sampler import log_softmax, plain_greedy, sample_batch
@@ -45,6 +53,14 @@ class CachedRequest:
     num_computed_tokens: int = 0
     prompt_logprobs: Optional[list] = None  # per scored prompt position: (ids [k+1], logprobs [k+1], rank)
     prompt_logprobs_sent: bool = False      # sent once, when the prompt's prefill completes (not again on resume)
+    pending: int = 0             # tokens sampled on the device and not read back yet (async scheduling): they
+                                 # follow req's tokens; the last of them is row pending_row of step pending_ticket
+    pending_ticket: int = 0
+    pending_row: int = -1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.req.num_tokens + self.pending
 
 
 def bitmask_to_bool(bitmask: np.ndarray, vocab: int) -> np.ndarray:
@@ -56,17 +72,23 @@ def bitmask_to_bool(bitmask: np.ndarray, vocab: int) -> np.ndarray:
 class ModelRunner:
     MAX_ROWS = 256  # logits rows per engine call: more (long prompt-logprob chunks) rerun the step's forward
 
-    def __init__(self, engine, vocab_size: int, max_model_len: int, seed: int = 0):
+    def __init__(self, engine, vocab_size: int, max_model_len: int, seed: int = 0, async_scheduling: bool = False):
         self.engine = engine
+        self.async_scheduling = async_scheduling  # plain greedy steps return vLLM's AsyncModelRunnerOutput
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.block_size = engine.block_size
         self.requests: dict[str, CachedRequest] = {}
         self.rng = np.random.default_rng(seed)
         self._pending = None  # the forward of the step awaiting sample_tokens
+        # Steps submitted and not collected, oldest first: (ticket, [(req_id, row)] whose greedy tokens the host
+        # appends when it reads them, or None for a step sampled on the host). Results read early wait in _results.
+        self._in_flight: deque = deque()
+        self._results: dict = {}
+        self._last_fed_ticket = 0  # the last submitted step, when it was greedy: the next step may take its tokens
         # what vLLM's scheduler did, as this runner saw it (tests and logs read it)
         self.stats = {"steps": 0, "tokens": 0, "preempted": 0, "resumed": 0, "prefix_hit_tokens": 0,
-                      "partial_prefills": 0}
+                      "partial_prefills": 0, "async_steps": 0, "fed_rows": 0}
 
     # ------------------------------------------------------------------------------------- state
     def update_states(self, so) -> None:
@@ -96,36 +118,76 @@ class ModelRunner:
                 st.block_ids = list(new_ids[0])  # resumed after preemption: a new block list
             elif new_ids is not None:
                 st.block_ids.extend(new_ids[0])
-            n_out = cached.num_output_tokens[i]
+            n_out = cached.num_output_tokens[i]  # with async scheduling: including the tokens it has not seen yet
+            if n_out < len(st.req.output_token_ids) + st.pending:
+                self._collect_through(self._newest_ticket())  # known tokens only, then drop the discarded ones
             out = st.req.output_token_ids
-            if n_out < len(out):  # tokens vLLM discarded (a failed KV load): forget them
+            if n_out < len(out):  # tokens vLLM discarded (a failed KV load, a dropped stale output): forget them
                 for t in out[n_out:]:
                     st.req.output_counts[t] -= 1
                 del out[n_out:]
 
     # ---------------------------------------------------------------------------------- forward
     def execute(self, so) -> bool:
-        """The forward of a step; its logits wait for sample(). False for a step with no tokens."""
+        """The forward of a step, submitted; its results wait for sample(). False for a step with no tokens."""
         self.update_states(so)
         if so.total_num_scheduled_tokens == 0:
             self._pending = None
             return False
-        bs = self.block_size
         order = [n.req_id for n in so.scheduled_new_reqs] + list(so.scheduled_cached_reqs.req_ids)
-        toks, pos, slots, qsl, lens, tables = [], [], [], [0], [], []
+        for rid in order:  # a token still on the device is taken there only from the step submitted last
+            st = self.requests[rid]
+            if (st.num_computed_tokens + so.num_scheduled_tokens[rid] > st.req.num_tokens
+                    and (st.pending > 1 or st.pending_ticket != self._last_fed_ticket)):
+                self._collect_through(self._newest_ticket())
+                break
+        if len(self._in_flight) >= self.engine_max_in_flight:
+            self._collect_through(self._in_flight[0][0])
+        batch = self._batch(so, order)
+        if batch["prev"] is not None and len(batch["rows"]) > self.MAX_ROWS:  # run below as several engine steps
+            self._collect_through(self._newest_ticket())
+            batch = self._batch(so, order)
+        args, rows, greedy, row_kind = batch["args"], batch["rows"], batch["greedy"], batch["row_kind"]
+        self._last_fed_ticket = 0
+        if batch["prev"] is not None:
+            self.stats["fed_rows"] += int((batch["prev"] >= 0).sum())
+        if len(rows) <= self.MAX_ROWS:
+            res = self.engine.submit(*args, rows, greedy=greedy, prev_token_rows=batch["prev"])
+            self._in_flight.append([res, None])
+        else:  # rerunning the forward rewrites the same K/V to the same slots: only the logits rows differ
+            self._collect_through(self._newest_ticket())
+            res = np.concatenate([self.engine.step(*args, rows[i:i + self.MAX_ROWS], greedy=greedy)
+                                  for i in range(0, len(rows), self.MAX_ROWS)])
+        self.stats["steps"] += 1
+        self.stats["tokens"] += len(args[0])
+        self._pending = (so, order, row_kind, res, greedy)
+        return True
+
+    engine_max_in_flight = 2  # Engine.submit's limit (kMaxStepsInFlight)
+
+    def _batch(self, so, order) -> dict:
+        """The step's flattened inputs. A token sampled on the device by the step submitted last and not read
+        back (async scheduling) is a placeholder in token_ids, its row of that step in prev [num_tokens]."""
+        bs = self.block_size
+        toks, pos, slots, qsl, lens, tables, prev = [], [], [], [0], [], [], []
         rows, row_kind = [], []  # logits rows: ("sample", req index) or ("prompt", req index, position)
         for k, rid in enumerate(order):
             st = self.requests[rid]
             n = so.num_scheduled_tokens[rid]
             req = st.req
             start, end = st.num_computed_tokens, st.num_computed_tokens + n
-            if end > req.num_tokens:
+            if end > st.num_tokens:
                 raise RuntimeError(f"request {rid}: vLLM scheduled tokens {start}..{end} but the runner knows "
-                                   f"{req.num_tokens}")
-            all_ids = req.prompt_token_ids if end <= len(req.prompt_token_ids) else req.all_token_ids
+                                   f"{st.num_tokens}")
+            known = min(end, req.num_tokens)
+            all_ids = req.prompt_token_ids if known <= len(req.prompt_token_ids) else req.all_token_ids
             p = np.arange(start, end)
             blocks = np.asarray(st.block_ids, dtype=np.int64)
-            toks.extend(all_ids[start:end])
+            toks.extend(all_ids[start:known])
+            prev.extend([-1] * (known - start))
+            if end > known:  # its one token on the device (execute collected any other case)
+                toks.append(0)
+                prev.append(st.pending_row)
             pos.append(p)
             slots.append(blocks[p // bs] * bs + p % bs)
             lens.append(end)
@@ -138,7 +200,7 @@ class ModelRunner:
                 for i in range(start, min(end, plen - 1)):  # the row at position i scores prompt token i + 1
                     rows.append(base + i - start)
                     row_kind.append(("prompt", k, i))
-            if end == req.num_tokens:
+            if end == st.num_tokens:
                 rows.append(base + n - 1)
                 row_kind.append(("sample", k, None))
             else:
@@ -151,17 +213,34 @@ class ModelRunner:
         reqs = [self.requests[r].req for r in order]
         greedy = (bool(row_kind) and not so.has_structured_output_requests
                   and all(kind == "sample" and plain_greedy(reqs[k]) for kind, k, _ in row_kind))
-        args = (np.asarray(toks, dtype=np.int32), np.concatenate(pos), qsl, lens, bt, np.concatenate(slots))
-        rows = np.asarray(rows, dtype=np.int32)
-        if len(rows) <= self.MAX_ROWS:
-            out = self.engine.step(*args, rows, greedy=greedy)
-        else:  # rerunning the forward rewrites the same K/V to the same slots: only the logits rows differ
-            out = np.concatenate([self.engine.step(*args, rows[i:i + self.MAX_ROWS], greedy=greedy)
-                                  for i in range(0, len(rows), self.MAX_ROWS)])
-        self.stats["steps"] += 1
-        self.stats["tokens"] += len(toks)
-        self._pending = (so, order, row_kind, out, greedy)
-        return True
+        fed = sum(r >= 0 for r in prev)
+        return {"args": (np.asarray(toks, dtype=np.int32), np.concatenate(pos), qsl, lens, bt, np.concatenate(slots)),
+                "rows": np.asarray(rows, dtype=np.int32), "greedy": greedy, "row_kind": row_kind,
+                "prev": np.asarray(prev, dtype=np.int32) if fed else None}
+
+    # ------------------------------------------------------------------------------ steps in flight
+    def _newest_ticket(self) -> int:
+        return self._in_flight[-1][0] if self._in_flight else 0
+
+    def _collect_through(self, ticket: int) -> None:
+        """Reads back every step submitted up to `ticket`, in order; a greedy step's tokens join their requests
+        (those still here: a finished request's last token is vLLM's to drop)."""
+        while self._in_flight and self._in_flight[0][0] <= ticket:
+            t, appends = self._in_flight.popleft()
+            out = self.engine.collect(t)
+            self._results[t] = out
+            for rid, r in appends or ():
+                st = self.requests.get(rid)
+                if st is not None and st.pending > 0:
+                    st.pending -= 1
+                    st.req.append_output(int(out[r]))
+
+    def _result(self, res):
+        """A step's logits or greedy tokens: `res` itself for a step run at once, else its ticket's results."""
+        if not isinstance(res, int):
+            return res
+        self._collect_through(res)
+        return self._results.pop(res)
 
     # --------------------------------------------------------------------------------- sampling
     def sample(self, grammar_output=None):
@@ -171,10 +250,13 @@ class ModelRunner:
 
         if self._pending is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        so, order, row_kind, out, greedy = self._pending
+        so, order, row_kind, res, greedy = self._pending
         self._pending = None
-        reqs = [self.requests[r].req for r in order]
         sample_rows = [r for r, (kind, _, _) in enumerate(row_kind) if kind == "sample"]
+        if greedy and self.async_scheduling and isinstance(res, int):
+            return self._sample_on_device(res, order, row_kind, sample_rows)
+        out = self._result(res)
+        reqs = [self.requests[r].req for r in order]
         sampled: dict = {}  # req index -> (token, logprobs [vocab] or None)
         if greedy:
             for r in sample_rows:
@@ -222,6 +304,20 @@ class ModelRunner:
         return ModelRunnerOutput(req_ids=list(order), req_id_to_index={r: i for i, r in enumerate(order)},
                                  sampled_token_ids=sampled_ids, logprobs=logprobs, prompt_logprobs_dict=prompt_lps)
 
+    def _sample_on_device(self, ticket, order, row_kind, sample_rows):
+        """A plain greedy step under async scheduling: its tokens stay on the device for the next step, and vLLM
+        gets them when it asks (after it has handed us the next step)."""
+        appends = [(order[row_kind[r][1]], r) for r in sample_rows]
+        assert self._in_flight and self._in_flight[-1][0] == ticket
+        self._in_flight[-1][1] = appends
+        for rid, r in appends:
+            st = self.requests[rid]
+            st.pending += 1
+            st.pending_ticket, st.pending_row = ticket, r
+        self._last_fed_ticket = ticket
+        self.stats["async_steps"] += 1
+        return _DeviceSampledOutput(self, ticket, list(order), {row_kind[r][1]: r for r in sample_rows})
+
     def _logprobs_lists(self, reqs, lp_rows, num_reqs):
         """vLLM's LogprobsLists: one row per request of the step, the sampled token in column 0, then the top k
         (k = the most any request asked for)."""
@@ -240,6 +336,22 @@ class ModelRunner:
             i, v, rank = _top(lp, token, k_max)
             ids[k], vals[k], ranks[k] = i, v, rank
         return LogprobsLists(ids, vals, ranks)
+
+
+class _DeviceSampledOutput(AsyncModelRunnerOutput):
+    """vLLM's AsyncModelRunnerOutput of a greedy step whose tokens are still on the device: get_output() reads
+    them back (after the steps before it) as the ModelRunnerOutput sample() would have returned."""
+
+    def __init__(self, runner, ticket, order, row_of):
+        self.runner, self.ticket, self.order, self.row_of = runner, ticket, order, row_of
+
+    def get_output(self):
+        from vllm.v1.outputs import ModelRunnerOutput
+
+        tokens = self.runner._result(self.ticket)
+        sampled = [[int(tokens[self.row_of[k]])] if k in self.row_of else [] for k in range(len(self.order))]
+        return ModelRunnerOutput(req_ids=self.order, req_id_to_index={r: i for i, r in enumerate(self.order)},
+                                 sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={})
 
 
 def _top(logprobs: np.ndarray, token: int, k: int):

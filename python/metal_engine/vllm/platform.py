@@ -33,6 +33,12 @@ def engine_backend() -> str:
     return b
 
 
+def _backend_runs_at_submit() -> bool:
+    from metal_engine.config import EngineConfig
+
+    return EngineConfig(backend=engine_backend()).select_backend() == "cpu"
+
+
 class MetalEnginePlatform(Platform):
     _enum = PlatformEnum.OOT
     device_name: str = "cpu"
@@ -96,9 +102,10 @@ class MetalEnginePlatform(Platform):
 
     @classmethod
     def check_and_update_config(cls, vllm_config: "VllmConfig") -> None:
-        """Our Worker on the in-process executor; no torch.compile, CUDA graphs or async scheduling (our engine
-        runs the forward); our block size unless the user chose one. What we cannot honour is refused here,
-        before anything loads."""
+        """Our Worker on the in-process executor; no torch.compile or CUDA graphs (our engine runs the forward);
+        vLLM's async scheduling as vLLM resolved it (on by default) on Metal, off on the cpu backend, whose steps
+        run as they are submitted (vLLM's CPU platform turns it off too); our block size unless the user chose
+        one. What we cannot honour is refused here, before anything loads."""
         from vllm.config import CompilationMode
 
         parallel = vllm_config.parallel_config
@@ -134,7 +141,10 @@ class MetalEnginePlatform(Platform):
             parallel.worker_cls = WORKER
         if parallel.distributed_executor_backend in (None, "mp"):
             parallel.distributed_executor_backend = "uni"
-        vllm_config.scheduler_config.async_scheduling = False
+        if vllm_config.scheduler_config.async_scheduling and _backend_runs_at_submit():
+            logger.info("metal_engine: async scheduling off on the cpu backend (a step runs as it is submitted: "
+                        "nothing would overlap)")
+            vllm_config.scheduler_config.async_scheduling = False
         comp = vllm_config.compilation_config
         comp.mode = CompilationMode.NONE
         comp.cudagraph_capture_sizes = []

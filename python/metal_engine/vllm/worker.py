@@ -123,7 +123,8 @@ class MetalEngineWorker(WorkerBase):
         if self.engine.num_kv_blocks != num_blocks:
             raise RuntimeError(f"the engine holds {self.engine.num_kv_blocks} KV blocks, vLLM planned {num_blocks}")
         self.runner = ModelRunner(self.engine, self.model_cfg.vocab_size, self.model_config.max_model_len,
-                                  seed=self.model_config.seed or 0)
+                                  seed=self.model_config.seed or 0,
+                                  async_scheduling=bool(self.scheduler_config.async_scheduling))
         logger.info("metal_engine: %s on %s, %s weights, %s KV cache of %d blocks x %d tokens (%.1f s)",
                     self.model_path, self.engine.backend, self.engine.dtype, self.engine.kv_cache_dtype, num_blocks,
                     self.engine.block_size, time.perf_counter() - t0)
