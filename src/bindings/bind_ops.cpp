@@ -116,9 +116,13 @@ void init_ops(nb::module_& m) {
         nb::arg("num_threads") = 0, nb::arg("repeats") = 5, nb::call_guard<nb::gil_scoped_release>(),
         "Median read bandwidth (GB/s) of the cpu backend's threads streaming a large buffer.");
   m.def("cpu_fma_peak_gflops", &cpu::measure_fma_peak, nb::arg("num_threads") = 0, nb::arg("repeats") = 5,
-        nb::call_guard<nb::gil_scoped_release>(),
-        "Median f32 FMA GFLOP/s of the cpu backend's threads running FMAs in registers (the clock they hold now).");
+        nb::arg("bits") = 0, nb::call_guard<nb::gil_scoped_release>(),
+        "Median f32 FMA GFLOP/s of the cpu backend's threads running FMAs in registers, in bits-wide vectors "
+        "(0: the widest the GEMM runs here, cpu_gemm()), at the clock they hold now.");
   m.def("cpu_gemm", &cpu::gemm_description, "The cpu backend's GEMM (matmul of 4+ rows) in this build.");
+  m.def("cpu_gemm_bits", &cpu::gemm_vector_bits,
+        "The cpu GEMM's choices here by vector width ([256, 512] with AVX-512, 512 being its packed panels from 256 "
+        "rows: picked at start-up, METAL_ENGINE_CPU_GEMM_BITS forces it).");
   m.def("cpu_moe_expert_matmuls", &cpu::moe_expert_matmuls,
         "Expert weight matrices the cpu moe_matmul kernel has streamed since the process started.");
   m.def("cpu_blas", &cpu::blas_name, "The BLAS behind the cpu backend's prefill attention, or 'none'.");

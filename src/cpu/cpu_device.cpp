@@ -11,6 +11,7 @@
 
 #include "../core/op_table.h"
 #include "cpu_kernels.h"
+#include "gemm_panels.h"
 #include "metal_engine/config.h"
 #include "metal_engine/device.h"
 
@@ -74,6 +75,7 @@ struct Command {
 class CpuDevice : public Device {
  public:
   explicit CpuDevice(int num_threads) : pool_(num_threads) {
+    gemm_wide_vectors();  // chosen (or a bad METAL_ENGINE_CPU_GEMM_BITS refused) here, not in a first step's GEMM
     add_embedding_kernels(table_);
     add_rms_norm_kernels(table_);
     add_matmul_kernels(table_);

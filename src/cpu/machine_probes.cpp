@@ -2,10 +2,14 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 #include <vector>
 
-#include "gemm_tiles.h"
+#include "gemm_panels.h"
 #include "simd.h"
 #include "thread_pool.h"
 
@@ -43,14 +47,34 @@ double measure_read_bandwidth(size_t bytes, int num_threads, int repeats) {
   return rates[rates.size() / 2] + (sums[0] == -1.0 ? 1.0 : 0.0);  // keep the sums observable
 }
 
-double measure_fma_peak(int num_threads, int repeats) {
+double measure_fma_peak(int num_threads, int repeats, int bits) {
   ThreadPool pool(num_threads);
   constexpr int64_t kIters = 1 << 20;  // x 12 FMAs x 8 lanes x 2 flops per thread: ~20 ms at 3 GHz
   std::vector<float> sink(size_t(pool.size()) * 8, 0.f);
   std::vector<double> rates;
+  if (bits != 0 && bits != 256 && bits != 512) throw std::invalid_argument("measure_fma_peak: bits is 0, 256 or 512");
+#if ME_GEMM512
+  const bool wide = bits == 512 || (bits == 0 && gemm_wide_vectors());
+#else
+  if (bits == 512) throw std::invalid_argument("measure_fma_peak: this build has no 512-bit FMA path");
+  const bool wide = false;
+#endif
   for (int r = 0; r < repeats + 1; ++r) {
     auto t0 = std::chrono::steady_clock::now();
     pool.run([&](int tid) {
+#if ME_GEMM512
+      if (wide) {
+        __m512 acc[12];
+        for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i + tid));
+        const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+        for (int64_t it = 0; it < kIters; ++it)
+          for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+        __m512 s = acc[0];
+        for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, acc[i]);
+        sink[size_t(tid) * 8] = _mm512_cvtss_f32(s);
+        return;
+      }
+#endif
 #if ME_AVX2
       __m256 acc[12];
       for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i + tid));
@@ -73,9 +97,10 @@ double measure_fma_peak(int num_threads, int repeats) {
     });
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 #if ME_AVX2
-    const double flops = double(kIters) * 12 * 8 * 2 * pool.size();
+    const double flops = double(kIters) * 12 * (wide ? 16 : 8) * 2 * pool.size();
 #else
     const double flops = double(kIters) * 12 * 2 * pool.size();
+    (void)wide;
 #endif
     if (r > 0) rates.push_back(flops / sec / 1e9);
   }
@@ -83,8 +108,84 @@ double measure_fma_peak(int num_threads, int repeats) {
   return rates[rates.size() / 2] + (sink[0] == -1.f ? 1.0 : 0.0);  // keep the sums observable
 }
 
+#if ME_GEMM512
+namespace {
+// One thread's f32 FMA rate (GFLOP/s) in 256- or 512-bit vectors: 12 independent chains of `iters` FMAs each
+// (the loop of measure_fma_peak), ~1 ms at the default.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // __m512 / __m256 as template arguments: their attributes
+template <bool kWide>                                  // do not matter to conditional_t
+double fma_rate(int64_t iters = 1 << 18) {
+  using V = std::conditional_t<kWide, __m512, __m256>;
+  V acc[12], a, b;
+  if constexpr (kWide) {
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i));
+    a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+  } else {
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i));
+    a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it)
+    for (int i = 0; i < 12; ++i) {
+      if constexpr (kWide) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+      else acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+    }
+  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  float sink = 0.f;
+  for (int i = 0; i < 12; ++i) sink += reinterpret_cast<const float*>(&acc[i])[0];
+  return double(iters) * 12 * (sizeof(V) / 4) * 2 / sec / 1e9 + (sink == -1.f ? 1.0 : 0.0);
+}
+#pragma GCC diagnostic pop
+}  // namespace
+
+bool gemm_wide_vectors() {
+  static const bool wide = [] {
+    if (const char* env = std::getenv("METAL_ENGINE_CPU_GEMM_BITS"); env && *env) {
+      const std::string v = env;
+      if (v == "512") return true;
+      if (v == "256") return false;
+      throw std::invalid_argument("METAL_ENGINE_CPU_GEMM_BITS='" + v + "': 256 (the cpu GEMM's dot-product tiles "
+                                  "only) or 512 (its 512-bit panels from " + std::to_string(kPanelMinRows) +
+                                  " rows); unset: measured at start-up");
+    }
+    // Best of four, alternated (a moment's load on the core hits both alike), after ~3 ms of 512-bit FMAs: a
+    // core runs them at reduced throughput until it has powered their upper lanes up (measured here: the choice
+    // went either way with 0.3 ms runs and no warm-up).
+    double r256 = 0, r512 = 0;
+    fma_rate<true>(1 << 20);
+    for (int i = 0; i < 4; ++i) {
+      r512 = std::max(r512, fma_rate<true>());
+      r256 = std::max(r256, fma_rate<false>());
+    }
+    return r512 >= 1.4 * r256;  // 1.8x on Intel's cores with two 512-bit FMA units, ~1.0x on Zen 4
+  }();
+  return wide;
+}
+#else
+bool gemm_wide_vectors() {
+  if (const char* env = std::getenv("METAL_ENGINE_CPU_GEMM_BITS"); env && *env && std::string(env) != "256")
+    throw std::invalid_argument(std::string("METAL_ENGINE_CPU_GEMM_BITS='") + env + "': this build's cpu GEMM has " +
+                                "no 512-bit panels (it was built without AVX-512); 256 or unset");
+  return false;
+}
+#endif
+
+std::vector<int> gemm_vector_bits() {
+#if ME_GEMM512
+  return {256, 512};
+#else
+  return {256};
+#endif
+}
+
 const char* gemm_description() {
-#if ME_AVX2 && defined(__AVX512VL__)
+#if ME_GEMM512
+  static_assert(kTileRows == 8 && kTileW == 3);
+  return gemm_wide_vectors() ? "register tiles 8x3 (AVX-512 registers, 256-bit FMA); from 256 rows packed panels "
+                               "14x32 (512-bit FMA)"
+                             : "register tiles 8x3 (AVX-512 registers, 256-bit FMA)";
+#elif ME_AVX2 && defined(__AVX512VL__)
   static_assert(kTileRows == 8 && kTileW == 3);
   return "register tiles 8x3 (AVX-512VL registers, 256-bit FMA)";
 #elif ME_AVX2

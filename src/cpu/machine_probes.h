@@ -4,17 +4,23 @@
 // bound and GEMM speed as a fraction of the FMA peak.
 #pragma once
 #include <cstddef>
+#include <vector>
 
 namespace metal_engine::cpu {
 
 // Median GB/s (1e9 bytes/s) of `repeats` passes over a `bytes` buffer with `num_threads` threads.
 double measure_read_bandwidth(size_t bytes, int num_threads, int repeats);
 
-// Median GFLOP/s (an FMA is 2 flops) of `repeats` runs of about 20 ms of register-only 256-bit FMAs on each of
-// `num_threads` threads. Without AVX2 + FMA: scalar code, a lower bound.
-double measure_fma_peak(int num_threads, int repeats);
+// Median GFLOP/s (an FMA is 2 flops) of `repeats` runs of about 20 ms of register-only FMAs on each of
+// `num_threads` threads, in `bits`-wide vectors (256 or 512; 0: the widest the GEMM runs here, 512 where
+// gemm_wide_vectors() took the panels). Without AVX2 + FMA: scalar code, a lower bound.
+double measure_fma_peak(int num_threads, int repeats, int bits = 0);
 
-// The build's cpu GEMM, e.g. "register tiles 8x3 (AVX-512VL)".
+// The build's cpu GEMM, e.g. "register tiles 8x3 (AVX-512, 512-bit FMA)": the vector width it runs here.
 const char* gemm_description();
+// The GEMM choices this build has, by vector width: {256, 512} with AVX-512 (512: the packed panels from
+// kPanelMinRows rows; gemm_wide_vectors() picks at run time, METAL_ENGINE_CPU_GEMM_BITS forces it), else {256}
+// (the tiles; NEON and plain C++ count as 256).
+std::vector<int> gemm_vector_bits();
 
 }  // namespace metal_engine::cpu

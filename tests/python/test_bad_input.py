@@ -184,3 +184,15 @@ def test_positions_must_match_seq_lens(tiny_checkpoints):
     assert ok.shape[0] == 1
     with pytest.raises(ValueError, match=r"positions\[1\] = 5 but sequence 0 .* puts that token at position 1"):
         eng.step(toks, np.array([0, 5, 2]), np.array([0, 3]), np.array([3]), bt, slots)
+
+
+def test_bad_gemm_width_env(tiny_checkpoints):
+    """METAL_ENGINE_CPU_GEMM_BITS (the cpu GEMM's vector width) is read once per process: a fresh one."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, metal_engine; metal_engine.Engine(sys.argv[1], backend='cpu')"
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoints["llama"])], capture_output=True, text=True,
+                       env={**os.environ, "METAL_ENGINE_CPU_GEMM_BITS": "384"}, timeout=120)
+    assert p.returncode == 1 and "ValueError: METAL_ENGINE_CPU_GEMM_BITS='384'" in p.stderr, p.stderr[-2000:]

@@ -14,6 +14,7 @@
 
 #include "../blas.h"
 #include "../cpu_kernels.h"
+#include "../gemm_panels.h"
 #include "../gemm_tiles.h"
 
 namespace metal_engine::cpu {
@@ -105,6 +106,18 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
     pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemv(x, M, K, w, y, LY, n0, n1); });
   } else if (M > kRowBlock && (blas_preferred_for_gemm() || kViaBlas)) {
     pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemm_blas(x, M, K, w, y, LY, n0, n1); });
+#if ME_GEMM512
+  } else if (M >= kPanelMinRows && gemm_wide_vectors()) {
+    // Whole panels of W split evenly over the threads; x in chunks of rows that stay in L2 while every panel of
+    // the thread's W passes them (each panel packed once per chunk).
+    constexpr int64_t pc = kPanelCols;
+    const int chunk = panel_row_chunk(K);
+    pool.parallel_for((N + pc - 1) / pc, [&](int64_t b0, int64_t b1) {
+      for (int m0 = 0; m0 < M; m0 += chunk)
+        gemm_xwt_panels(x + int64_t(m0) * K, std::min(chunk, M - m0), w, y + int64_t(m0) * LY, K, {K, K, LY},
+                        b0 * pc, std::min<int64_t>(N, b1 * pc));
+    });
+#endif
   } else {
     // Blocks of kTileW rows of W split evenly over the threads; x in blocks of kRowBlock rows, each meeting
     // all of the thread's W rows, which stay in L2/L3 between blocks.

@@ -19,6 +19,7 @@
 #endif
 
 #include "../cpu_kernels.h"
+#include "../gemm_panels.h"
 #include "../gemm_tiles.h"
 #include "../quant_blocks.h"
 #include "metal_engine/dtype.h"
@@ -334,7 +335,8 @@ void rows_pass(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0, int 
 }
 
 // Many rows of x (prefill, large batches): W dequantized to f32 a slab of rows at a time (L2-sized, on each
-// thread), each slab multiplied with every row of x by the float GEMM's register tiles (gemm_tiles.h). The
+// thread), each slab multiplied with every row of x by the float GEMM's register tiles (gemm_tiles.h), or its
+// 512-bit panels from kPanelMinRows rows where the float matmul takes them (gemm_panels.h). The
 // dequantization costs one pass per call, the tiles' FMAs dominate, and x stays unquantized.
 // measured (2 threads, Q4_1, L2-resident W): integer passes 0.19 ms at 4 rows vs 0.25 dequantized; 0.37 vs 0.31 at 8
 constexpr int kDequantMinRows = 6;
@@ -343,17 +345,31 @@ constexpr int kTileRowBlock = 32;    // rows of x per tile pass (as the float ma
 template <QuantType Q>
 void dequant_gemm(const float* x, int M, int K, const uint8_t* w, int64_t row_bytes, float* y, int N, int ldy,
                   ThreadPool& pool) {
-  const int64_t slab_rows = std::max<int64_t>(kTileW, ((256 << 10) / (int64_t(K) * 4)) / kTileW * kTileW);
-  pool.parallel_for((N + kTileW - 1) / kTileW, [&](int64_t b0, int64_t b1) {
+  bool panels = false;  // the float matmul's 512-bit panels (gemm_panels.h) on the slabs, where it takes them
+#if ME_GEMM512
+  panels = M >= kPanelMinRows && gemm_wide_vectors();
+#endif
+  const int64_t unit = panels ? kPanelCols : kTileW;  // W rows a thread's share is made of
+  const int x_rows = panels ? panel_row_chunk(K) : kTileRowBlock;  // rows of x per pass over a slab
+  const int64_t slab_rows = std::max<int64_t>(unit, ((256 << 10) / (int64_t(K) * 4)) / unit * unit);
+  pool.parallel_for((N + unit - 1) / unit, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> slab;
     slab.resize(size_t(slab_rows) * K);
-    const int64_t n_end = std::min<int64_t>(N, b1 * kTileW);
-    for (int64_t s0 = b0 * kTileW; s0 < n_end; s0 += slab_rows) {
+    const int64_t n_end = std::min<int64_t>(N, b1 * unit);
+    for (int64_t s0 = b0 * unit; s0 < n_end; s0 += slab_rows) {
       const int64_t s1 = std::min(n_end, s0 + slab_rows);
       for (int64_t n = s0; n < s1; ++n) dequantize_row_q<Q>(w + n * row_bytes, slab.data() + (n - s0) * K, K);
-      for (int m0 = 0; m0 < M; m0 += kTileRowBlock)
-        gemm_xwt_tiles(x + int64_t(m0) * K, std::min(kTileRowBlock, M - m0), slab.data(), y + int64_t(m0) * ldy + s0,
-                       K, {K, K, ldy}, 0, s1 - s0);
+      for (int m0 = 0; m0 < M; m0 += x_rows) {
+        const float* xm = x + int64_t(m0) * K;
+        float* ym = y + int64_t(m0) * ldy + s0;
+#if ME_GEMM512
+        if (panels) {
+          gemm_xwt_panels(xm, std::min(x_rows, M - m0), slab.data(), ym, K, {K, K, ldy}, 0, s1 - s0);
+          continue;
+        }
+#endif
+        gemm_xwt_tiles(xm, std::min(x_rows, M - m0), slab.data(), ym, K, {K, K, ldy}, 0, s1 - s0);
+      }
     }
   });
 }

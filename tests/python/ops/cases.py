@@ -102,6 +102,9 @@ MATMUL_SHAPES = [  # (m, n, k): decode rows (GEMV, 1-3 rows), odd sizes, tiles a
     (8, 50, 40), (12, 49, 24), (16, 100, 576), (17, 101, 33), (31, 65, 130), (32, 20, 9), (103, 70, 48),
     # Metal: the GEMV's 4-wide loads (k % 4 == 0) up to 4 rows, the GEMM's 32 x 32 tiles and their edges
     (2, 33, 64), (4, 40, 128), (33, 65, 48), (64, 96, 100),
+    # prefill rows: the cpu's 512-bit panels where they run (from 256 rows): whole and partial 32-column panels
+    # split over the threads, 14-row blocks and a remainder, odd k
+    (256, 64, 48), (301, 70, 33),
 ]
 for dtype in DTYPES:
     for m, n, k in MATMUL_SHAPES:
@@ -146,7 +149,7 @@ for dtype in DTYPES:
 QUANT_MATMUL_SHAPES = [  # (m, n, k): decode 1-4 rows, 4-row passes and remainders, 64-row blocks, odd n (NMSE
     # over 8+ outputs: a single dot product of 32 random terms may cancel to near 0)
     (1, 16, 32), (1, 17, 256), (2, 33, 512), (3, 100, 768), (4, 31, 256), (5, 16, 256), (7, 65, 512),
-    (13, 8, 256), (64, 40, 256), (67, 33, 768), (130, 20, 256),
+    (13, 8, 256), (64, 40, 256), (67, 33, 768), (130, 20, 256), (257, 40, 256),
 ]
 for fmt, q in QUANT_FORMATS.items():
     for m, n, k in QUANT_MATMUL_SHAPES:
