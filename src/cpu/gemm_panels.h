@@ -7,8 +7,8 @@
 // registers, so the loop is FMA-bound, where the dot-product tiles, loading x for every 3 FMAs, gain nothing
 // from 512-bit vectors. The panel (K * 128 bytes) stays in L2 while a chunk of x passes it; packing costs a
 // pass over W per chunk (~9% of the FMAs' time at 448 rows).
-// Measured on the Xeon with AMX here (bench/gemm_width.py, 2 threads, f16 W): 512 rows 181-190 GFLOP/s against
-// the tiles' 133-200 (1.4x on q/k/v and gate/up); 256-bit panels were slower than the tiles (0.65-0.75x).
+// Measured on the Xeon with AMX here (bench/gemm_width.py, 2 threads, f16 W): 512-2048 rows 266-286 GFLOP/s
+// against the tiles' 170-184 (1.45-1.7x; a 512-token prefill 1.3x); 256-bit panels were slower than the tiles.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -30,14 +30,18 @@ constexpr int kPanelMinRows = 256;
 constexpr int kPanelCols = 32;  // columns of y (rows of W) a panel covers: give each call whole panels
 constexpr int kPanelRows = 14;  // rows of x a block multiplies
 
-// Rows of x (K long) to hand gemm_xwt_panels at a time: about 1 MiB of them, so that they stay in L2 while the
-// panels pass.
-inline int panel_row_chunk(int K) {
-  return std::max(4 * kPanelRows, int((1 << 20) / (int64_t(std::max(K, 1)) * 4)));
+// Rows of x (K long) to hand gemm_xwt_panels at a time, of M: chunks of at most ~1.5 MiB, so that they stay in L2
+// while the panels pass (each chunk packs every panel again), split evenly (M = 512, K = 1536: 256 + 256, not
+// 170 + 170 + 170 + 2).
+inline int panel_row_chunk(int K, int M) {
+  const int most = std::max(4 * kPanelRows, int((3 << 19) / (int64_t(std::max(K, 1)) * 4)));
+  const int chunks = (M + most - 1) / most;
+  return std::max(1, (M + chunks - 1) / chunks);
 }
+
 // Whether matmul runs the 512-bit panels from kPanelMinRows rows (machine_probes.cpp): METAL_ENGINE_CPU_GEMM_BITS=256
 // (the dot-product tiles only) or 512 forces it; otherwise the first call measures both FMA rates on one core
-// and takes the panels if 512-bit FMAs run 1.2x the flops (Intel's cores with two 512-bit FMA units; Zen 4 splits
+// and takes the panels if 512-bit FMAs run 1.4x the flops (Intel's cores with two 512-bit FMA units; Zen 4 splits
 // a 512-bit FMA in two, so there the tiles stay).
 bool gemm_wide_vectors();
 

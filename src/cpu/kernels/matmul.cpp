@@ -111,7 +111,7 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
     // Whole panels of W split evenly over the threads; x in chunks of rows that stay in L2 while every panel of
     // the thread's W passes them (each panel packed once per chunk).
     constexpr int64_t pc = kPanelCols;
-    const int chunk = panel_row_chunk(K);
+    const int chunk = panel_row_chunk(K, M);
     pool.parallel_for((N + pc - 1) / pc, [&](int64_t b0, int64_t b1) {
       for (int m0 = 0; m0 < M; m0 += chunk)
         gemm_xwt_panels(x + int64_t(m0) * K, std::min(chunk, M - m0), w, y + int64_t(m0) * LY, K, {K, K, LY},

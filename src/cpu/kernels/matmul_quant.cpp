@@ -350,7 +350,7 @@ void dequant_gemm(const float* x, int M, int K, const uint8_t* w, int64_t row_by
   panels = M >= kPanelMinRows && gemm_wide_vectors();
 #endif
   const int64_t unit = panels ? kPanelCols : kTileW;  // W rows a thread's share is made of
-  const int x_rows = panels ? panel_row_chunk(K) : kTileRowBlock;  // rows of x per pass over a slab
+  const int x_rows = panels ? panel_row_chunk(K, M) : kTileRowBlock;  // rows of x per pass over a slab
   const int64_t slab_rows = std::max<int64_t>(unit, ((256 << 10) / (int64_t(K) * 4)) / unit * unit);
   pool.parallel_for((N + unit - 1) / unit, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> slab;
