@@ -47,6 +47,41 @@ double measure_read_bandwidth(size_t bytes, int num_threads, int repeats) {
   return rates[rates.size() / 2] + (sums[0] == -1.0 ? 1.0 : 0.0);  // keep the sums observable
 }
 
+#if ME_AVX2
+namespace {
+// 12 independent chains of `iters` f32 FMAs in 256- or 512-bit vectors (enough to keep both FMA pipes busy);
+// returns a lane of their sum, which the caller keeps observable.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // __m512 / __m256 as template arguments: their attributes
+template <bool kWide>                                  // do not matter to conditional_t
+float fma_chains(int64_t iters, int seed) {
+#if !ME_GEMM512
+  static_assert(!kWide, "512-bit FMAs need an AVX-512 build");
+#endif
+  using V = std::conditional_t<kWide, __m512, __m256>;
+  V acc[12], a, b;
+#if ME_GEMM512
+  if constexpr (kWide) {
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i + seed));
+    a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+    for (int64_t it = 0; it < iters; ++it)
+      for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  } else
+#endif
+  {
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i + seed));
+    a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+    for (int64_t it = 0; it < iters; ++it)
+      for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+  }
+  float sink = 0.f;
+  for (int i = 0; i < 12; ++i) sink += reinterpret_cast<const float*>(&acc[i])[0];
+  return sink;
+}
+#pragma GCC diagnostic pop
+}  // namespace
+#endif
+
 double measure_fma_peak(int num_threads, int repeats, int bits) {
   ThreadPool pool(num_threads);
   constexpr int64_t kIters = 1 << 20;  // x 12 FMAs x 8 lanes x 2 flops per thread: ~20 ms at 3 GHz
@@ -63,28 +98,9 @@ double measure_fma_peak(int num_threads, int repeats, int bits) {
     auto t0 = std::chrono::steady_clock::now();
     pool.run([&](int tid) {
 #if ME_GEMM512
-      if (wide) {
-        __m512 acc[12];
-        for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i + tid));
-        const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
-        for (int64_t it = 0; it < kIters; ++it)
-          for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
-        __m512 s = acc[0];
-        for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, acc[i]);
-        sink[size_t(tid) * 8] = _mm512_cvtss_f32(s);
-        return;
-      }
-#endif
-#if ME_AVX2
-      __m256 acc[12];
-      for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i + tid));
-      const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
-      for (int64_t it = 0; it < kIters; ++it) {
-        for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);  // 12 chains: both pipes busy
-      }
-      __m256 s = acc[0];
-      for (int i = 1; i < 12; ++i) s = _mm256_add_ps(s, acc[i]);
-      _mm256_storeu_ps(&sink[size_t(tid) * 8], s);
+      sink[size_t(tid) * 8] = wide ? fma_chains<true>(kIters, tid) : fma_chains<false>(kIters, tid);
+#elif ME_AVX2
+      sink[size_t(tid) * 8] = fma_chains<false>(kIters, tid);
 #else
       float acc[12];
       for (int i = 0; i < 12; ++i) acc[i] = float(i + tid);
@@ -110,33 +126,14 @@ double measure_fma_peak(int num_threads, int repeats, int bits) {
 
 #if ME_GEMM512
 namespace {
-// One thread's f32 FMA rate (GFLOP/s) in 256- or 512-bit vectors: 12 independent chains of `iters` FMAs each
-// (the loop of measure_fma_peak), ~1 ms at the default.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wignored-attributes"  // __m512 / __m256 as template arguments: their attributes
-template <bool kWide>                                  // do not matter to conditional_t
+// One thread's f32 FMA rate (GFLOP/s) in 256- or 512-bit vectors, ~1 ms at the default.
+template <bool kWide>
 double fma_rate(int64_t iters = 1 << 18) {
-  using V = std::conditional_t<kWide, __m512, __m256>;
-  V acc[12], a, b;
-  if constexpr (kWide) {
-    for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i));
-    a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
-  } else {
-    for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i));
-    a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
-  }
   auto t0 = std::chrono::steady_clock::now();
-  for (int64_t it = 0; it < iters; ++it)
-    for (int i = 0; i < 12; ++i) {
-      if constexpr (kWide) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
-      else acc[i] = _mm256_fmadd_ps(acc[i], a, b);
-    }
+  const float sink = fma_chains<kWide>(iters, 0);
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  float sink = 0.f;
-  for (int i = 0; i < 12; ++i) sink += reinterpret_cast<const float*>(&acc[i])[0];
-  return double(iters) * 12 * (sizeof(V) / 4) * 2 / sec / 1e9 + (sink == -1.f ? 1.0 : 0.0);
+  return double(iters) * 12 * (kWide ? 16 : 8) * 2 / sec / 1e9 + (sink == -1.f ? 1.0 : 0.0);
 }
-#pragma GCC diagnostic pop
 }  // namespace
 
 bool gemm_wide_vectors() {

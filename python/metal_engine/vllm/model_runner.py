@@ -71,6 +71,7 @@ def bitmask_to_bool(bitmask: np.ndarray, vocab: int) -> np.ndarray:
 
 class ModelRunner:
     MAX_ROWS = 256  # logits rows per engine call: more (long prompt-logprob chunks) rerun the step's forward
+    MAX_IN_FLIGHT = 2  # steps submitted and not collected: Engine.submit's limit (kMaxStepsInFlight)
 
     def __init__(self, engine, vocab_size: int, max_model_len: int, seed: int = 0, async_scheduling: bool = False):
         self.engine = engine
@@ -85,7 +86,6 @@ class ModelRunner:
         # appends when it reads them, or None for a step sampled on the host). Results read early wait in _results.
         self._in_flight: deque = deque()
         self._results: dict = {}
-        self._last_fed_ticket = 0  # the last submitted step, when it was greedy: the next step may take its tokens
         # what vLLM's scheduler did, as this runner saw it (tests and logs read it)
         self.stats = {"steps": 0, "tokens": 0, "preempted": 0, "resumed": 0, "prefix_hit_tokens": 0,
                       "partial_prefills": 0, "async_steps": 0, "fed_rows": 0}
@@ -135,27 +135,28 @@ class ModelRunner:
             self._pending = None
             return False
         order = [n.req_id for n in so.scheduled_new_reqs] + list(so.scheduled_cached_reqs.req_ids)
+        feedable = self._feedable_ticket()
         for rid in order:  # a token still on the device is taken there only from the step submitted last
             st = self.requests[rid]
             if (st.num_computed_tokens + so.num_scheduled_tokens[rid] > st.req.num_tokens
-                    and (st.pending > 1 or st.pending_ticket != self._last_fed_ticket)):
+                    and (st.pending > 1 or st.pending_ticket != feedable)):
                 self._collect_through(self._newest_ticket())
                 break
-        if len(self._in_flight) >= self.engine_max_in_flight:
+        if len(self._in_flight) >= self.MAX_IN_FLIGHT:
             self._collect_through(self._in_flight[0][0])
         batch = self._batch(so, order)
-        if batch["prev"] is not None and len(batch["rows"]) > self.MAX_ROWS:  # run below as several engine steps
+        rows = batch["rows"]
+        if len(rows) > self.MAX_ROWS:  # several engine steps below, which take no step in flight and no feed
             self._collect_through(self._newest_ticket())
-            batch = self._batch(so, order)
-        args, rows, greedy, row_kind = batch["args"], batch["rows"], batch["greedy"], batch["row_kind"]
-        self._last_fed_ticket = 0
+            if batch["prev"] is not None:
+                batch = self._batch(so, order)
+        args, greedy, row_kind = batch["args"], batch["greedy"], batch["row_kind"]
         if batch["prev"] is not None:
             self.stats["fed_rows"] += int((batch["prev"] >= 0).sum())
         if len(rows) <= self.MAX_ROWS:
             res = self.engine.submit(*args, rows, greedy=greedy, prev_token_rows=batch["prev"])
             self._in_flight.append([res, None])
         else:  # rerunning the forward rewrites the same K/V to the same slots: only the logits rows differ
-            self._collect_through(self._newest_ticket())
             res = np.concatenate([self.engine.step(*args, rows[i:i + self.MAX_ROWS], greedy=greedy)
                                   for i in range(0, len(rows), self.MAX_ROWS)])
         self.stats["steps"] += 1
@@ -163,13 +164,12 @@ class ModelRunner:
         self._pending = (so, order, row_kind, res, greedy)
         return True
 
-    engine_max_in_flight = 2  # Engine.submit's limit (kMaxStepsInFlight)
-
     def _batch(self, so, order) -> dict:
         """The step's flattened inputs. A token sampled on the device by the step submitted last and not read
         back (async scheduling) is a placeholder in token_ids, its row of that step in prev [num_tokens]."""
         bs = self.block_size
         toks, pos, slots, qsl, lens, tables, prev = [], [], [], [0], [], [], []
+        fed = False
         rows, row_kind = [], []  # logits rows: ("sample", req index) or ("prompt", req index, position)
         for k, rid in enumerate(order):
             st = self.requests[rid]
@@ -188,6 +188,7 @@ class ModelRunner:
             if end > known:  # its one token on the device (execute collected any other case)
                 toks.append(0)
                 prev.append(st.pending_row)
+                fed = True
             pos.append(p)
             slots.append(blocks[p // bs] * bs + p % bs)
             lens.append(end)
@@ -213,7 +214,6 @@ class ModelRunner:
         reqs = [self.requests[r].req for r in order]
         greedy = (bool(row_kind) and not so.has_structured_output_requests
                   and all(kind == "sample" and plain_greedy(reqs[k]) for kind, k, _ in row_kind))
-        fed = sum(r >= 0 for r in prev)
         return {"args": (np.asarray(toks, dtype=np.int32), np.concatenate(pos), qsl, lens, bt, np.concatenate(slots)),
                 "rows": np.asarray(rows, dtype=np.int32), "greedy": greedy, "row_kind": row_kind,
                 "prev": np.asarray(prev, dtype=np.int32) if fed else None}
@@ -221,6 +221,11 @@ class ModelRunner:
     # ------------------------------------------------------------------------------ steps in flight
     def _newest_ticket(self) -> int:
         return self._in_flight[-1][0] if self._in_flight else 0
+
+    def _feedable_ticket(self) -> int:
+        """The step whose tokens the next one may take on the device: the one submitted last, if it was sampled
+        there (0: none)."""
+        return self._in_flight[-1][0] if self._in_flight and self._in_flight[-1][1] is not None else 0
 
     def _collect_through(self, ticket: int) -> None:
         """Reads back every step submitted up to `ticket`, in order; a greedy step's tokens join their requests
@@ -314,7 +319,6 @@ class ModelRunner:
             st = self.requests[rid]
             st.pending += 1
             st.pending_ticket, st.pending_row = ticket, r
-        self._last_fed_ticket = ticket
         self.stats["async_steps"] += 1
         return _DeviceSampledOutput(self, ticket, list(order), {row_kind[r][1]: r for r in sample_rows})
 
