@@ -112,6 +112,24 @@ inline void block32_chunk(const uint8_t* row, int g, __m256* A, __m256* B) {
     both_halves(d, A);
     both_halves(_mm256_mul_ps(d, _mm256_set1_ps(float(kBOfD))), B);
   } else {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    if constexpr (kBytes % 4 == 0 && kBytes >= 16 && 3 * kBytes < 64) {  // Q4_1
+      // blocks 0-3 and 4-7 each in two 32-byte loads (within the 8 blocks), their d | m words picked by one
+      // two-source permute each (256-bit: 512-bit instructions here would slow the GEMV's other 256-bit ones)
+      constexpr int s = kBytes / 4;
+      auto ld = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off)); };
+      const __m256i i0 = _mm256_setr_epi32(0, s, 2 * s, 3 * s, 0, 0, 0, 0);
+      const __m256i i1 = _mm256_setr_epi32(0, 0, 0, 0, 0, s, 2 * s, 3 * s);
+      const __m256i q0 = _mm256_permutex2var_epi32(ld(0), i0, ld(32));
+      const __m256i q1 = _mm256_permutex2var_epi32(ld(4 * kBytes), i1, ld(4 * kBytes + 32));
+      const __m256i dm = _mm256_blend_epi32(q0, q1, 0xF0);
+      const __m256i halves = _mm256_permute4x64_epi64(
+          _mm256_packus_epi32(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(dm, 16)), 0xD8);
+      both_halves(_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), A);
+      both_halves(_mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1)), B);
+      return;
+    }
+#endif
     auto u = [&](int i) {
       int v;
       std::memcpy(&v, p + i * kBytes, 4);
@@ -147,6 +165,23 @@ inline void k4_chunk(const uint8_t* b, __m256* A, __m256* B) {
 }
 #endif
 
+#if ME_AVX2
+// A group's 32 codes as int16 for the integer dot products: codes 0-15 in lo, 16-31 in hi. From a vector of the
+// 32 codes (u8, or i8 when signed) by default; the nibble and byte formats widen straight from memory instead
+// (one vpmovzxbw per half, no byte shuffles: the GEMV's shuffle port is its bottleneck).
+template <bool kSigned>
+inline void widen_codes(__m256i codes, __m256i& lo, __m256i& hi) {
+  const __m128i a = _mm256_castsi256_si128(codes), b = _mm256_extracti128_si256(codes, 1);
+  lo = kSigned ? _mm256_cvtepi8_epi16(a) : _mm256_cvtepu8_epi16(a);
+  hi = kSigned ? _mm256_cvtepi8_epi16(b) : _mm256_cvtepu8_epi16(b);
+}
+template <bool kSigned>
+inline __m256i bytes16(const uint8_t* p) {  // 16 bytes -> 16 int16
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return kSigned ? _mm256_cvtepi8_epi16(v) : _mm256_cvtepu8_epi16(v);
+}
+#endif
+
 // Per format: kGroups groups of 32 per block; scales(block, GroupScales[kGroups]); codes_scalar(block, j, out)
 // the 32 codes of group j; on AVX2 codes(block, j) the same as one vector and chunk(row, g, A, B) the scales of
 // the row's groups g .. g + 7 (g a multiple of 8; see block32_chunk). kSigned: codes are int8 (Q8_0).
@@ -163,6 +198,10 @@ struct Format<QuantType::Q8_0> {  // f16 d; i8 qs[32]                 w = d * q
 #if ME_AVX2
   static void chunk(const uint8_t* row, int g, __m256* A, __m256* B) { block32_chunk<34, -1, 0>(row, g, A, B); }
   static __m256i codes(const uint8_t* b, int) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)); }
+  static void codes16(const uint8_t* b, int, __m256i& lo, __m256i& hi) {
+    lo = bytes16<true>(b + 2);
+    hi = bytes16<true>(b + 18);
+  }
 #endif
 };
 
@@ -178,6 +217,12 @@ inline __m256i nibbles(const uint8_t* qs) {
   const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m128i m = _mm_set1_epi8(0xF);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+}
+// Q4_0 / Q4_1 order (byte i: weight i low, weight i + 16 high): word i = byte i, then its low and high nibble
+inline void nibbles16(const uint8_t* qs, __m256i& lo, __m256i& hi) {
+  const __m256i w = bytes16<false>(qs);
+  lo = _mm256_and_si256(w, _mm256_set1_epi16(0xF));
+  hi = _mm256_srli_epi16(w, 4);
 }
 // byte i = 0x10 where bit i of x is set (the fifth bit of Q5_0 / Q5_1)
 inline __m256i fifth_bits(uint32_t x) {
@@ -200,6 +245,7 @@ struct Format<QuantType::Q4_0> {  // f16 d; u8 qs[16]                 w = d * (q
 #if ME_AVX2
   static void chunk(const uint8_t* row, int g, __m256* A, __m256* B) { block32_chunk<18, -1, -8>(row, g, A, B); }
   static __m256i codes(const uint8_t* b, int) { return nibbles(b + 2); }
+  static void codes16(const uint8_t* b, int, __m256i& lo, __m256i& hi) { nibbles16(b + 2, lo, hi); }
 #endif
 };
 
@@ -215,6 +261,7 @@ struct Format<QuantType::Q4_1> {  // f16 d, m; u8 qs[16]              w = d * q 
 #if ME_AVX2
   static void chunk(const uint8_t* row, int g, __m256* A, __m256* B) { block32_chunk<20, 2, 0>(row, g, A, B); }
   static __m256i codes(const uint8_t* b, int) { return nibbles(b + 4); }
+  static void codes16(const uint8_t* b, int, __m256i& lo, __m256i& hi) { nibbles16(b + 4, lo, hi); }
 #endif
 };
 
@@ -243,6 +290,7 @@ struct Format<QuantType::Q5_0> {  // f16 d; u8 qh[4]; u8 qs[16]       w = d * (q
     std::memcpy(&h, b + 2, 4);
     return _mm256_or_si256(nibbles(b + 6), fifth_bits(h));
   }
+  static void codes16(const uint8_t* b, int j, __m256i& lo, __m256i& hi) { widen_codes<kSigned>(codes(b, j), lo, hi); }
 #endif
 };
 
@@ -265,6 +313,7 @@ struct Format<QuantType::Q5_1> {  // f16 d, m; u8 qh[4]; u8 qs[16]    w = d * q 
     std::memcpy(&h, b + 4, 4);
     return _mm256_or_si256(nibbles(b + 8), fifth_bits(h));
   }
+  static void codes16(const uint8_t* b, int j, __m256i& lo, __m256i& hi) { widen_codes<kSigned>(codes(b, j), lo, hi); }
 #endif
 };
 
@@ -299,6 +348,18 @@ struct Format<QuantType::Q4_K> {  // f16 d, dmin; u8 scales[12]; u8 qs[128]
 #if ME_AVX2
   static void chunk(const uint8_t* row, int g, __m256* A, __m256* B) { k4_chunk(row + size_t(g / 8) * kBytes, A, B); }
   static __m256i codes(const uint8_t* b, int j) { return k4_nibbles(b + 16, j); }
+  static void codes16(const uint8_t* b, int j, __m256i& lo, __m256i& hi) {  // words of the 32 bytes, one nibble
+    const uint8_t* q = b + 16 + 32 * (j / 2);
+    lo = bytes16<false>(q);
+    hi = bytes16<false>(q + 16);
+    if (j & 1) {
+      lo = _mm256_srli_epi16(lo, 4);
+      hi = _mm256_srli_epi16(hi, 4);
+    } else {
+      lo = _mm256_and_si256(lo, _mm256_set1_epi16(0xF));
+      hi = _mm256_and_si256(hi, _mm256_set1_epi16(0xF));
+    }
+  }
 #endif
 };
 
@@ -318,6 +379,7 @@ struct Format<QuantType::Q5_K> {  // f16 d, dmin; u8 scales[12]; u8 qh[32]; u8 q
     const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
     return _mm256_or_si256(k4_nibbles(b + 48, j), _mm256_slli_epi16(bit, 4));
   }
+  static void codes16(const uint8_t* b, int j, __m256i& lo, __m256i& hi) { widen_codes<kSigned>(codes(b, j), lo, hi); }
 #endif
 };
 
@@ -367,6 +429,7 @@ struct Format<QuantType::Q6_K> {  // u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d
     const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
     return _mm256_or_si256(l, _mm256_slli_epi16(hb, 4));
   }
+  static void codes16(const uint8_t* b, int j, __m256i& lo, __m256i& hi) { widen_codes<kSigned>(codes(b, j), lo, hi); }
 #endif
 };
 
@@ -383,6 +446,10 @@ struct Format<QuantType::A8> {  // f16 d, m; u8 qs[32]               w = d * q +
 #if ME_AVX2
   static void chunk(const uint8_t* row, int g, __m256* A, __m256* B) { block32_chunk<36, 2, 0>(row, g, A, B); }
   static __m256i codes(const uint8_t* b, int) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 4)); }
+  static void codes16(const uint8_t* b, int, __m256i& lo, __m256i& hi) {
+    lo = bytes16<false>(b + 4);
+    hi = bytes16<false>(b + 20);
+  }
 #endif
 };
 
@@ -411,6 +478,7 @@ struct Format<QuantType::A6> {  // f16 d, m; u8 ql[16]; u8 qh[8]     w = d * q +
                                          _mm256_set1_epi8(3));
     return _mm256_or_si256(nibbles(b + 4), _mm256_slli_epi16(top, 4));
   }
+  static void codes16(const uint8_t* b, int j, __m256i& lo, __m256i& hi) { widen_codes<kSigned>(codes(b, j), lo, hi); }
 #endif
 };
 

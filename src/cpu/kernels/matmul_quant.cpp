@@ -1,7 +1,7 @@
 // matmul_<q> for the quantized formats (src/cpu/quant_blocks.h): y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]),
 // x f32, W [n, k] as rows of blocks. Each row of x is quantized once per call to int16 groups of 32 with their
 // scale (finer than llama.cpp's int8 activations: logits as a float matmul's); each weight group's dot product
-// with it is an integer dot product (AVX2: madd on the codes widened to int16; AVX-512 VNNI / AVX-VNNI: dpwssd;
+// with it is an integer dot product (AVX2: madd on the codes widened to int16; AVX-512 VNNI / AVX-VNNI: 256-bit dpwssd;
 // NEON: vmlal on the codes widened to int16; plain C++ elsewhere), scaled once per group.
 // A weight group is decoded once for up to 4 rows of x. Rows of x go in blocks of kRowBlock against the
 // thread's share of W (which stays in L2 between blocks); decode (1-4 rows) streams W once. From
@@ -125,17 +125,12 @@ void dequantize_row(QuantType q, const uint8_t* row, float* out, int64_t cols) {
 namespace {
 
 #if ME_AVX2
-// A group's 32 codes (u8, or i8 when signed) widened to int16, and their dot products with 32 int16 of x: dot()
-// 8 lanes summing both halves, dot_halves() half 0 (elements 0-15) and half 1 apart: madd, or AVX-VNNI's dpwssd.
-// (With AVX-512 BW + VNNI, dot_rows takes all 32 codes in one register and one dpwssd instead.)
-template <bool kSigned>
+// A group's 32 codes as int16 (Format::codes16), and their dot products with 32 int16 of x: dot() 8 lanes summing
+// both halves, dot_halves() half 0 (elements 0-15) and half 1 apart: madd, or VNNI's dpwssd. 256-bit only, on
+// AVX-512 machines too: one 512-bit dpwssd per group instead (the previous version) measured 7-9% slower at 1-4
+// rows (an Intel core runs no 256-bit vector work on port 1 while 512-bit instructions are in flight).
 struct GroupCodes {
   __m256i lo, hi;
-  void set(__m256i codes) {
-    const __m128i a = _mm256_castsi256_si128(codes), b = _mm256_extracti128_si256(codes, 1);
-    lo = kSigned ? _mm256_cvtepi8_epi16(a) : _mm256_cvtepu8_epi16(a);
-    hi = kSigned ? _mm256_cvtepi8_epi16(b) : _mm256_cvtepu8_epi16(b);
-  }
   static __m256i dot16(__m256i acc, __m256i a, const int16_t* x) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -194,8 +189,8 @@ inline void chunk_scales(const uint8_t* wrow, int g, int n, float a[2][8], float
 }
 
 // out[r] = W row . x row r0 + r for MR rows of x; the weight row is G groups, taken 8 (one chunk of x) at a time.
-// Per group: its codes widened to int16 once, then for each row one integer dot product with x's int16 (AVX-512:
-// one dpwssd over all 32; AVX2: madd per half) and one FMA by the group's a, shared by the rows; per chunk and
+// Per group: its codes widened to int16 once, then for each row one integer dot product with x's int16 (a dpwssd
+// or madd per half) and one FMA by the group's a, shared by the rows; per chunk and
 // row one FMA by x's scale and one (two halves) for the b terms. No horizontal adds until the end.
 template <QuantType Q, int MR>
 void dot_rows(const uint8_t* wrow, int G, const XRows& x, int r0, float* out) {
@@ -204,13 +199,8 @@ void dot_rows(const uint8_t* wrow, int G, const XRows& x, int r0, float* out) {
 #if ME_AVX2
   __m256 accb[MR];  // the b terms
   for (int r = 0; r < MR; ++r) accb[r] = _mm256_setzero_ps();
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  __m512 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
-#else
   __m256 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-#endif
   for (int g = 0; g < G; g += 8) {
     const int n = std::min(8, G - g), c = g / 8;
     __m256 bv[2];
@@ -220,27 +210,11 @@ void dot_rows(const uint8_t* wrow, int G, const XRows& x, int r0, float* out) {
       accb[r] = _mm256_fmadd_ps(bv[0], _mm256_loadu_ps(x.s0 + at), accb[r]);
       accb[r] = _mm256_fmadd_ps(bv[1], _mm256_loadu_ps(x.s1 + at), accb[r]);
     }
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    __m512 t[MR];
-    for (int r = 0; r < MR; ++r) t[r] = _mm512_setzero_ps();
-    for (int j = 0; j < n; ++j) {
-      const __m256i codes = F::codes(wrow + size_t((g + j) / F::kGroups) * F::kBytes, (g + j) % F::kGroups);
-      const __m512i c16 = F::kSigned ? _mm512_cvtepi8_epi16(codes) : _mm512_cvtepu8_epi16(codes);
-      const __m512 av = F::kPerHalf ? _mm512_insertf32x8(_mm512_set1_ps(a[0][j]), _mm256_set1_ps(a[1][j]), 1)
-                                    : _mm512_set1_ps(a[0][j]);
-      for (int r = 0; r < MR; ++r) {
-        const int16_t* xq = x.q + (size_t(r0 + r) * G + g + j) * 32;
-        const __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), c16, _mm512_loadu_si512(xq));
-        t[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), av, t[r]);
-      }
-    }
-    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(t[r], _mm512_set1_ps(x.d[size_t(r0 + r) * x.C + c]), acc[r]);
-#else
     __m256 t[MR];
     for (int r = 0; r < MR; ++r) t[r] = _mm256_setzero_ps();
     for (int j = 0; j < n; ++j) {
-      GroupCodes<F::kSigned> cg;
-      cg.set(F::codes(wrow + size_t((g + j) / F::kGroups) * F::kBytes, (g + j) % F::kGroups));
+      GroupCodes cg;
+      F::codes16(wrow + size_t((g + j) / F::kGroups) * F::kBytes, (g + j) % F::kGroups, cg.lo, cg.hi);
       const __m256 a0 = _mm256_set1_ps(a[0][j]), a1 = _mm256_set1_ps(a[1][j]);
       for (int r = 0; r < MR; ++r) {
         const int16_t* xq = x.q + (size_t(r0 + r) * G + g + j) * 32;
@@ -255,15 +229,8 @@ void dot_rows(const uint8_t* wrow, int G, const XRows& x, int r0, float* out) {
       }
     }
     for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(t[r], _mm256_set1_ps(x.d[size_t(r0 + r) * x.C + c]), acc[r]);
-#endif
   }
-  for (int r = 0; r < MR; ++r) {
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    out[r] = _mm512_reduce_add_ps(acc[r]) + hsum(accb[r]);
-#else
-    out[r] = hsum(acc[r]) + hsum(accb[r]);
-#endif
-  }
+  for (int r = 0; r < MR; ++r) out[r] = hsum(acc[r]) + hsum(accb[r]);
 #else
   uint8_t codes[32];
   float acc[MR] = {};
