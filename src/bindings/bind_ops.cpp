@@ -123,6 +123,10 @@ void init_ops(nb::module_& m) {
   m.def("cpu_gemm_bits", &cpu::gemm_vector_bits,
         "The cpu GEMM's choices here by vector width ([256, 512] with AVX-512, 512 being its packed panels from 256 "
         "rows: picked at start-up, METAL_ENGINE_CPU_GEMM_BITS forces it).");
+  m.def("cpu_amx_choices", &cpu::amx_choices,
+        "The quantized matmul's choices here from 6 rows: [False, True] where this build and machine run it on "
+        "AMX tiles (the default there; METAL_ENGINE_CPU_AMX=0 or 1 forces it), else [False].");
+  m.def("cpu_amx", &cpu::amx_quant_gemm, "Whether the quantized matmuls of 6+ rows run on AMX tiles in this process.");
   m.def("cpu_moe_expert_matmuls", &cpu::moe_expert_matmuls,
         "Expert weight matrices the cpu moe_matmul kernel has streamed since the process started.");
   m.def("cpu_blas", &cpu::blas_name, "The BLAS behind the cpu backend's prefill attention, or 'none'.");

@@ -12,6 +12,7 @@
 #include "../core/op_table.h"
 #include "cpu_kernels.h"
 #include "gemm_panels.h"
+#include "machine_probes.h"
 #include "metal_engine/config.h"
 #include "metal_engine/device.h"
 
@@ -76,6 +77,7 @@ class CpuDevice : public Device {
  public:
   explicit CpuDevice(int num_threads) : pool_(num_threads) {
     gemm_wide_vectors();  // chosen (or a bad METAL_ENGINE_CPU_GEMM_BITS refused) here, not in a first step's GEMM
+    amx_quant_gemm();     // likewise METAL_ENGINE_CPU_AMX
     add_embedding_kernels(table_);
     add_rms_norm_kernels(table_);
     add_matmul_kernels(table_);

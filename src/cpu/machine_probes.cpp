@@ -9,6 +9,12 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "gemm_amx.h"
 #include "gemm_panels.h"
 #include "simd.h"
 #include "thread_pool.h"
@@ -167,6 +173,52 @@ bool gemm_wide_vectors() {
   return false;
 }
 #endif
+
+namespace {
+// Whether the kernel lets this process use AMX's tile data (Linux asks for it per process since 5.16).
+bool amx_granted() {
+#if ME_AMX
+  if (!__builtin_cpu_supports("amx-int8")) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+bool amx_quant_gemm() {
+  static const bool on = [] {
+    const char* env = std::getenv("METAL_ENGINE_CPU_AMX");
+    const std::string v = env ? env : "";
+    if (v == "0") return false;
+    if (!v.empty() && v != "1")
+      throw std::invalid_argument("METAL_ENGINE_CPU_AMX='" + v + "': 0 (the quantized matmuls of " +
+                                  std::to_string(kAmxMinRows) + "+ rows on the vector units) or 1 (on AMX); unset: "
+                                  "AMX where the machine has it");
+#if !ME_AMX
+    if (v == "1")
+      throw std::invalid_argument("METAL_ENGINE_CPU_AMX=1: this build of the cpu kernels has no AMX path (built "
+                                  "without AMX-INT8 and AVX-512); 0 or unset");
+    return false;
+#else
+    const bool granted = amx_granted();
+    if (v == "1" && !granted)
+      throw std::invalid_argument("METAL_ENGINE_CPU_AMX=1: this machine's CPU or kernel does not grant AMX's tile "
+                                  "state (arch_prctl ARCH_REQ_XCOMP_PERM refused); 0 or unset");
+    return granted;
+#endif
+  }();
+  return on;
+}
+
+std::vector<bool> amx_choices() {
+#if ME_AMX
+  static const bool granted = amx_granted();
+  if (granted) return {false, true};
+#endif
+  return {false};
+}
 
 std::vector<int> gemm_vector_bits() {
 #if ME_GEMM512

@@ -196,3 +196,21 @@ def test_bad_gemm_width_env(tiny_checkpoints):
     p = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoints["llama"])], capture_output=True, text=True,
                        env={**os.environ, "METAL_ENGINE_CPU_GEMM_BITS": "384"}, timeout=120)
     assert p.returncode == 1 and "ValueError: METAL_ENGINE_CPU_GEMM_BITS='384'" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value, message", [("yes", "METAL_ENGINE_CPU_AMX='yes'"), ("1", "METAL_ENGINE_CPU_AMX=1")])
+def test_bad_amx_env(tiny_checkpoints, value, message):
+    """METAL_ENGINE_CPU_AMX (the quantized matmul of 6+ rows on AMX tiles) is read once per process: a value other
+    than 0 / 1 is refused, and 1 where this build or machine has no AMX names why."""
+    import os
+    import subprocess
+    import sys
+
+    from metal_engine import _core
+
+    if value == "1" and True in _core.cpu_amx_choices():
+        pytest.skip("this machine runs AMX: METAL_ENGINE_CPU_AMX=1 is valid here")
+    code = "import sys, metal_engine; metal_engine.Engine(sys.argv[1], backend='cpu')"
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoints["llama"])], capture_output=True, text=True,
+                       env={**os.environ, "METAL_ENGINE_CPU_AMX": value}, timeout=120)
+    assert p.returncode == 1 and f"ValueError: {message}" in p.stderr, p.stderr[-2000:]

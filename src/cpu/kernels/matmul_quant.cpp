@@ -19,6 +19,7 @@
 #endif
 
 #include "../cpu_kernels.h"
+#include "../gemm_amx.h"
 #include "../gemm_panels.h"
 #include "../gemm_tiles.h"
 #include "../quant_blocks.h"
@@ -283,7 +284,7 @@ template <QuantType Q>
 void rows_pass(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0, int mr, float* y, int64_t ldy,
                int64_t n0, int64_t n1) {
   float out[kMaxRowsPerPass];
-  const uint8_t* end = w + n1 * row_bytes;
+  [[maybe_unused]] const uint8_t* end = w + n1 * row_bytes;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * row_bytes;
 #if ME_AVX2
@@ -345,6 +346,21 @@ template <QuantType Q>
 void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int N, int ldy, ThreadPool& pool) {
   const int64_t row_bytes = quant_row_bytes(Q, K);
   if (M >= kDequantMinRows) {
+#if ME_AMX
+    static_assert(kAmxMinRows == kDequantMinRows);
+    if constexpr (!Format<Q>::kPerHalf) {
+      if (amx_quant_gemm()) {
+        thread_local amx::XPacked packed;
+        amx::XPacked& xp = packed;  // the pool's threads read this thread's (a thread_local named in the lambda
+                                    // would be each thread's own)
+        amx::pack_x(x, M, K, xp, pool);
+        pool.parallel_for((N + 15) / 16, [&](int64_t b0, int64_t b1) {
+          amx::gemm_rows<Q>(xp, M, w, row_bytes, y, ldy, b0 * 16, std::min<int64_t>(N, b1 * 16));
+        });
+        return;
+      }
+    }
+#endif
     dequant_gemm<Q>(x, M, K, w, row_bytes, y, N, ldy, pool);
     return;
   }
