@@ -124,9 +124,10 @@ void init_ops(nb::module_& m) {
         "The cpu GEMM's choices here by vector width ([256, 512] with AVX-512, 512 being its packed panels from 256 "
         "rows: picked at start-up, METAL_ENGINE_CPU_GEMM_BITS forces it).");
   m.def("cpu_amx_choices", &cpu::amx_choices,
-        "The quantized matmul's choices here from 6 rows: [False, True] where this build and machine run it on "
-        "AMX tiles (the default there; METAL_ENGINE_CPU_AMX=0 or 1 forces it), else [False].");
-  m.def("cpu_amx", &cpu::amx_quant_gemm, "Whether the quantized matmuls of 6+ rows run on AMX tiles in this process.");
+        "The cpu matmul's choices for many rows (quantized W from 6 rows, f16 / bf16 W from 48): [False, True] "
+        "where this build and machine run them on AMX tiles (the default there; METAL_ENGINE_CPU_AMX=0 or 1 "
+        "forces it), else [False].");
+  m.def("cpu_amx", &cpu::amx_tiles, "Whether the cpu matmuls of many rows run on AMX tiles in this process.");
   m.def("cpu_moe_expert_matmuls", &cpu::moe_expert_matmuls,
         "Expert weight matrices the cpu moe_matmul kernel has streamed since the process started.");
   m.def("cpu_blas", &cpu::blas_name, "The BLAS behind the cpu backend's prefill attention, or 'none'.");

@@ -1,6 +1,7 @@
-// y = x W^T for the quantized formats from kAmxMinRows rows (batched decode, prefill) on Intel's AMX tiles, where
-// the CPU has AMX-INT8 and the kernel grants the tile state (amx_quant_gemm() in machine_probes.h).
-// The integer dot products of the GEMV (matmul_quant.cpp), 16 x 16 outputs by two tile instructions per group of
+// y = x W^T on Intel's AMX tiles, where the CPU has them and the kernel grants the tile state (amx_tiles() in
+// machine_probes.h; METAL_ENGINE_CPU_AMX=0|1 forces it): the quantized formats from kAmxMinRows rows (batched
+// decode, prefill) on AMX-INT8, f16 / bf16 weights from kAmxBf16MinRows rows on AMX-BF16 (below).
+// Quantized: the integer dot products of the GEMV (matmul_quant.cpp), 16 x 16 outputs by two tile instructions per group of
 // 32 weights:
 // - x: each group of 32 of a row quantized once to int16 with its own scale (|q| <= 32767; one scale per row moved
 //   the default model's logits by 0.04, its activations having outlier channels), q = 256 hi + lo split into a
@@ -13,26 +14,30 @@
 //   accumulated as acc[n][m] += a_g[n] * d_g[m] * C + b_g[n] * d_g[m] * sum_g(q[m]), in 16 zmm registers (lanes:
 //   rows of x); two pairs of C tiles alternate so a group's products run while the previous group's are read
 //   back. y gets acc transposed.
-// Measured (2 threads, Q4_1, this Xeon, /tmp probe against the dequantized tiles / panels): 16 x 3072 x 576
+// Measured (2 threads, Q4_1, this Xeon, a probe against the dequantized tiles / panels): 16 x 3072 x 576
 // 2.2-2.6x, 64 rows 3.2x, 512 rows 1.75x (460 against 263 GFLOP/s), 512 x 576 x 1536 2.2x.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "machine_probes.h"
 #include "quant_blocks.h"
 #include "thread_pool.h"
 
-#if ME_AVX2 && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512BW__) && \
-    defined(__linux__)
+#if ME_AVX2 && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BW__) && \
+    defined(__AVX512BF16__) && defined(__linux__)
 #define ME_AMX 1  // this build has the AMX path
 #endif
 
 namespace metal_engine::cpu {
 
 constexpr int kAmxMinRows = 6;  // the quantized matmul's dequantizing path starts here too (matmul_quant.cpp)
+// rows of x from which matmul_f16 / matmul_bf16 take this path: measured (2 threads, the model's four matmul
+// shapes, a compile beside it) 16 rows 0.75x the register tiles, 48 rows 1.2-1.8x, 64 rows 1.3-2.2x
+constexpr int kAmxBf16MinRows = 48;
 
 #if ME_AMX
 namespace amx {
@@ -115,7 +120,7 @@ void gemm_rows(const XPacked& xp, int M, const uint8_t* w, int64_t row_bytes, fl
   static_assert(!F::kPerHalf, "a scale per group (Q6_K's halves take the dequantizing path)");
   const int G = xp.G;
   thread_local std::vector<uint8_t> codes;  // [G][16][32]: the A tiles of 16 rows of W
-  thread_local std::vector<float> sa, sb;   // [G][16]: their groups' a and b
+  thread_local std::vector<float> sa, sb;   // [16][G]: their groups' a and b, a row of W's at a time
   codes.resize(size_t(G) * 512 + 64);
   sa.resize(size_t(G) * 16);
   sb.resize(size_t(G) * 16);
@@ -126,25 +131,31 @@ void gemm_rows(const XPacked& xp, int M, const uint8_t* w, int64_t row_bytes, fl
   for (int64_t nb = n0; nb < n1; nb += 16) {
     const int nr = int(std::min<int64_t>(16, n1 - nb));
     for (int r = 0; r < 16; ++r) {
+      float* ra = sa.data() + size_t(r) * G;
+      float* rb = sb.data() + size_t(r) * G;
       if (r >= nr) {
-        for (int g = 0; g < G; ++g) {
-          std::memset(A + size_t(g) * 512 + 32 * r, 0, 32);
-          sa[size_t(g) * 16 + r] = sb[size_t(g) * 16 + r] = 0.0f;
-        }
+        for (int g = 0; g < G; ++g) std::memset(A + size_t(g) * 512 + 32 * r, 0, 32);
+        std::fill(ra, ra + G, 0.0f);
+        std::fill(rb, rb + G, 0.0f);
         continue;
       }
       const uint8_t* wr = w + (nb + r) * row_bytes;
-      GroupScales gs[F::kGroups];
-      for (int blk = 0; blk < G / F::kGroups; ++blk) {
-        const uint8_t* b = wr + size_t(blk) * F::kBytes;
-        F::scales(b, gs);
-        for (int j = 0; j < F::kGroups; ++j) {
-          const int g = blk * F::kGroups + j;
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(A + size_t(g) * 512 + 32 * r), F::codes(b, j));
-          sa[size_t(g) * 16 + r] = gs[j].a[0];
-          sb[size_t(g) * 16 + r] = gs[j].b[0];
-        }
+      int g = 0;
+      for (; g + 8 <= G; g += 8) {  // the scales 8 groups at a time, as the GEMV takes them
+        __m256 va[2], vb[2];
+        F::chunk(wr, g, va, vb);
+        _mm256_storeu_ps(ra + g, va[0]);
+        _mm256_storeu_ps(rb + g, vb[0]);
       }
+      for (; g < G; ++g) {
+        GroupScales gs[F::kGroups];
+        F::scales(wr + size_t(g / F::kGroups) * F::kBytes, gs);
+        ra[g] = gs[g % F::kGroups].a[0];
+        rb[g] = gs[g % F::kGroups].b[0];
+      }
+      for (g = 0; g < G; ++g)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(A + size_t(g) * 512 + 32 * r),
+                            F::codes(wr + size_t(g / F::kGroups) * F::kBytes, g % F::kGroups));
     }
     for (int t = 0; t < xp.tiles; ++t) {
       const int8_t* hi = xp.hi.data() + size_t(t) * G * 512;
@@ -190,13 +201,13 @@ void gemm_rows(const XPacked& xp, int M, const uint8_t* w, int64_t row_bytes, fl
         if (g + 1 < G) issue(g + 1);
         const __m512 sums = _mm512_loadu_ps(xp.sums.data() + (size_t(t) * G + g) * 16);
         const __m512 d = _mm512_loadu_ps(xp.scale.data() + (size_t(t) * G + g) * 16);
-        const float* a = sa.data() + size_t(g) * 16;
-        const float* b = sb.data() + size_t(g) * 16;
+        const float* a = sa.data() + g;  // a[G * r]: row r's
+        const float* b = sb.data() + g;
         for (int r = 0; r < 16; ++r) {
           const __m512i v = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c_hi + 16 * r), 8),
                                              _mm512_load_si512(c_lo + 16 * r));
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(_mm512_set1_ps(a[r]), d), acc[r]);
-          acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(b[r]), sums, acc[r]);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(_mm512_set1_ps(a[G * r]), d), acc[r]);
+          acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(b[G * r]), sums, acc[r]);
         }
       }
       for (int r = 0; r < 16; ++r) _mm512_store_ps(out + 16 * r, acc[r]);
@@ -207,6 +218,148 @@ void gemm_rows(const XPacked& xp, int M, const uint8_t* w, int64_t row_bytes, fl
   }
   _tile_release();  // the tile state back to its init state: context switches need not save it
 }
+
+// ---- f16 / bf16 weights (prefill): AMX-BF16 with x and W split into two bf16 each (v = hi + lo, hi = bf16(v),
+// lo = bf16(v - hi): 16 of the significand's bits), C += W_hi x_hi + W_hi x_lo + W_lo x_hi in the tiles' f32 (lo
+// times lo, ~2^-16 of a term, dropped; bf16 W is exact in hi: two products). No epilogue per k: C accumulates
+// over the whole row. Measured (probe, 2 threads, this Xeon, a CI run beside it): 512 x 3072 x 576 f16 at 382
+// GFLOP/s; |error| / sum |terms| under 1e-6.
+// Tiles: 0, 1 W hi / lo (16 rows x 32 k); 2, 3 and 6, 7 x hi / lo of two row tiles (16 k pairs x 16 rows x 2);
+// 4, 5 their C.
+
+inline void load_config_bf16() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = 16;
+    c.colsb[t] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+inline __m256i bf16_round(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
+inline __m512 bf16_widen(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+// 16 floats -> their hi and lo bf16
+inline void split_bf16(__m512 v, __m256i& hi, __m256i& lo) {
+  hi = bf16_round(v);
+  lo = bf16_round(_mm512_sub_ps(v, bf16_widen(hi)));
+}
+
+// x [M, K] as hi / lo per (16-row tile t, 32-k step s) at (t * S + s) * 512 bf16: [16 k pairs][16 rows][2]; K
+// padded with zeros to S = ceil(K / 32) steps, rows past M zero.
+struct XSplit {
+  int tiles = 0, steps = 0;
+  std::vector<uint16_t> hi, lo;
+};
+
+inline void pack_x_bf16(const float* x, int M, int K, XSplit& p, ThreadPool& pool) {
+  const int S = (K + 31) / 32, T = (M + 15) / 16;
+  p.tiles = T;
+  p.steps = S;
+  p.hi.assign(size_t(T) * S * 512, 0);
+  p.lo.assign(size_t(T) * S * 512, 0);
+  pool.parallel_for(M, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = x + m * K;
+      for (int s = 0; s < S; ++s) {
+        alignas(32) uint32_t h[16], l[16];  // k pairs
+        for (int half = 0; half < 2; ++half) {
+          const int k0 = 32 * s + 16 * half;
+          const __mmask16 live = k0 >= K ? 0 : K - k0 >= 16 ? 0xFFFF : __mmask16((1u << (K - k0)) - 1);
+          __m256i vh, vl;
+          split_bf16(_mm512_maskz_loadu_ps(live, row + k0), vh, vl);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(h + 8 * half), vh);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(l + 8 * half), vl);
+        }
+        uint32_t* hp = reinterpret_cast<uint32_t*>(p.hi.data() + (size_t(m / 16) * S + s) * 512) + m % 16;
+        uint32_t* lp = reinterpret_cast<uint32_t*>(p.lo.data() + (size_t(m / 16) * S + s) * 512) + m % 16;
+        for (int kk = 0; kk < 16; ++kk) {
+          hp[16 * kk] = h[kk];
+          lp[16 * kk] = l[kk];
+        }
+      }
+    }
+  });
+}
+
+// 16 weights of a row from k0 (masked past K) as f32
+template <class W>
+inline __m512 load_w16(const W* p, int n) {
+  const __mmask16 live = n >= 16 ? 0xFFFF : __mmask16((1u << n) - 1);
+  const __m256i bits = _mm256_maskz_loadu_epi16(live, p);
+  if constexpr (std::is_same_v<W, f16>) return _mm512_cvtph_ps(bits);
+  else return bf16_widen(bits);
+}
+
+// y[m, n] for n in [n0, n1), rows of x in chunks of `chunk_rows` (a multiple of 32) that stay in L2 while the
+// thread's W passes them (each 16 rows of W split into bf16 once per chunk)
+template <class W>
+void gemm_bf16_rows(const XSplit& xp, int M, int K, const W* w, float* y, int64_t ldy, int64_t n0, int64_t n1,
+                    int chunk_rows) {
+  constexpr bool kExactHi = std::is_same_v<W, bf16>;  // bf16 W is its hi: no lo products
+  const int S = xp.steps;
+  thread_local std::vector<uint16_t> wsplit;  // [S][hi | lo][16 rows][32]
+  wsplit.resize(size_t(S) * 1024 + 32);
+  uint16_t* ws = wsplit.data() + (32 - (reinterpret_cast<uintptr_t>(wsplit.data()) / 2) % 32) % 32;
+  alignas(64) float out[2][256];
+  load_config_bf16();
+  for (int c0 = 0; c0 < xp.tiles; c0 += chunk_rows / 16) {
+    const int c1 = std::min(xp.tiles, c0 + chunk_rows / 16);
+    for (int64_t nb = n0; nb < n1; nb += 16) {
+      const int nr = int(std::min<int64_t>(16, n1 - nb));
+      for (int r = 0; r < 16; ++r) {
+        for (int s = 0; s < S; ++s) {
+          __m256i h[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, l[2] = {h[0], h[0]};
+          if (r < nr) {
+            const W* row = w + (nb + r) * int64_t(K);
+            for (int half = 0; half < 2; ++half) {
+              const int k0 = 32 * s + 16 * half;
+              if (k0 < K) split_bf16(load_w16(row + k0, K - k0), h[half], l[half]);
+            }
+          }
+          uint16_t* dst = ws + size_t(s) * 1024 + 32 * r;
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst), h[0]);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16), h[1]);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 512), l[0]);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 528), l[1]);
+        }
+      }
+      for (int t = c0; t < c1; t += 2) {
+        const bool two = t + 1 < c1;
+        const uint16_t* xh = xp.hi.data() + size_t(t) * S * 512;
+        const uint16_t* xl = xp.lo.data() + size_t(t) * S * 512;
+        _tile_zero(4);
+        _tile_zero(5);
+        for (int s = 0; s < S; ++s) {
+          _tile_loadd(0, ws + size_t(s) * 1024, 64);
+          if constexpr (!kExactHi) _tile_loadd(1, ws + size_t(s) * 1024 + 512, 64);
+          _tile_loadd(2, xh + size_t(s) * 512, 64);
+          _tile_loadd(3, xl + size_t(s) * 512, 64);
+          _tile_dpbf16ps(4, 0, 2);
+          _tile_dpbf16ps(4, 0, 3);
+          if constexpr (!kExactHi) _tile_dpbf16ps(4, 1, 2);
+          if (two) {
+            _tile_loadd(6, xh + size_t(S + s) * 512, 64);
+            _tile_loadd(7, xl + size_t(S + s) * 512, 64);
+            _tile_dpbf16ps(5, 0, 6);
+            _tile_dpbf16ps(5, 0, 7);
+            if constexpr (!kExactHi) _tile_dpbf16ps(5, 1, 6);
+          }
+        }
+        _tile_stored(4, out[0], 64);
+        _tile_stored(5, out[1], 64);
+        for (int u = 0; u < (two ? 2 : 1); ++u) {
+          const int mr = std::min(16, M - 16 * (t + u));
+          for (int m = 0; m < mr; ++m)
+            for (int r = 0; r < nr; ++r) y[int64_t(16 * (t + u) + m) * ldy + nb + r] = out[u][16 * r + m];
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+// Rows of x per chunk of gemm_bf16_rows: hi + lo of at most ~1 MiB, a multiple of 32
+inline int bf16_chunk_rows(int K) { return std::max(32, int((1 << 20) / (int64_t((K + 31) / 32 * 32) * 4)) / 32 * 32); }
 
 }  // namespace amx
 #endif

@@ -187,19 +187,20 @@ bool amx_granted() {
 }
 }  // namespace
 
-bool amx_quant_gemm() {
+bool amx_tiles() {
   static const bool on = [] {
     const char* env = std::getenv("METAL_ENGINE_CPU_AMX");
     const std::string v = env ? env : "";
     if (v == "0") return false;
     if (!v.empty() && v != "1")
-      throw std::invalid_argument("METAL_ENGINE_CPU_AMX='" + v + "': 0 (the quantized matmuls of " +
-                                  std::to_string(kAmxMinRows) + "+ rows on the vector units) or 1 (on AMX); unset: "
-                                  "AMX where the machine has it");
+      throw std::invalid_argument("METAL_ENGINE_CPU_AMX='" + v + "': 0 (the matmuls of many rows, quantized "
+                                  "from " + std::to_string(kAmxMinRows) + ", f16 / bf16 from " +
+                                  std::to_string(kAmxBf16MinRows) + ", on the vector units) or 1 (on AMX tiles); "
+                                  "unset: AMX where the machine has it");
 #if !ME_AMX
     if (v == "1")
       throw std::invalid_argument("METAL_ENGINE_CPU_AMX=1: this build of the cpu kernels has no AMX path (built "
-                                  "without AMX-INT8 and AVX-512); 0 or unset");
+                                  "without AMX-INT8 / AMX-BF16 and AVX-512); 0 or unset");
     return false;
 #else
     const bool granted = amx_granted();

@@ -23,10 +23,11 @@ const char* gemm_description();
 // (the tiles; NEON and plain C++ count as 256).
 std::vector<int> gemm_vector_bits();
 
-// Whether the quantized matmuls of 6+ rows (gemm_amx.h's kAmxMinRows) run on AMX tiles: METAL_ENGINE_CPU_AMX=0
+// Whether the matmuls of many rows run on AMX tiles (gemm_amx.h: quantized W from 6 rows, f16 / bf16 W from 48):
+// METAL_ENGINE_CPU_AMX=0
 // never, =1 always (a std::invalid_argument naming the reason where the build or the machine has no AMX), unset
 // where the build has the AMX path and the kernel grants the tile state (arch_prctl). Decided once per process.
-bool amx_quant_gemm();
+bool amx_tiles();
 // The choices this build and machine have: {false, true} where AMX runs, else {false}.
 std::vector<bool> amx_choices();
 

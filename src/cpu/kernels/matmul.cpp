@@ -8,12 +8,22 @@
 //    ~200 GFLOP/s on 2 cores, 1.1-1.4x OpenBLAS's sgemm on f32-widened W (which it replaced; measured at
 //    64, 512 and 2048 rows on the default model's shapes). On macOS, prefill (33+ rows) keeps Accelerate's
 //    sgemm (gemm_blas), which runs on Apple Silicon's AMX units.
+//  - AMX-BF16 (f16 / bf16 W from kAmxBf16MinRows rows, where the CPU has Intel's AMX: gemm_amx.h): x and W each
+//    split into two bf16 (16 significand bits), three tile products per 32 k accumulated in f32 (bf16 W: two).
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers make their "undefined" placeholder vectors from themselves (`__m512 __Y = __Y;`), which
+// -Wall reports at every inlined use (gemm_amx.h's masked loads).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #include "../blas.h"
 #include "../cpu_kernels.h"
+#include "../gemm_amx.h"
 #include "../gemm_panels.h"
 #include "../gemm_tiles.h"
 
@@ -106,6 +116,19 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
     pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemv(x, M, K, w, y, LY, n0, n1); });
   } else if (M > kRowBlock && (blas_preferred_for_gemm() || kViaBlas)) {
     pool.parallel_for(N, [&](int64_t n0, int64_t n1) { gemm_blas(x, M, K, w, y, LY, n0, n1); });
+#if ME_AMX
+  } else if (!std::is_same_v<W, float> && M >= kAmxBf16MinRows && amx_tiles()) {
+    // 16-bit weights on AMX-BF16 tiles, x and W each split into two bf16 (gemm_amx.h)
+    if constexpr (!std::is_same_v<W, float>) {
+      thread_local amx::XSplit packed;
+      amx::XSplit& xp = packed;  // this thread's, read by the pool's threads
+      amx::pack_x_bf16(x, M, K, xp, pool);
+      const int chunk = amx::bf16_chunk_rows(K);
+      pool.parallel_for((N + 15) / 16, [&](int64_t b0, int64_t b1) {
+        amx::gemm_bf16_rows(xp, M, K, w, y, LY, b0 * 16, std::min<int64_t>(N, b1 * 16), chunk);
+      });
+    }
+#endif
 #if ME_GEMM512
   } else if (M >= kPanelMinRows && gemm_wide_vectors()) {
     // Whole panels of W split evenly over the threads; x in chunks of rows that stay in L2 while every panel of

@@ -349,7 +349,7 @@ void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int 
 #if ME_AMX
     static_assert(kAmxMinRows == kDequantMinRows);
     if constexpr (!Format<Q>::kPerHalf) {
-      if (amx_quant_gemm()) {
+      if (amx_tiles()) {
         thread_local amx::XPacked packed;
         amx::XPacked& xp = packed;  // the pool's threads read this thread's (a thread_local named in the lambda
                                     // would be each thread's own)

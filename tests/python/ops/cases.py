@@ -127,7 +127,7 @@ for dtype in DTYPES:
 
 # y_stride > n: one part of a fused output (its columns of wider rows, the rest untouched)
 for dtype in DTYPES:
-    for m, n, k in [(1, 17, 64), (3, 20, 40), (5, 33, 48), (40, 35, 64)]:
+    for m, n, k in [(1, 17, 64), (3, 20, 40), (5, 33, 48), (40, 35, 64), (70, 35, 64)]:
         rng = np.random.default_rng([m, n, k, 7])
         x = rng.standard_normal((m, k)).astype(np.float32)
         w = to_storage(rng.standard_normal((n, k)), dtype)
