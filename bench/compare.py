@@ -113,23 +113,30 @@ def llama_quantized_path(kind: str) -> Path:
 
 # ----------------------------------------------------------------------------------------- workers
 class CoreTimer:
-    """Times the C++ forward inside each LLMEngine step (its share prices the Python layer)."""
+    """Times the native engine's calls inside each LLMEngine step (step, and submit / collect, through which the
+    LLMEngine keeps steps in flight): their share prices the Python layer."""
+
+    METHODS = ("step", "submit", "collect")
 
     def __init__(self, eng):
         self.eng, self.seconds = eng, 0.0
-        self.core = core = eng.engine.step
+        self.core = {m: getattr(eng.engine, m) for m in self.METHODS}
 
-        def timed(*a, **k):
-            s = time.perf_counter()
-            try:
-                return core(*a, **k)
-            finally:
-                self.seconds += time.perf_counter() - s
+        def timed(fn):
+            def call(*a, **k):
+                s = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    self.seconds += time.perf_counter() - s
+            return call
 
-        eng.engine.step = timed
+        for m, fn in self.core.items():
+            setattr(eng.engine, m, timed(fn))
 
     def restore(self):
-        self.eng.engine.step = self.core
+        for m, fn in self.core.items():
+            setattr(self.eng.engine, m, fn)
 
     def decode_until_done(self) -> tuple:
         """Steps until every request finishes: (seconds, steps, the Python layer's share of the time)."""

@@ -232,9 +232,14 @@ std::vector<int> gemm_vector_bits() {
 const char* gemm_description() {
 #if ME_GEMM512
   static_assert(kTileRows == 8 && kTileW == 3);
-  return gemm_wide_vectors() ? "register tiles 8x3 (AVX-512 registers, 256-bit FMA); from 256 rows packed panels "
-                               "14x32 (512-bit FMA)"
-                             : "register tiles 8x3 (AVX-512 registers, 256-bit FMA)";
+  static const std::string d =
+      std::string(gemm_wide_vectors() ? "register tiles 8x3 (AVX-512 registers, 256-bit FMA); from 256 rows packed "
+                                        "panels 14x32 (512-bit FMA)"
+                                      : "register tiles 8x3 (AVX-512 registers, 256-bit FMA)") +
+      (amx_tiles() ? "; AMX tiles for f16 / bf16 weights from " + std::to_string(kAmxBf16MinRows) +
+                         " rows (bf16 x 2 split) and quantized ones from " + std::to_string(kAmxMinRows) + " (int8 x 2)"
+                   : std::string());
+  return d.c_str();
 #elif ME_AVX2 && defined(__AVX512VL__)
   static_assert(kTileRows == 8 && kTileW == 3);
   return "register tiles 8x3 (AVX-512VL registers, 256-bit FMA)";
