@@ -50,6 +50,10 @@ struct TileConfig {
 };
 
 // tile 0: A, 16 W rows x 32 codes; 1, 2: B, x's high / low bytes (8 x 64); 3-6: C pairs, 16 x 16 int32
+// GCC's tile intrinsics do not tell the compiler which memory they read (_tile_loadd) or all of what
+// _tile_loadconfig reads: a compiler barrier keeps the stores that fill a tile's source or the config before them.
+inline void compiler_barrier() { asm volatile("" ::: "memory"); }
+
 inline void load_config() {
   TileConfig c;
   c.rows[0] = 16;
@@ -62,6 +66,7 @@ inline void load_config() {
     c.rows[t] = 16;
     c.colsb[t] = 64;
   }
+  compiler_barrier();
   _tile_loadconfig(&c);
 }
 
@@ -157,6 +162,7 @@ void gemm_rows(const XPacked& xp, int M, const uint8_t* w, int64_t row_bytes, fl
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(A + size_t(g) * 512 + 32 * r),
                             F::codes(wr + size_t(g / F::kGroups) * F::kBytes, g % F::kGroups));
     }
+    compiler_barrier();  // A's codes written above, read by _tile_loadd
     for (int t = 0; t < xp.tiles; ++t) {
       const int8_t* hi = xp.hi.data() + size_t(t) * G * 512;
       const uint8_t* lo = xp.lo.data() + size_t(t) * G * 512;
@@ -221,9 +227,9 @@ void gemm_rows(const XPacked& xp, int M, const uint8_t* w, int64_t row_bytes, fl
 
 // ---- f16 / bf16 weights (prefill): AMX-BF16 with x and W split into two bf16 each (v = hi + lo, hi = bf16(v),
 // lo = bf16(v - hi): 16 of the significand's bits), C += W_hi x_hi + W_hi x_lo + W_lo x_hi in the tiles' f32 (lo
-// times lo, ~2^-16 of a term, dropped; bf16 W is exact in hi: two products). No epilogue per k: C accumulates
-// over the whole row. Measured (probe, 2 threads, this Xeon, a CI run beside it): 512 x 3072 x 576 f16 at 382
-// GFLOP/s; |error| / sum |terms| under 1e-6.
+// times lo dropped: at most ~2^-16 of each term, 1.8e-5 seen with K = 1; bf16 W is exact in hi: two products). No
+// epilogue per k: C accumulates over the whole row. Measured (probe, 2 threads, this Xeon, a CI run beside it):
+// 512 x 3072 x 576 f16 at 382 GFLOP/s; |error| / sum |terms| under 1e-6 on random rows (K = 576, 1536).
 // Tiles: 0, 1 W hi / lo (16 rows x 32 k); 2, 3 and 6, 7 x hi / lo of two row tiles (16 k pairs x 16 rows x 2);
 // 4, 5 their C.
 
@@ -233,6 +239,7 @@ inline void load_config_bf16() {
     c.rows[t] = 16;
     c.colsb[t] = 64;
   }
+  compiler_barrier();
   _tile_loadconfig(&c);
 }
 
@@ -323,6 +330,7 @@ void gemm_bf16_rows(const XSplit& xp, int M, int K, const W* w, float* y, int64_
           _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 528), l[1]);
         }
       }
+      compiler_barrier();  // ws written above, read by _tile_loadd
       for (int t = c0; t < c1; t += 2) {
         const bool two = t + 1 < c1;
         const uint16_t* xh = xp.hi.data() + size_t(t) * S * 512;
@@ -356,6 +364,13 @@ void gemm_bf16_rows(const XSplit& xp, int M, int K, const W* w, float* y, int64_
     }
   }
   _tile_release();
+}
+
+// A packed x kept between calls (a thread_local: decode steps reuse it) unless it grew past 64 MiB (a long
+// prefill's), then freed.
+template <class X>
+void release_if_large(X& p) {
+  if ((p.hi.capacity() + p.lo.capacity()) * sizeof(p.hi[0]) > (size_t(64) << 20)) p = X{};
 }
 
 // Rows of x per chunk of gemm_bf16_rows: hi + lo of at most ~1 MiB, a multiple of 32

@@ -178,7 +178,8 @@ namespace {
 // Whether the kernel lets this process use AMX's tile data (Linux asks for it per process since 5.16).
 bool amx_granted() {
 #if ME_AMX
-  if (!__builtin_cpu_supports("amx-int8")) return false;
+  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8") || !__builtin_cpu_supports("amx-bf16"))
+    return false;
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 #else

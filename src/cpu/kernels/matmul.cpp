@@ -14,16 +14,19 @@
 #include <type_traits>
 #include <vector>
 
+#include "../blas.h"
+#include "../cpu_kernels.h"
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's AVX-512 headers make their "undefined" placeholder vectors from themselves (`__m512 __Y = __Y;`), which
 // -Wall reports at every inlined use (gemm_amx.h's masked loads).
+#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-
-#include "../blas.h"
-#include "../cpu_kernels.h"
 #include "../gemm_amx.h"
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #include "../gemm_panels.h"
 #include "../gemm_tiles.h"
 
@@ -127,6 +130,7 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
       pool.parallel_for((N + 15) / 16, [&](int64_t b0, int64_t b1) {
         amx::gemm_bf16_rows(xp, M, K, w, y, LY, b0 * 16, std::min<int64_t>(N, b1 * 16), chunk);
       });
+      amx::release_if_large(xp);
     }
 #endif
 #if ME_GEMM512

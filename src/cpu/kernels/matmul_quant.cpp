@@ -357,6 +357,7 @@ void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int 
         pool.parallel_for((N + 15) / 16, [&](int64_t b0, int64_t b1) {
           amx::gemm_rows<Q>(xp, M, w, row_bytes, y, ldy, b0 * 16, std::min<int64_t>(N, b1 * 16));
         });
+        amx::release_if_large(xp);
         return;
       }
     }
