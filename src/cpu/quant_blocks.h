@@ -100,9 +100,40 @@ inline __m256 f16x8_strided(const uint8_t* p, int stride) {
 }
 // one scale for both halves of each group
 inline void both_halves(__m256 v, __m256* out) { out[0] = out[1] = v; }
+// The 32-bit words at the starts of 8 blocks kBytes apart (Q4_1 / Q5_1 / A8 / A6: d | m as f16 each). Q4_1 on
+// AVX-512VL: blocks 0-3 and 4-7 each in two 32-byte loads (within the 8 blocks), their words picked by one
+// two-source permute each (256-bit: 512-bit instructions here would slow the GEMV's other 256-bit ones); else 8
+// inserts (a gather measured slower still).
+template <int kBytes>
+inline __m256i block_words8(const uint8_t* p) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  if constexpr (kBytes % 4 == 0 && kBytes >= 16 && 3 * kBytes < 64) {  // Q4_1
+    constexpr int s = kBytes / 4;
+    auto ld = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off)); };
+    const __m256i i0 = _mm256_setr_epi32(0, s, 2 * s, 3 * s, 0, 0, 0, 0);
+    const __m256i i1 = _mm256_setr_epi32(0, 0, 0, 0, 0, s, 2 * s, 3 * s);
+    const __m256i q0 = _mm256_permutex2var_epi32(ld(0), i0, ld(32));
+    const __m256i q1 = _mm256_permutex2var_epi32(ld(4 * kBytes), i1, ld(4 * kBytes + 32));
+    return _mm256_blend_epi32(q0, q1, 0xF0);
+  }
+#endif
+  auto u = [&](int i) {
+    int v;
+    std::memcpy(&v, p + i * kBytes, 4);
+    return v;
+  };
+  __m128i lo = _mm_cvtsi32_si128(u(0)), hi = _mm_cvtsi32_si128(u(4));
+  lo = _mm_insert_epi32(lo, u(1), 1);
+  hi = _mm_insert_epi32(hi, u(5), 1);
+  lo = _mm_insert_epi32(lo, u(2), 2);
+  hi = _mm_insert_epi32(hi, u(6), 2);
+  lo = _mm_insert_epi32(lo, u(3), 3);
+  hi = _mm_insert_epi32(hi, u(7), 3);
+  return _mm256_set_m128i(hi, lo);
+}
 // The formats scaled per 32-weight block: d (and m at m_offset 2, else b = b_of_d * d) of 8 blocks. Q4_1 / Q5_1:
-// d | m as the 32-bit word at each block's start, 8 inserts then split (not 16 of 16 bits: inserts are the
-// GEMV's bottleneck; a gather measured slower still).
+// d | m as the 32-bit word at each block's start (block_words8), then split (not 16 of 16 bits: inserts are the
+// GEMV's bottleneck).
 template <int kBytes, int kMOffset, int kBOfD>
 inline void block32_chunk(const uint8_t* row, int g, __m256* A, __m256* B) {
   static_assert(kMOffset == -1 || kMOffset == 2, "m follows d");
@@ -112,37 +143,7 @@ inline void block32_chunk(const uint8_t* row, int g, __m256* A, __m256* B) {
     both_halves(d, A);
     both_halves(_mm256_mul_ps(d, _mm256_set1_ps(float(kBOfD))), B);
   } else {
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-    if constexpr (kBytes % 4 == 0 && kBytes >= 16 && 3 * kBytes < 64) {  // Q4_1
-      // blocks 0-3 and 4-7 each in two 32-byte loads (within the 8 blocks), their d | m words picked by one
-      // two-source permute each (256-bit: 512-bit instructions here would slow the GEMV's other 256-bit ones)
-      constexpr int s = kBytes / 4;
-      auto ld = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off)); };
-      const __m256i i0 = _mm256_setr_epi32(0, s, 2 * s, 3 * s, 0, 0, 0, 0);
-      const __m256i i1 = _mm256_setr_epi32(0, 0, 0, 0, 0, s, 2 * s, 3 * s);
-      const __m256i q0 = _mm256_permutex2var_epi32(ld(0), i0, ld(32));
-      const __m256i q1 = _mm256_permutex2var_epi32(ld(4 * kBytes), i1, ld(4 * kBytes + 32));
-      const __m256i dm = _mm256_blend_epi32(q0, q1, 0xF0);
-      const __m256i halves = _mm256_permute4x64_epi64(
-          _mm256_packus_epi32(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(dm, 16)), 0xD8);
-      both_halves(_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), A);
-      both_halves(_mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1)), B);
-      return;
-    }
-#endif
-    auto u = [&](int i) {
-      int v;
-      std::memcpy(&v, p + i * kBytes, 4);
-      return v;
-    };
-    __m128i lo = _mm_cvtsi32_si128(u(0)), hi = _mm_cvtsi32_si128(u(4));
-    lo = _mm_insert_epi32(lo, u(1), 1);
-    hi = _mm_insert_epi32(hi, u(5), 1);
-    lo = _mm_insert_epi32(lo, u(2), 2);
-    hi = _mm_insert_epi32(hi, u(6), 2);
-    lo = _mm_insert_epi32(lo, u(3), 3);
-    hi = _mm_insert_epi32(hi, u(7), 3);
-    const __m256i dm = _mm256_set_m128i(hi, lo);
+    const __m256i dm = block_words8<kBytes>(p);
     // [d0..3, m0..3 | d4..7, m4..7] as u16, then [d0..7 | m0..7]
     const __m256i halves = _mm256_permute4x64_epi64(
         _mm256_packus_epi32(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(dm, 16)), 0xD8);

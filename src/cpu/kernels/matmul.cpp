@@ -122,16 +122,7 @@ void matmul(const MatmulArgs& a, void* const* b, ThreadPool& pool) {
 #if ME_AMX
   } else if (!std::is_same_v<W, float> && M >= kAmxBf16MinRows && amx_tiles()) {
     // 16-bit weights on AMX-BF16 tiles, x and W each split into two bf16 (gemm_amx.h)
-    if constexpr (!std::is_same_v<W, float>) {
-      thread_local amx::XSplit packed;
-      amx::XSplit& xp = packed;  // this thread's, read by the pool's threads
-      amx::pack_x_bf16(x, M, K, xp, pool);
-      const int chunk = amx::bf16_chunk_rows(K);
-      pool.parallel_for((N + 15) / 16, [&](int64_t b0, int64_t b1) {
-        amx::gemm_bf16_rows(xp, M, K, w, y, LY, b0 * 16, std::min<int64_t>(N, b1 * 16), chunk);
-      });
-      amx::release_if_large(xp);
-    }
+    if constexpr (!std::is_same_v<W, float>) amx::matmul_16bit(x, M, K, w, y, N, LY, pool);
 #endif
 #if ME_GEMM512
   } else if (M >= kPanelMinRows && gemm_wide_vectors()) {

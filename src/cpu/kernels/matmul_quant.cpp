@@ -350,14 +350,7 @@ void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int 
     static_assert(kAmxMinRows == kDequantMinRows);
     if constexpr (!Format<Q>::kPerHalf) {
       if (amx_tiles()) {
-        thread_local amx::XPacked packed;
-        amx::XPacked& xp = packed;  // the pool's threads read this thread's (a thread_local named in the lambda
-                                    // would be each thread's own)
-        amx::pack_x(x, M, K, xp, pool);
-        pool.parallel_for((N + 15) / 16, [&](int64_t b0, int64_t b1) {
-          amx::gemm_rows<Q>(xp, M, w, row_bytes, y, ldy, b0 * 16, std::min<int64_t>(N, b1 * 16));
-        });
-        amx::release_if_large(xp);
+        amx::quant_matmul<Q>(x, M, K, w, row_bytes, y, N, ldy, pool);
         return;
       }
     }
