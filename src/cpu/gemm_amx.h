@@ -117,26 +117,6 @@ inline void pack_x(const float* x, int M, int K, XPacked& p, ThreadPool& pool) {
   });
 }
 
-// C tiles kHi, kLo = A (tile 0: codes, u8 or i8 when kSigned) . B (tile 1: x's high bytes, i8; tile 2: its low
-// bytes, u8)
-template <int kHi, int kLo, bool kSigned>
-inline void products() {
-  _tile_zero(kHi);
-  _tile_zero(kLo);
-  if constexpr (kSigned) {
-    _tile_dpbssd(kHi, 0, 1);
-    _tile_dpbsud(kLo, 0, 2);
-  } else {
-    _tile_dpbusd(kHi, 0, 1);
-    _tile_dpbuud(kLo, 0, 2);
-  }
-}
-template <int kHi, int kLo>
-inline void store_pair(int32_t* c_hi, int32_t* c_lo) {
-  _tile_stored(kHi, c_hi, 64);
-  _tile_stored(kLo, c_lo, 64);
-}
-
 // y[m, n] for n in [n0, n1) (n0 a multiple of 16), every row of x
 template <QuantType Q>
 void gemm_rows(const XPacked& xp, int M, const uint8_t* w, int64_t row_bytes, float* y, int64_t ldy, int64_t n0,
@@ -186,20 +166,45 @@ void gemm_rows(const XPacked& xp, int M, const uint8_t* w, int64_t row_bytes, fl
     for (int t = 0; t < xp.tiles; ++t) {
       const int8_t* hi = xp.hi.data() + size_t(t) * G * 512;
       const uint8_t* lo = xp.lo.data() + size_t(t) * G * 512;
-      // group g's products into C tiles 3, 4 (g even) or 5, 6 (g odd): tile numbers are immediates
+      // group g's products into C tiles 3, 4 (g even) or 5, 6 (g odd): GCC's tile intrinsics are macros that
+      // paste the tile number into the instruction, so each pair is spelled out
       auto issue = [&](int g) {
         _tile_loadd(0, A + size_t(g) * 512, 32);
         _tile_loadd(1, hi + size_t(g) * 512, 64);
         _tile_loadd(2, lo + size_t(g) * 512, 64);
-        if (g & 1) products<5, 6, F::kSigned>();
-        else products<3, 4, F::kSigned>();
+        if (g & 1) {
+          _tile_zero(5);
+          _tile_zero(6);
+          if constexpr (F::kSigned) {
+            _tile_dpbssd(5, 0, 1);
+            _tile_dpbsud(6, 0, 2);
+          } else {
+            _tile_dpbusd(5, 0, 1);
+            _tile_dpbuud(6, 0, 2);
+          }
+        } else {
+          _tile_zero(3);
+          _tile_zero(4);
+          if constexpr (F::kSigned) {
+            _tile_dpbssd(3, 0, 1);
+            _tile_dpbsud(4, 0, 2);
+          } else {
+            _tile_dpbusd(3, 0, 1);
+            _tile_dpbuud(4, 0, 2);
+          }
+        }
       };
       __m512 acc[16];  // acc[n][m]: lanes are rows of x
       for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
       issue(0);
       for (int g = 0; g < G; ++g) {
-        if (g & 1) store_pair<5, 6>(c_hi, c_lo);
-        else store_pair<3, 4>(c_hi, c_lo);
+        if (g & 1) {
+          _tile_stored(5, c_hi, 64);
+          _tile_stored(6, c_lo, 64);
+        } else {
+          _tile_stored(3, c_hi, 64);
+          _tile_stored(4, c_lo, 64);
+        }
         if (g + 1 < G) issue(g + 1);
         const __m512 sums = _mm512_loadu_ps(xp.sums.data() + (size_t(t) * G + g) * 16);
         const __m512 d = _mm512_loadu_ps(xp.scale.data() + (size_t(t) * G + g) * 16);
