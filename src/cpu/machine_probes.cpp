@@ -16,6 +16,7 @@
 
 #include "gemm_amx.h"
 #include "gemm_panels.h"
+#include "gemm_quant_panels.h"
 #include "simd.h"
 #include "thread_pool.h"
 
@@ -174,19 +175,17 @@ bool gemm_wide_vectors() {
 }
 #endif
 
+#if ME_AMX
 namespace {
 // Whether the kernel lets this process use AMX's tile data (Linux asks for it per process since 5.16).
 bool amx_granted() {
-#if ME_AMX
   if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8") || !__builtin_cpu_supports("amx-bf16"))
     return false;
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-#else
-  return false;
-#endif
 }
 }  // namespace
+#endif
 
 bool amx_tiles() {
   static const bool on = [] {
@@ -230,6 +229,13 @@ std::vector<int> gemm_vector_bits() {
 #endif
 }
 
+#if ME_QUANT_PANELS
+static_assert(qpanel::kMR == 4 && qpanel::kUnit == 16);
+constexpr const char* kQuantPanelNote = "; quantized weights from 6 rows: int16 panels 4x16 (VNNI dpwssd), W packed per call";
+#else
+constexpr const char* kQuantPanelNote = "";
+#endif
+
 const char* gemm_description() {
 #if ME_GEMM512
   static_assert(kTileRows == 8 && kTileW == 3);
@@ -239,11 +245,12 @@ const char* gemm_description() {
                                       : "register tiles 8x3 (AVX-512 registers, 256-bit FMA)") +
       (amx_tiles() ? "; AMX tiles for f16 / bf16 weights from " + std::to_string(kAmxBf16MinRows) +
                          " rows (bf16 x 2 split) and quantized ones from " + std::to_string(kAmxMinRows) + " (int8 x 2)"
-                   : std::string());
+                   : std::string(kQuantPanelNote));
   return d.c_str();
 #elif ME_AVX2 && defined(__AVX512VL__)
   static_assert(kTileRows == 8 && kTileW == 3);
-  return "register tiles 8x3 (AVX-512VL registers, 256-bit FMA)";
+  static const std::string d = std::string("register tiles 8x3 (AVX-512VL registers, 256-bit FMA)") + kQuantPanelNote;
+  return d.c_str();
 #elif ME_AVX2
   return "register tiles 6x2 (AVX2 + FMA + F16C)";
 #elif ME_NEON

@@ -30,13 +30,15 @@ inline float f16_at(const uint8_t* p) {
 #endif
 }
 
-// Rows of activations quantized to int16, one scale per chunk of 256 (8 groups of 32, the kernels' step):
-// x[r, 32 g + i] ~ d[r, g / 8] * q[r, g, i] (|q| <= 32767: a rounding of ~1.5e-5 of the chunk's largest value,
+// Rows of activations quantized to int16, one scale per chunk of S groups of 32 (S = 8, 256 weights: the GEMV's
+// step; S = 1 for the batched kernels of gemm_quant_panels.h, whose prefill rows then stay float-like too):
+// x[r, 32 g + i] ~ d[r, g / S] * q[r, g, i] (|q| <= 32767: a rounding of ~1.5e-5 of the chunk's largest value,
 // float-like logits where llama.cpp's int8 activations move them by ~1), and per half of each group
 // s0 / s1 [r, g] = d * sum(q[r, g, 0..15]) / (16..31) for the formats' b terms.
 struct XRows {
   int G = 0;                   // groups per row (K / 32)
-  int C = 0;                   // chunks per row (ceil(G / 8))
+  int C = 0;                   // chunks per row (ceil(G / S))
+  int S = 8;                   // groups per chunk
   const int16_t* q = nullptr;  // [M, G, 32]
   const float* d = nullptr;    // [M, C]
   const float* s0 = nullptr;   // [M, G] (+ 8 readable floats past the last row)
@@ -47,13 +49,13 @@ struct XRows {
 struct XRowsBuffer {
   std::vector<int16_t> q;
   std::vector<float> d, s0, s1;
-  XRows resize(int M, int G) {
-    const int C = (G + 7) / 8;
+  XRows resize(int M, int G, int S = 8) {
+    const int C = (G + S - 1) / S;
     q.resize(size_t(M) * G * 32);
     d.resize(size_t(M) * C);
     s0.assign(size_t(M) * G + 8, 0.0f);
     s1.assign(size_t(M) * G + 8, 0.0f);
-    return XRows{G, C, q.data(), d.data(), s0.data(), s1.data()};
+    return XRows{G, C, S, q.data(), d.data(), s0.data(), s1.data()};
   }
 };
 

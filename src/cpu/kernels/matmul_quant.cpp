@@ -5,7 +5,9 @@
 // NEON: vmlal on the codes widened to int16; plain C++ elsewhere), scaled once per group.
 // A weight group is decoded once for up to 4 rows of x. Rows of x go in blocks of kRowBlock against the
 // thread's share of W (which stays in L2 between blocks); decode (1-4 rows) streams W once. From
-// kDequantMinRows rows W is dequantized to f32 slabs for the float GEMM tiles instead.
+// kDequantMinRows rows (batched decode, prefill): Intel's AMX tiles where the CPU has them (gemm_amx.h), else on
+// AVX-512 VNNI W repacked per call into panels whose lanes are W rows (gemm_quant_panels.h), else W dequantized to
+// f32 slabs for the float GEMM's tiles or 512-bit panels.
 // embedding_<q>: the table's rows dequantized on gather.
 #include <algorithm>
 #include <cmath>
@@ -21,6 +23,7 @@
 #include "../cpu_kernels.h"
 #include "../gemm_amx.h"
 #include "../gemm_panels.h"
+#include "../gemm_quant_panels.h"
 #include "../gemm_tiles.h"
 #include "../quant_blocks.h"
 #include "metal_engine/dtype.h"
@@ -43,7 +46,7 @@ void quantize_x_row(const float* x, int K, const XRows& rows, int r) {
   float* s0row = const_cast<float*>(rows.s0) + size_t(r) * G;
   float* s1row = const_cast<float*>(rows.s1) + size_t(r) * G;
   for (int c = 0; c < rows.C; ++c) {
-    const int g0 = 8 * c, n = std::min(8, G - g0);
+    const int g0 = rows.S * c, n = std::min(rows.S, G - g0);
     const float* v = x + 32 * g0;
     float am = 0;
 #if ME_AVX2
@@ -353,6 +356,21 @@ void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int 
         amx::quant_matmul<Q>(x, M, K, w, row_bytes, y, N, ldy, pool);
         return;
       }
+    }
+#endif
+#if ME_QUANT_PANELS
+    bool float_panels = false;  // where the float matmul's 512-bit panels run (their own measurements), keep them
+#if ME_GEMM512
+    float_panels = M >= kPanelMinRows && gemm_wide_vectors();
+#endif
+    if (!float_panels) {
+      thread_local XRowsBuffer pbuf;
+      const XRows xq = pbuf.resize(M, K / 32, 1);  // a scale per group
+      pool.parallel_for(M, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) quantize_x_row(x + m * K, K, xq, int(m));
+      });
+      qpanel::gemm<Q>(xq, M, w, row_bytes, y, N, ldy, pool);
+      return;
     }
 #endif
     dequant_gemm<Q>(x, M, K, w, row_bytes, y, N, ldy, pool);

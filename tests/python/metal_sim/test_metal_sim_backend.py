@@ -278,7 +278,9 @@ def test_quantized_mix_with_biases_in_16bit_activations(tmp_path, monkeypatch):
     got = run(ckpt, METAL, "float16", QUANT_PROMPTS, decode_steps=3, profile=profile,
               forced=decoded(ref, QUANT_PROMPTS))
     scale = max(np.abs(l).max() for l, _ in ref)
-    assert_same(ref, got, 2e-2 * scale)
+    # f16 activations on Metal against the cpu's f32 ones, whose matmuls quantize x to int16 (per group of 32): that
+    # alone moves this random model's logits (|l| up to ~160) by up to ~1, the f16 activations by ~2.8
+    assert_same(ref, got, 2.5e-2 * scale)
     for kernel in ("matmul_gemm_q4_k_act_f16", "matmul_gemv_q6_k_act_f16", "embedding_q6_k_act_f16"):
         assert profile.get(kernel, (0, 0))[0] > 0, f"{kernel} never ran: {sorted(profile)}"
     assert any(k.endswith("_act_f16_logits") and "q6_k" in k for k in profile), sorted(profile)
