@@ -1,21 +1,21 @@
 // y = x W^T for quantized W from 6 rows of x (batched decode, prefill; kDequantMinRows in matmul_quant.cpp) on
-// AVX-512 VNNI CPUs where AMX does not run: W repacked per call, 16 rows at a time, into panels whose 32-bit lanes
+// AVX-512 VNNI CPUs where AMX does not run: W repacked per call, 24 rows at a time, into panels whose 32-bit lanes
 // are W rows, so one dpwssd does 8 W rows x 2 weights of one row of x and the float work per group of 32 weights
 // (scales, the b terms) is shared by 8 W rows instead of being paid per row (the GEMV's lanes are weights).
 // - x: each row quantized once to int16 per group of 32 with the group's own scale (XRows with S = 1; the GEMV's
 //   scale per 256 moved the default model's prefill logits by 0.022, past the tests' 0.02), b-term sums per half.
 // - W: per 8 rows and group of 32, the codes widened to int16 (Format::codes16) and transposed so vector p holds
 //   codes 2p, 2p + 1 of each of the 8 rows (16 vectors), beside the group's scales a[h], b[h] per row (lanes).
-//   A work item packs kUnit = 16 rows of W for every group into a thread_local buffer (L1/L2) and runs a block of
+//   A work item packs kUnit = 24 rows of W for every group into a thread_local buffer (L1/L2) and runs a block of
 //   rows of x against it.
-// - register tile: kMR = 4 rows of x x 16 W rows; per pair of codes p: two vector loads of W, one broadcast of x's
-//   two int16 per row, 8 dpwssd into int32 accumulators; per group (per half for Q6_K) and accumulator one
+// - register tile: kMR = 4 rows of x x 24 W rows; per pair of codes p: three vector loads of W, one broadcast of
+//   x's two int16 per row, 12 dpwssd into int32 accumulators; per group (per half for Q6_K) and accumulator one
 //   convert, one multiply by x's scale, one FMA by a and one by b * sum(x).
-// Measured (Zen 4, 2026-12-04; one thread, the default model's shapes, Q4_1): 16 rows ~133 GFLOP/s and 64 rows
-// ~155 against ~70-85 for the dequantizing tiles and ~90 for f16 weights on the float tiles (x's scale per 256,
-// multiplied once per 8 groups, was 3-4% faster). Tried: codes packed as bytes and widened in the kernel (half the
-// packing work; equal at 16 rows, 4% slower at 64) and two sets of integer accumulators (dpwssd's latency; the
-// extra epilogue made it 12% slower).
+// Measured (Zen 4, 2026-12-04; one thread, the default model's shapes, Q4_1): 16 rows ~140 GFLOP/s and 64 rows
+// ~162 against ~70-85 for the dequantizing tiles and ~90 for f16 weights on the float tiles (16 W rows per tile:
+// 5-7% slower; x's scale per 256, multiplied once per 8 groups: 3-4% faster, but see above). Tried: codes packed
+// as bytes and widened in the kernel (half the packing work; equal at 16 rows, 4% slower at 64) and two sets of
+// integer accumulators (dpwssd's latency; the extra epilogue made it 12% slower).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -36,9 +36,9 @@ namespace metal_engine::cpu {
 namespace qpanel {
 
 constexpr int kLanes = 8;  // W rows per vector
-constexpr int kNW = 2;     // vectors of W rows per register tile
+constexpr int kNW = 3;     // vectors of W rows per register tile
 constexpr int kUnit = kLanes * kNW;
-constexpr int kMR = 4;  // rows of x per register tile: 8 x 3 accumulators of AVX-512VL's 32 ymm registers
+constexpr int kMR = 4;  // rows of x per register tile: 2 x 12 accumulators of AVX-512VL's 32 ymm registers
 
 // 8 rows of W, one group of 32 weights: codes[p] lane j = row j's codes 2p, 2p + 1 (int16); a[h], b[h] lane j =
 // row j's scales of half h (16 weights)
@@ -70,7 +70,7 @@ inline void transpose8(const __m256i* in, __m256i* out) {
   }
 }
 
-// rows n0 .. n0 + 15 of W (zeros past N) -> pk[G][kNW]. Scales: a whole chunk of 8 groups per row by
+// rows n0 .. n0 + kUnit - 1 of W (zeros past N) -> pk[G][kNW]. Scales: a whole chunk of 8 groups per row by
 // Format::chunk (lanes: groups), transposed to lanes = rows; the last chunk of a row not a multiple of 256 one
 // group at a time.
 template <QuantType Q>
@@ -142,7 +142,7 @@ void pack_unit(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t N, int G
   }
 }
 
-// y[m0 + r, n0 .. n0 + 15] (columns < N) for r < MR; x has a scale per group (XRows::S == 1)
+// y[m0 + r, n0 .. n0 + kUnit - 1] (columns < N) for r < MR; x has a scale per group (XRows::S == 1)
 template <bool kPerHalf, int MR>
 void tile(const Group* pk, const XRows& x, int m0, float* y, int64_t ldy, int64_t n0, int64_t N) {
   const int G = x.G;

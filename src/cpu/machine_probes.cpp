@@ -230,8 +230,8 @@ std::vector<int> gemm_vector_bits() {
 }
 
 #if ME_QUANT_PANELS
-static_assert(qpanel::kMR == 4 && qpanel::kUnit == 16);
-constexpr const char* kQuantPanelNote = "; quantized weights from 6 rows: int16 panels 4x16 (VNNI dpwssd), W packed per call";
+static_assert(qpanel::kMR == 4 && qpanel::kUnit == 24);
+constexpr const char* kQuantPanelNote = "; quantized weights from 6 rows: int16 panels 4x24 (VNNI dpwssd), W packed per call";
 #else
 constexpr const char* kQuantPanelNote = "";
 #endif
