@@ -53,12 +53,21 @@ bash tests/check_arm64.sh "$BUILD/example/greedy_generate"
 # The kernels' AVX2-only and plain C++ paths (a native build here takes the AVX-512VL one).
 bash tests/check_isa_paths.sh
 # The native GEMM's vector widths (256 and 512 bits with AVX-512, one picked at start-up): each through the cpu
-# matmul and MoE op tests (the quantized ones through their dequantizing path: AMX off).
+# matmul and MoE op tests (the quantized ones through their dequantizing path: AMX and the int16 panels off).
 for bits in $("$PY" -c "from metal_engine import _core; print(*_core.cpu_gemm_bits())"); do
   echo "cpu matmul op tests, GEMM tiles of $bits-bit vectors:"
-  METAL_ENGINE_CPU_AMX=0 METAL_ENGINE_CPU_GEMM_BITS=$bits "$PY" -m pytest -q -p no:cacheprovider tests/python/ops \
-    -k "test_cpu_against_float64 and (matmul or moe)"
+  METAL_ENGINE_CPU_AMX=0 METAL_ENGINE_CPU_QUANT_PANELS=0 METAL_ENGINE_CPU_GEMM_BITS=$bits "$PY" -m pytest -q \
+    -p no:cacheprovider tests/python/ops -k "test_cpu_against_float64 and (matmul or moe)"
 done
+# The quantized matmuls of 6+ rows on int16 panels where this build has them (AVX-512 VNNI; the default where AMX
+# does not run), at each GEMM width (the float panels keep 256+ rows at 512 bits).
+if [ "$("$PY" -c "from metal_engine import _core; print(int(True in _core.cpu_quant_panels_choices()))")" = 1 ]; then
+  for bits in $("$PY" -c "from metal_engine import _core; print(*_core.cpu_gemm_bits())"); do
+    echo "cpu quantized matmul op tests, int16 panels, GEMM width $bits:"
+    METAL_ENGINE_CPU_AMX=0 METAL_ENGINE_CPU_QUANT_PANELS=1 METAL_ENGINE_CPU_GEMM_BITS=$bits "$PY" -m pytest -q \
+      -p no:cacheprovider tests/python/ops -k "test_cpu_against_float64 and (matmul or moe)"
+  done
+fi
 # The quantized matmuls of 6+ rows on AMX tiles, where this machine has them (the default there), and off.
 for amx in $("$PY" -c "from metal_engine import _core; print(*(int(c) for c in _core.cpu_amx_choices()))"); do
   echo "cpu quantized matmul op tests, METAL_ENGINE_CPU_AMX=$amx:"

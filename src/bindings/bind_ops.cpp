@@ -128,6 +128,12 @@ void init_ops(nb::module_& m) {
         "where this build and machine run them on AMX tiles (the default there; METAL_ENGINE_CPU_AMX=0 or 1 "
         "forces it), else [False].");
   m.def("cpu_amx", &cpu::amx_tiles, "Whether the cpu matmuls of many rows run on AMX tiles in this process.");
+  m.def("cpu_quant_panels_choices", &cpu::quant_panels_choices,
+        "The cpu quantized matmul's choices for 6+ rows where AMX does not run: [False, True] where this build has "
+        "its int16 panels (AVX-512 VNNI; the default; METAL_ENGINE_CPU_QUANT_PANELS=0 dequantizes W for the float "
+        "GEMM instead), else [False].");
+  m.def("cpu_quant_panels", &cpu::quant_panels,
+        "Whether the cpu quantized matmuls of 6+ rows run on int16 panels in this process (where AMX does not).");
   m.def("cpu_moe_expert_matmuls", &cpu::moe_expert_matmuls,
         "Expert weight matrices the cpu moe_matmul kernel has streamed since the process started.");
   m.def("cpu_blas", &cpu::blas_name, "The BLAS behind the cpu backend's prefill attention, or 'none'.");

@@ -78,6 +78,7 @@ class CpuDevice : public Device {
   explicit CpuDevice(int num_threads) : pool_(num_threads) {
     gemm_wide_vectors();  // chosen (or a bad METAL_ENGINE_CPU_GEMM_BITS refused) here, not in a first step's GEMM
     amx_tiles();     // likewise METAL_ENGINE_CPU_AMX
+    quant_panels();  // and METAL_ENGINE_CPU_QUANT_PANELS
     add_embedding_kernels(table_);
     add_rms_norm_kernels(table_);
     add_matmul_kernels(table_);

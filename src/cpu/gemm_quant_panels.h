@@ -1,5 +1,6 @@
 // y = x W^T for quantized W from 6 rows of x (batched decode, prefill; kDequantMinRows in matmul_quant.cpp) on
-// AVX-512 VNNI CPUs where AMX does not run: W repacked per call, 24 rows at a time, into panels whose 32-bit lanes
+// AVX-512 VNNI CPUs where AMX does not run (METAL_ENGINE_CPU_QUANT_PANELS=0 turns it off: machine_probes.h),
+// except from 256 rows where the float GEMM's 512-bit panels run: W repacked per call, 24 rows at a time, into panels whose 32-bit lanes
 // are W rows, so one dpwssd does 8 W rows x 2 weights of one row of x and the float work per group of 32 weights
 // (scales, the b terms) is shared by 8 W rows instead of being paid per row (the GEMV's lanes are weights).
 // - x: each row quantized once to int16 per group of 32 with the group's own scale (XRows with S = 1; the GEMV's
@@ -212,8 +213,20 @@ void gemm(const XRows& xq, int M, const uint8_t* w, int64_t row_bytes, float* y,
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t n0 = u * kUnit;
         pack_unit<Q>(w, row_bytes, n0, N, xq.G, pk.data());
+        // the next unit's rows of W (contiguous) prefetched into L2 a slice per tile while this one's tiles run:
+        // the packing reads 8 rows a group at a time, which the hardware prefetchers follow poorly from memory
+        const uint8_t* next = w + std::min<int64_t>(N, n0 + kUnit) * row_bytes;
+        const int64_t next_bytes = (u + 1 < u1 ? std::min<int64_t>(kUnit, N - n0 - kUnit) : 0) * row_bytes;
+        const int tiles = std::max(1, (me - mb) / kMR);
+        const int64_t slice = (next_bytes / 64 + tiles - 1) / tiles * 64;
+        int64_t pf = 0;
         int m0 = mb;
-        for (; m0 + kMR <= me; m0 += kMR) tile<F::kPerHalf, kMR>(pk.data(), xq, m0, y, ldy, n0, N);
+        for (; m0 + kMR <= me; m0 += kMR) {
+          for (const int64_t end = std::min(next_bytes, pf + slice); pf < end; pf += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(next + pf), _MM_HINT_T1);
+          tile<F::kPerHalf, kMR>(pk.data(), xq, m0, y, ldy, n0, N);
+        }
+        for (; pf < next_bytes; pf += 64) _mm_prefetch(reinterpret_cast<const char*>(next + pf), _MM_HINT_T1);
         switch (me - m0) {
           case 1: tile<F::kPerHalf, 1>(pk.data(), xq, m0, y, ldy, n0, N); break;
           case 2: tile<F::kPerHalf, 2>(pk.data(), xq, m0, y, ldy, n0, N); break;

@@ -221,6 +221,34 @@ std::vector<bool> amx_choices() {
   return {false};
 }
 
+bool quant_panels() {
+  static const bool on = [] {
+    const char* env = std::getenv("METAL_ENGINE_CPU_QUANT_PANELS");
+    const std::string v = env ? env : "";
+    if (!v.empty() && v != "0" && v != "1")
+      throw std::invalid_argument("METAL_ENGINE_CPU_QUANT_PANELS='" + v + "': 0 (the quantized matmuls of " +
+                                  std::to_string(kAmxMinRows) + "+ rows dequantize W for the float GEMM) or 1 (they "
+                                  "run on int16 panels, with AVX-512 VNNI); unset: the panels where built");
+#if ME_QUANT_PANELS
+    return v != "0";
+#else
+    if (v == "1")
+      throw std::invalid_argument("METAL_ENGINE_CPU_QUANT_PANELS=1: this build of the cpu kernels has no int16 panels "
+                                  "(built without AVX-512 VNNI); 0 or unset");
+    return false;
+#endif
+  }();
+  return on;
+}
+
+std::vector<bool> quant_panels_choices() {
+#if ME_QUANT_PANELS
+  return {false, true};
+#else
+  return {false};
+#endif
+}
+
 std::vector<int> gemm_vector_bits() {
 #if ME_GEMM512
   return {256, 512};
@@ -245,11 +273,12 @@ const char* gemm_description() {
                                       : "register tiles 8x3 (AVX-512 registers, 256-bit FMA)") +
       (amx_tiles() ? "; AMX tiles for f16 / bf16 weights from " + std::to_string(kAmxBf16MinRows) +
                          " rows (bf16 x 2 split) and quantized ones from " + std::to_string(kAmxMinRows) + " (int8 x 2)"
-                   : std::string(kQuantPanelNote));
+                   : std::string(quant_panels() ? kQuantPanelNote : ""));
   return d.c_str();
 #elif ME_AVX2 && defined(__AVX512VL__)
   static_assert(kTileRows == 8 && kTileW == 3);
-  static const std::string d = std::string("register tiles 8x3 (AVX-512VL registers, 256-bit FMA)") + kQuantPanelNote;
+  static const std::string d =
+      std::string("register tiles 8x3 (AVX-512VL registers, 256-bit FMA)") + (quant_panels() ? kQuantPanelNote : "");
   return d.c_str();
 #elif ME_AVX2
   return "register tiles 6x2 (AVX2 + FMA + F16C)";

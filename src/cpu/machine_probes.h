@@ -31,4 +31,11 @@ bool amx_tiles();
 // The choices this build and machine have: {false, true} where AMX runs, else {false}.
 std::vector<bool> amx_choices();
 
+// Whether the quantized matmuls of 6+ rows run on the int16 panels of gemm_quant_panels.h (AVX-512 VNNI builds)
+// where AMX does not: METAL_ENGINE_CPU_QUANT_PANELS=0 never (W dequantized for the float GEMM), =1 or unset where
+// the build has them (1 elsewhere: a std::invalid_argument naming why). Decided once per process.
+bool quant_panels();
+// {false, true} where the build has them, else {false}.
+std::vector<bool> quant_panels_choices();
+
 }  // namespace metal_engine::cpu

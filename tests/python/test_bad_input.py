@@ -198,6 +198,25 @@ def test_bad_gemm_width_env(tiny_checkpoints):
     assert p.returncode == 1 and "ValueError: METAL_ENGINE_CPU_GEMM_BITS='384'" in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.parametrize("value, message", [("2", "METAL_ENGINE_CPU_QUANT_PANELS='2'"),
+                                            ("1", "METAL_ENGINE_CPU_QUANT_PANELS=1")])
+def test_bad_quant_panels_env(tiny_checkpoints, value, message):
+    """METAL_ENGINE_CPU_QUANT_PANELS (the quantized matmul of 6+ rows on int16 panels) is read once per process: a
+    value other than 0 / 1 is refused, and 1 where this build has no panels names why."""
+    import os
+    import subprocess
+    import sys
+
+    from metal_engine import _core
+
+    if value == "1" and True in _core.cpu_quant_panels_choices():
+        pytest.skip("this build has the int16 panels: METAL_ENGINE_CPU_QUANT_PANELS=1 is valid here")
+    code = "import sys, metal_engine; metal_engine.Engine(sys.argv[1], backend='cpu')"
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoints["llama"])], capture_output=True, text=True,
+                       env={**os.environ, "METAL_ENGINE_CPU_QUANT_PANELS": value}, timeout=120)
+    assert p.returncode == 1 and f"ValueError: {message}" in p.stderr, p.stderr[-2000:]
+
+
 @pytest.mark.parametrize("value, message", [("yes", "METAL_ENGINE_CPU_AMX='yes'"), ("1", "METAL_ENGINE_CPU_AMX=1")])
 def test_bad_amx_env(tiny_checkpoints, value, message):
     """METAL_ENGINE_CPU_AMX (the quantized matmul of 6+ rows on AMX tiles) is read once per process: a value other

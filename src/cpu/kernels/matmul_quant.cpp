@@ -363,7 +363,7 @@ void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int 
 #if ME_GEMM512
     float_panels = M >= kPanelMinRows && gemm_wide_vectors();
 #endif
-    if (!float_panels) {
+    if (!float_panels && quant_panels()) {
       thread_local XRowsBuffer pbuf;
       const XRows xq = pbuf.resize(M, K / 32, 1);  // a scale per group
       pool.parallel_for(M, [&](int64_t m0, int64_t m1) {
