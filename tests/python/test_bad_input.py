@@ -186,50 +186,29 @@ def test_positions_must_match_seq_lens(tiny_checkpoints):
         eng.step(toks, np.array([0, 5, 2]), np.array([0, 3]), np.array([3]), bt, slots)
 
 
-def test_bad_gemm_width_env(tiny_checkpoints):
-    """METAL_ENGINE_CPU_GEMM_BITS (the cpu GEMM's vector width) is read once per process: a fresh one."""
-    import os
-    import subprocess
-    import sys
-
-    code = "import sys, metal_engine; metal_engine.Engine(sys.argv[1], backend='cpu')"
-    p = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoints["llama"])], capture_output=True, text=True,
-                       env={**os.environ, "METAL_ENGINE_CPU_GEMM_BITS": "384"}, timeout=120)
-    assert p.returncode == 1 and "ValueError: METAL_ENGINE_CPU_GEMM_BITS='384'" in p.stderr, p.stderr[-2000:]
-
-
-@pytest.mark.parametrize("value, message", [("2", "METAL_ENGINE_CPU_QUANT_PANELS='2'"),
-                                            ("1", "METAL_ENGINE_CPU_QUANT_PANELS=1")])
-def test_bad_quant_panels_env(tiny_checkpoints, value, message):
-    """METAL_ENGINE_CPU_QUANT_PANELS (the quantized matmul of 6+ rows on int16 panels) is read once per process: a
-    value other than 0 / 1 is refused, and 1 where this build has no panels names why."""
-    import os
-    import subprocess
-    import sys
-
-    from metal_engine import _core
-
-    if value == "1" and True in _core.cpu_quant_panels_choices():
-        pytest.skip("this build has the int16 panels: METAL_ENGINE_CPU_QUANT_PANELS=1 is valid here")
-    code = "import sys, metal_engine; metal_engine.Engine(sys.argv[1], backend='cpu')"
-    p = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoints["llama"])], capture_output=True, text=True,
-                       env={**os.environ, "METAL_ENGINE_CPU_QUANT_PANELS": value}, timeout=120)
-    assert p.returncode == 1 and f"ValueError: {message}" in p.stderr, p.stderr[-2000:]
+# The cpu kernels' run-time choices, each read once per process (so each case starts a fresh one): a value outside
+# the choices is refused, and asking for a path this build or machine lacks names why (skipped where it has it).
+# (variable, value, the error's start, the `_core` function listing the choices where `value` is valid, or None)
+CPU_ENV_CASES = [
+    ("METAL_ENGINE_CPU_GEMM_BITS", "384", "METAL_ENGINE_CPU_GEMM_BITS='384'", None),  # the GEMM's vector width
+    ("METAL_ENGINE_CPU_AMX", "yes", "METAL_ENGINE_CPU_AMX='yes'", None),  # quantized 6+ rows on AMX tiles
+    ("METAL_ENGINE_CPU_AMX", "1", "METAL_ENGINE_CPU_AMX=1", "cpu_amx_choices"),
+    ("METAL_ENGINE_CPU_QUANT_PANELS", "2", "METAL_ENGINE_CPU_QUANT_PANELS='2'", None),  # ... on int16 panels
+    ("METAL_ENGINE_CPU_QUANT_PANELS", "1", "METAL_ENGINE_CPU_QUANT_PANELS=1", "cpu_quant_panels_choices"),
+]
 
 
-@pytest.mark.parametrize("value, message", [("yes", "METAL_ENGINE_CPU_AMX='yes'"), ("1", "METAL_ENGINE_CPU_AMX=1")])
-def test_bad_amx_env(tiny_checkpoints, value, message):
-    """METAL_ENGINE_CPU_AMX (the quantized matmul of 6+ rows on AMX tiles) is read once per process: a value other
-    than 0 / 1 is refused, and 1 where this build or machine has no AMX names why."""
+@pytest.mark.parametrize("var, value, message, choices", CPU_ENV_CASES, ids=[f"{c[0]}={c[1]}" for c in CPU_ENV_CASES])
+def test_bad_cpu_kernel_env(tiny_checkpoints, var, value, message, choices):
     import os
     import subprocess
     import sys
 
     from metal_engine import _core
 
-    if value == "1" and True in _core.cpu_amx_choices():
-        pytest.skip("this machine runs AMX: METAL_ENGINE_CPU_AMX=1 is valid here")
+    if choices and True in getattr(_core, choices)():
+        pytest.skip(f"this build and machine have the path: {var}={value} is valid here")
     code = "import sys, metal_engine; metal_engine.Engine(sys.argv[1], backend='cpu')"
     p = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoints["llama"])], capture_output=True, text=True,
-                       env={**os.environ, "METAL_ENGINE_CPU_AMX": value}, timeout=120)
+                       env={**os.environ, var: value}, timeout=120)
     assert p.returncode == 1 and f"ValueError: {message}" in p.stderr, p.stderr[-2000:]
