@@ -1,8 +1,9 @@
 // y = x W^T for quantized W from 6 rows of x (batched decode, prefill; kDequantMinRows in matmul_quant.cpp) on
 // AVX-512 VNNI CPUs where AMX does not run (METAL_ENGINE_CPU_QUANT_PANELS=0 turns it off: machine_probes.h),
-// except from 256 rows where the float GEMM's 512-bit panels run: W repacked per call, 24 rows at a time, into panels whose 32-bit lanes
-// are W rows, so one dpwssd does 8 W rows x 2 weights of one row of x and the float work per group of 32 weights
-// (scales, the b terms) is shared by 8 W rows instead of being paid per row (the GEMV's lanes are weights).
+// except from 256 rows where the float GEMM's 512-bit panels run: W repacked per call, 24 rows at a time, into
+// panels whose 32-bit lanes are W rows, so one dpwssd does 8 W rows x 2 weights of one row of x and the float work
+// per group of 32 weights (scales, the b terms) is shared by 8 W rows instead of being paid per row (the GEMV's
+// lanes are weights).
 // - x: each row quantized once to int16 per group of 32 with the group's own scale (XRows with S = 1; the GEMV's
 //   scale per 256 moved the default model's prefill logits by 0.022, past the tests' 0.02), b-term sums per half.
 // - W: per 8 rows and group of 32, the codes widened to int16 (Format::codes16) and transposed so vector p holds

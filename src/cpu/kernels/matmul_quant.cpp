@@ -345,6 +345,21 @@ void dequant_gemm(const float* x, int M, int K, const uint8_t* w, int64_t row_by
   });
 }
 
+// x [M, K] quantized row by row (on the pool from 5 rows) into the calling thread's buffer, a scale per S groups
+// (XRows: 8 for the GEMV passes, 1 for the int16 panels)
+XRows quantize_rows(const float* x, int M, int K, int S, ThreadPool& pool) {
+  thread_local XRowsBuffer buf;
+  const XRows xq = buf.resize(M, K / 32, S);
+  if (M <= kMaxRowsPerPass) {
+    for (int m = 0; m < M; ++m) quantize_x_row(x + int64_t(m) * K, K, xq, m);
+  } else {
+    pool.parallel_for(M, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) quantize_x_row(x + m * K, K, xq, int(m));
+    });
+  }
+  return xq;
+}
+
 template <QuantType Q>
 void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int N, int ldy, ThreadPool& pool) {
   const int64_t row_bytes = quant_row_bytes(Q, K);
@@ -364,28 +379,18 @@ void quant_matmul(const float* x, int M, int K, const uint8_t* w, float* y, int 
     float_panels = M >= kPanelMinRows && gemm_wide_vectors();
 #endif
     if (!float_panels && quant_panels()) {
-      thread_local XRowsBuffer pbuf;
-      const XRows xq = pbuf.resize(M, K / 32, 1);  // a scale per group
-      pool.parallel_for(M, [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; ++m) quantize_x_row(x + m * K, K, xq, int(m));
-      });
-      qpanel::gemm<Q>(xq, M, w, row_bytes, y, N, ldy, pool);
+      qpanel::gemm<Q>(quantize_rows(x, M, K, 1, pool), M, w, row_bytes, y, N, ldy, pool);  // a scale per group
       return;
     }
 #endif
     dequant_gemm<Q>(x, M, K, w, row_bytes, y, N, ldy, pool);
     return;
   }
-  thread_local XRowsBuffer xbuf;
-  const XRows xq = xbuf.resize(M, K / 32);
+  const XRows xq = quantize_rows(x, M, K, 8, pool);
   if (M <= kMaxRowsPerPass) {
-    for (int m = 0; m < M; ++m) quantize_x_row(x + int64_t(m) * K, K, xq, m);
     pool.parallel_for(N, [&](int64_t n0, int64_t n1) { rows_pass<Q>(w, row_bytes, xq, 0, M, y, ldy, n0, n1); });
     return;
   }
-  pool.parallel_for(M, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) quantize_x_row(x + m * K, K, xq, int(m));
-  });
   pool.parallel_for(N, [&](int64_t n0, int64_t n1) {
     for (int b0 = 0; b0 < M; b0 += kRowBlock)
       for (int m0 = b0; m0 < std::min(M, b0 + kRowBlock); m0 += kMaxRowsPerPass)
