@@ -146,10 +146,11 @@ for dtype in DTYPES:
 # Weights are random blocks (every code, every packed sub-scale); the reference multiplies by gguf-py's
 # dequantization of them, so quantization error is not kernel error. The kernels quantize each row of x to
 # int8 groups of 32: NMSE <= 5e-4 against float64, as llama.cpp's test-backend-ops.
-QUANT_MATMUL_SHAPES = [  # (m, n, k): decode 1-4 rows, 4-row passes and remainders, 64-row blocks, odd n, rows not whole chunks of 256 (NMSE
-    # over 8+ outputs: a single dot product of 32 random terms may cancel to near 0)
+QUANT_MATMUL_SHAPES = [  # (m, n, k): decode 1-4 rows (1 row: blocks of W rows, their prefetch and remainders),
+    # 4-row passes and remainders, 64-row blocks, odd n, rows not whole chunks of 256 (NMSE over 8+ outputs: a single
+    # dot product of 32 random terms may cancel to near 0)
     (1, 16, 32), (1, 17, 256), (2, 33, 512), (3, 100, 768), (4, 31, 256), (5, 16, 256), (7, 65, 512),
-    (13, 8, 256), (9, 21, 576), (64, 40, 256), (67, 33, 768), (130, 20, 256), (257, 40, 256),
+    (13, 8, 256), (9, 21, 576), (1, 40, 576), (1, 40, 768), (64, 40, 256), (67, 33, 768), (130, 20, 256), (257, 40, 256),
 ]
 for fmt, q in QUANT_FORMATS.items():
     for m, n, k in QUANT_MATMUL_SHAPES:
@@ -168,7 +169,7 @@ for fmt, q in QUANT_FORMATS.items():
             case(id=f"matmul_{fmt}-{m}x{n}x{k}-{'bias_' + bias if bias else 'nobias'}", kernel=f"matmul_{fmt}",
                  args=args("MatmulArgs", m=m, n=n, k=k, has_bias=1 + DTYPES.index(bias) if bias else 0),
                  buffers=[x, w, b, np.zeros((m, n), np.float32)], outputs={3: None}, reference=ref, nmse=5e-4)
-    for m in (2, 20):  # y_stride > n, through the integer passes and the dequantized tiles
+    for m in (1, 2, 20):  # y_stride > n, through the decode blocks, the integer passes and the dequantized tiles
         rng = np.random.default_rng([m, q["block_bytes"], 9])
         x = rng.standard_normal((m, 256)).astype(np.float32)
         w = random_quant_rows(fmt, 24, 256, rng)
