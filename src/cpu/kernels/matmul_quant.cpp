@@ -281,17 +281,19 @@ void dot_rows(const uint8_t* wrow, int G, const XRows& x, int r0, float* out) {
 }
 
 #if ME_AVX2
-// One row of x (decode at batch 1) against kGemvRows W rows at a time: per chunk of 8 groups each W row's scales
-// (times x's chunk scale) go to a small stack array and its b terms into the row's accumulator; per group x's 32
-// int16 are loaded once for all the W rows, each row's codes widened and dotted as in dot_rows, one FMA into the
-// row's own accumulator; the rows' sums by one transposing reduction. dot_rows<Q, 1> runs one W row alone: one
-// FMA chain through its groups (a 4-cycle FMA latency per group) and a reduction per W row (rows of 18 groups
-// here). measured (Zen 4, one thread, Q4_1, K = 576, in L1): 1.11 ns per group against 1.45 for dot_rows<Q, 1>.
-// 8 rows with AVX-512's 32 vector registers, 4 with AVX2's 16 (8 accumulators there would spill).
+// Decode (1-4 rows of x) against blocks of W rows: per chunk of 8 groups each W row's scales (times each x row's
+// chunk scale) go to a small stack array and its b terms into the accumulators; per group each x row's 32 int16
+// are loaded once for the block's W rows, each W row's codes widened once and dotted (dpwssd / madd) with every x
+// row, one FMA into that (x row, W row)'s own accumulator; the sums by one transposing reduction per x row and 8 W
+// rows. dot_rows (one W row at a time, the x rows' FMA chains through the row's groups and a reduction per W row)
+// measured 1.45 ns per group at one x row (Zen 4, one thread, Q4_1, K = 576, in L1) against 1.11 here; the
+// model's four matmuls of a layer, one thread: 148 us against 168 at 1 row, 200 / 246 at 2, 278 / 313 at 3, 360 /
+// 379 at 4. W rows per block as measured best there (an x86-64-v3 build on the same machine: 8 for 1 row, 4 for
+// 2-4, 16 accumulators spilling a little but ahead of 2 W rows).
 #if defined(__AVX512F__)
-constexpr int kGemvRows = 8;
+constexpr int kGemvRows[5] = {0, 8, 8, 8, 4};  // W rows per block, by rows of x
 #else
-constexpr int kGemvRows = 4;
+constexpr int kGemvRows[5] = {0, 8, 4, 4, 4};
 #endif
 
 // prefetch (into L2) the lines of [p, p + n bytes)
@@ -301,37 +303,47 @@ inline void prefetch_span(const uint8_t* p, int64_t n) {
     _mm_prefetch(reinterpret_cast<const char*>(l), _MM_HINT_T1);
 }
 
-// out[r] = W row r . x row xr for r < NR, the W rows row_bytes apart from w; `ahead` (or null): the W rows read
-// next, prefetched a chunk at a time beside the same columns of these (the rows are read side by side: NR
-// streams a row apart, which the hardware prefetchers do not follow, and one burst of a block's lines stalls)
-template <QuantType Q, int NR>
-void gemv_rows(const uint8_t* w, int64_t row_bytes, const XRows& x, int xr, float* out, const uint8_t* ahead) {
+// out[m * ldo + r] = W row r . x row m0 + m for r < NR, m < MR, the W rows row_bytes apart from w; `ahead` (or
+// null): the W rows read next, prefetched a chunk at a time beside the same columns of these (the rows are read
+// side by side: NR streams a row apart, which the hardware prefetchers do not follow, and one burst of a block's
+// lines stalls)
+template <QuantType Q, int NR, int MR>
+void gemv_rows(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0, float* out, int64_t ldo,
+               const uint8_t* ahead) {
   using F = Format<Q>;
   constexpr int H = F::kPerHalf ? 2 : 1;  // scales per group
   const int G = x.G;
-  const int16_t* xq = x.q + size_t(xr) * G * 32;
-  const float *xd = x.d + size_t(xr) * x.C, *xs0 = x.s0 + size_t(xr) * G, *xs1 = x.s1 + size_t(xr) * G;
-  alignas(32) float a[H][NR][8];  // [half][W row][group of the chunk] a * x's chunk scale
-  __m256 acc[NR];
+  alignas(32) float a[H][MR][NR][8];  // [half][x row][W row][group of the chunk]: a * x's chunk scale
+  __m256 acc[MR][NR];
 #pragma GCC unroll 8
-  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   // group g + j (j < 8) of every W row (GCC keeps acc in registers only with the loops over rows unrolled)
   auto group = [&](int g, int j) __attribute__((always_inline)) {
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + size_t(g + j) * 32));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + size_t(g + j) * 32 + 16));
+    __m256i x0[MR], x1[MR];
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const int16_t* xq = x.q + (size_t(m0 + m) * G + g + j) * 32;
+      x0[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+      x1[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
+    }
     const size_t at = size_t((g + j) / F::kGroups) * F::kBytes;
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       GroupCodes c;
       F::codes16(w + r * row_bytes + at, (g + j) % F::kGroups, c.lo, c.hi);
-      if constexpr (F::kPerHalf) {
-        const __m256i h0 = GroupCodes::dot16(_mm256_setzero_si256(), c.lo, x0);
-        const __m256i h1 = GroupCodes::dot16(_mm256_setzero_si256(), c.hi, x1);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h0), _mm256_broadcast_ss(&a[0][r][j]), acc[r]);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h1), _mm256_broadcast_ss(&a[H - 1][r][j]), acc[r]);
-      } else {
-        const __m256i d = GroupCodes::dot16(GroupCodes::dot16(_mm256_setzero_si256(), c.lo, x0), c.hi, x1);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(&a[0][r][j]), acc[r]);
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        if constexpr (F::kPerHalf) {
+          const __m256i h0 = GroupCodes::dot16(_mm256_setzero_si256(), c.lo, x0[m]);
+          const __m256i h1 = GroupCodes::dot16(_mm256_setzero_si256(), c.hi, x1[m]);
+          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h0), _mm256_broadcast_ss(&a[0][m][r][j]), acc[m][r]);
+          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h1), _mm256_broadcast_ss(&a[H - 1][m][r][j]), acc[m][r]);
+        } else {
+          const __m256i d = GroupCodes::dot16(GroupCodes::dot16(_mm256_setzero_si256(), c.lo, x0[m]), c.hi, x1[m]);
+          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(&a[0][m][r][j]), acc[m][r]);
+        }
       }
     }
   };
@@ -340,42 +352,67 @@ void gemv_rows(const uint8_t* w, int64_t row_bytes, const XRows& x, int xr, floa
   for (; g + 8 <= G; g += 8) {
     if (ahead)
       for (int r = 0; r < NR; ++r) prefetch_span(ahead + r * row_bytes + g / 8 * kChunkBytes, kChunkBytes);
-    const __m256 d = _mm256_set1_ps(xd[g / 8]);
-    const __m256 s0 = _mm256_loadu_ps(xs0 + g), s1 = _mm256_loadu_ps(xs1 + g);
+    __m256 d[MR], s0[MR], s1[MR];
+    for (int m = 0; m < MR; ++m) {
+      const size_t row = size_t(m0 + m);
+      d[m] = _mm256_set1_ps(x.d[row * x.C + g / 8]);
+      s0[m] = _mm256_loadu_ps(x.s0 + row * G + g);
+      s1[m] = _mm256_loadu_ps(x.s1 + row * G + g);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       __m256 A[2], B[2];
       F::chunk(w + r * row_bytes, g, A, B);
-      acc[r] = _mm256_fmadd_ps(B[0], s0, acc[r]);
-      acc[r] = _mm256_fmadd_ps(B[1], s1, acc[r]);
-      for (int h = 0; h < H; ++h) _mm256_store_ps(a[h][r], _mm256_mul_ps(A[h], d));
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        acc[m][r] = _mm256_fmadd_ps(B[0], s0[m], acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(B[1], s1[m], acc[m][r]);
+        for (int h = 0; h < H; ++h) _mm256_store_ps(a[h][m][r], _mm256_mul_ps(A[h], d[m]));
+      }
     }
     for (int j = 0; j < 8; ++j) group(g, j);
   }
   if (g < G) {  // the last groups of a row not a whole chunk (K = 576: 18 groups), their scales one by one
     const int n = G - g;
-    const float d = xd[g / 8];
     if (ahead)  // the rest of the rows
       for (int r = 0; r < NR; ++r)
         prefetch_span(ahead + r * row_bytes + g / 8 * kChunkBytes, row_bytes - g / 8 * kChunkBytes);
     for (int r = 0; r < NR; ++r) {
-      float b = 0;
+      float b[MR] = {};
       for (int j = 0; j < n; ++j) {
         GroupScales gs[F::kGroups];
         F::scales(w + r * row_bytes + size_t((g + j) / F::kGroups) * F::kBytes, gs);
         const GroupScales& sc = gs[(g + j) % F::kGroups];
-        for (int h = 0; h < H; ++h) a[h][r][j] = sc.a[h] * d;
-        b += sc.b[0] * xs0[g + j] + sc.b[1] * xs1[g + j];
+        for (int m = 0; m < MR; ++m) {
+          const size_t row = size_t(m0 + m);
+          for (int h = 0; h < H; ++h) a[h][m][r][j] = sc.a[h] * x.d[row * x.C + g / 8];
+          b[m] += sc.b[0] * x.s0[row * G + g + j] + sc.b[1] * x.s1[row * G + g + j];
+        }
       }
-      acc[r] = _mm256_add_ps(acc[r], _mm256_setr_ps(b, 0, 0, 0, 0, 0, 0, 0));
+      for (int m = 0; m < MR; ++m) acc[m][r] = _mm256_add_ps(acc[m][r], _mm256_setr_ps(b[m], 0, 0, 0, 0, 0, 0, 0));
     }
     for (int j = 0; j < n; ++j) group(g, j);
   }
-  if constexpr (NR == 8) {
-    _mm256_storeu_ps(out, hsum8(acc));
-  } else {
-    for (int r = 0; r < NR; ++r) out[r] = hsum(acc[r]);
+  for (int m = 0; m < MR; ++m) {
+    if constexpr (NR == 8) {
+      _mm256_storeu_ps(out + m * ldo, hsum8(acc[m]));
+    } else {
+      for (int r = 0; r < NR; ++r) out[m * ldo + r] = hsum(acc[m][r]);
+    }
   }
+}
+
+// y[m0 + m, n ..] for m < MR over the blocks of W rows in [n, n1) that are whole; returns where they end
+template <QuantType Q, int MR>
+int64_t gemv_blocks(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0, float* y, int64_t ldy, int64_t n,
+                    int64_t n1) {
+  constexpr int NR = kGemvRows[MR];
+  for (; n + NR <= n1; n += NR) {  // the next block prefetched (2 blocks ahead measured no faster)
+    const uint8_t* wr = w + n * row_bytes;
+    const uint8_t* next = n + 2 * NR <= n1 ? wr + NR * row_bytes : nullptr;
+    gemv_rows<Q, NR, MR>(wr, row_bytes, x, m0, y + int64_t(m0) * ldy + n, ldy, next);
+  }
+  return n;
 }
 #endif
 
@@ -390,12 +427,11 @@ void rows_pass(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0, int 
   [[maybe_unused]] const uint8_t* end = w + n1 * row_bytes;
   int64_t n = n0;
 #if ME_AVX2
-  if (mr == 1) {
-    for (; n + kGemvRows <= n1; n += kGemvRows) {  // the next block prefetched (2 blocks ahead measured no faster)
-      const uint8_t* wr = w + n * row_bytes;
-      const uint8_t* next = n + 2 * kGemvRows <= n1 ? wr + kGemvRows * row_bytes : nullptr;
-      gemv_rows<Q, kGemvRows>(wr, row_bytes, x, m0, y + int64_t(m0) * ldy + n, next);
-    }
+  switch (mr) {  // whole blocks of W rows, the rest below one row at a time
+    case 1: n = gemv_blocks<Q, 1>(w, row_bytes, x, m0, y, ldy, n, n1); break;
+    case 2: n = gemv_blocks<Q, 2>(w, row_bytes, x, m0, y, ldy, n, n1); break;
+    case 3: n = gemv_blocks<Q, 3>(w, row_bytes, x, m0, y, ldy, n, n1); break;
+    default: n = gemv_blocks<Q, 4>(w, row_bytes, x, m0, y, ldy, n, n1); break;
   }
 #endif
   float out[kMaxRowsPerPass];

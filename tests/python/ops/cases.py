@@ -150,7 +150,7 @@ QUANT_MATMUL_SHAPES = [  # (m, n, k): decode 1-4 rows (1 row: blocks of W rows, 
     # 4-row passes and remainders, 64-row blocks, odd n, rows not whole chunks of 256 (NMSE over 8+ outputs: a single
     # dot product of 32 random terms may cancel to near 0)
     (1, 16, 32), (1, 17, 256), (2, 33, 512), (3, 100, 768), (4, 31, 256), (5, 16, 256), (7, 65, 512),
-    (13, 8, 256), (9, 21, 576), (1, 40, 576), (1, 40, 768), (64, 40, 256), (67, 33, 768), (130, 20, 256), (257, 40, 256),
+    (13, 8, 256), (9, 21, 576), (1, 40, 576), (1, 40, 768), (3, 40, 576), (4, 24, 576), (64, 40, 256), (67, 33, 768), (130, 20, 256), (257, 40, 256),
 ]
 for fmt, q in QUANT_FORMATS.items():
     for m, n, k in QUANT_MATMUL_SHAPES:
