@@ -72,6 +72,31 @@ inline void transpose8(const __m256i* in, __m256i* out) {
   }
 }
 
+// Q4_0 / Q4_1: the 16 bytes of codes of one group of 8 rows (byte i: codes i and i + 16 as low and high nibble) ->
+// the 16 code vectors. The 16-bit words are transposed first (word p of every row in one vector: 24 unpacks of
+// 128 bits), then each widened to int16 and split into its nibbles, lane j = row j: pair p and pair p + 8. (The
+// general path widens each row and transposes the two 256-bit halves: 48 unpacks and permutes.)
+inline void nibble_codes(const __m128i* b, __m256i* codes) {
+  __m128i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm_unpacklo_epi16(b[2 * i], b[2 * i + 1]);      // words 0-3 of rows 2i, 2i + 1, interleaved
+    t[2 * i + 1] = _mm_unpackhi_epi16(b[2 * i], b[2 * i + 1]);  // words 4-7
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int h = 0; h < 2; ++h) {  // rows 4i .. 4i + 3: words 4h .. 4h + 3
+      u[4 * i + 2 * h] = _mm_unpacklo_epi32(t[4 * i + h], t[4 * i + 2 + h]);
+      u[4 * i + 2 * h + 1] = _mm_unpackhi_epi32(t[4 * i + h], t[4 * i + 2 + h]);
+    }
+  const __m256i m = _mm256_set1_epi16(0xF);
+  for (int p = 0; p < 8; ++p) {  // u[q] (q < 4): words 2q, 2q + 1 of rows 0-3; u[4 + q]: of rows 4-7
+    const __m128i a = u[p / 2], c = u[4 + p / 2];
+    const __m128i v = p & 1 ? _mm_unpackhi_epi64(a, c) : _mm_unpacklo_epi64(a, c);  // word p of rows 0-7
+    const __m256i w = _mm256_cvtepu8_epi16(v);
+    codes[p] = _mm256_and_si256(w, m);
+    codes[p + 8] = _mm256_srli_epi16(w, 4);
+  }
+}
+
 // rows n0 .. n0 + kUnit - 1 of W (zeros past N) -> pk[G][kNW]. Scales: a whole chunk of 8 groups per row by
 // Format::chunk (lanes: groups), transposed to lanes = rows; the last chunk of a row not a multiple of 256 one
 // group at a time.
@@ -125,6 +150,18 @@ void pack_unit(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t N, int G
             pk[size_t(g) * kNW + p].b[h] = _mm256_load_ps(b[h]);
           }
         }
+      }
+      if constexpr (Q == QuantType::Q4_0 || Q == QuantType::Q4_1) {  // codes from the bytes transposed first
+        for (int i = 0; i < n; ++i) {
+          const int g = g0 + i;
+          __m128i b[kLanes];
+          for (int j = 0; j < kLanes; ++j)
+            b[j] = j < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + size_t(g) * F::kBytes +
+                                                                              F::kBytes - 16))
+                            : _mm_setzero_si128();
+          nibble_codes(b, pk[size_t(g) * kNW + p].codes);
+        }
+        continue;
       }
       for (int i = 0; i < n; ++i) {
         const int g = g0 + i;
