@@ -146,11 +146,17 @@ inline void block32_chunk(const uint8_t* row, int g, __m256* A, __m256* B) {
     both_halves(_mm256_mul_ps(d, _mm256_set1_ps(float(kBOfD))), B);
   } else {
     const __m256i dm = block_words8<kBytes>(p);
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    // d and m by a truncating vpmovdw each (the GEMV ~3-6% faster than by the pack and permute below)
+    both_halves(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(dm)), A);
+    both_halves(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(dm, 16))), B);
+#else
     // [d0..3, m0..3 | d4..7, m4..7] as u16, then [d0..7 | m0..7]
     const __m256i halves = _mm256_permute4x64_epi64(
         _mm256_packus_epi32(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(dm, 16)), 0xD8);
     both_halves(_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), A);
     both_halves(_mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1)), B);
+#endif
   }
 }
 // Q4_K / Q5_K: the 8 sub-blocks' 6-bit scales and mins of super-block g / 8, unpacked 4 at a time from the 12 bytes

@@ -306,10 +306,10 @@ inline void prefetch_span(const uint8_t* p, int64_t n) {
 // out[m * ldo + r] = W row r . x row m0 + m for r < NR, m < MR, the W rows row_bytes apart from w; `ahead` (or
 // null): the W rows read next, prefetched a chunk at a time beside the same columns of these (the rows are read
 // side by side: NR streams a row apart, which the hardware prefetchers do not follow, and one burst of a block's
-// lines stalls)
+// lines stalls); W's bytes are readable up to `limit`.
 template <QuantType Q, int NR, int MR>
 void gemv_rows(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0, float* out, int64_t ldo,
-               const uint8_t* ahead) {
+               const uint8_t* ahead, const uint8_t* limit) {
   using F = Format<Q>;
   constexpr int H = F::kPerHalf ? 2 : 1;  // scales per group
   const int G = x.G;
@@ -347,56 +347,81 @@ void gemv_rows(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0, floa
       }
     }
   };
-  constexpr int64_t kChunkBytes = 8 * F::kBytes / F::kGroups;  // a chunk of 8 groups of a row
-  int g = 0;
-  for (; g + 8 <= G; g += 8) {
-    if (ahead)
-      for (int r = 0; r < NR; ++r) prefetch_span(ahead + r * row_bytes + g / 8 * kChunkBytes, kChunkBytes);
+  // groups g .. g + 7 of every W row: their scales times each x row's chunk scale into a, their b terms into acc;
+  // the first n of them (n < 8: a row's last groups, the b terms of the rest zeroed: F::chunk read their bytes
+  // past the row's end)
+  auto chunk = [&](int g, int n) __attribute__((always_inline)) {
     __m256 d[MR], s0[MR], s1[MR];
     for (int m = 0; m < MR; ++m) {
       const size_t row = size_t(m0 + m);
       d[m] = _mm256_set1_ps(x.d[row * x.C + g / 8]);
       s0[m] = _mm256_loadu_ps(x.s0 + row * G + g);
       s1[m] = _mm256_loadu_ps(x.s1 + row * G + g);
+      if constexpr (!F::kPerHalf) s0[m] = _mm256_add_ps(s0[m], s1[m]);  // one b for both halves
     }
+    const __m256 first_n =
+        _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       __m256 A[2], B[2];
       F::chunk(w + r * row_bytes, g, A, B);
+      if (n < 8)
+        for (int h = 0; h < H; ++h) B[h] = _mm256_and_ps(B[h], first_n);
 #pragma GCC unroll 4
       for (int m = 0; m < MR; ++m) {
         acc[m][r] = _mm256_fmadd_ps(B[0], s0[m], acc[m][r]);
-        acc[m][r] = _mm256_fmadd_ps(B[1], s1[m], acc[m][r]);
+        if constexpr (F::kPerHalf) acc[m][r] = _mm256_fmadd_ps(B[1], s1[m], acc[m][r]);
         for (int h = 0; h < H; ++h) _mm256_store_ps(a[h][m][r], _mm256_mul_ps(A[h], d[m]));
       }
     }
+  };
+  constexpr int64_t kChunkBytes = 8 * F::kBytes / F::kGroups;  // a chunk of 8 groups of a row
+  int g = 0;
+  for (; g + 8 <= G; g += 8) {
+    if (ahead)
+      for (int r = 0; r < NR; ++r) prefetch_span(ahead + r * row_bytes + g / 8 * kChunkBytes, kChunkBytes);
+    chunk(g, 8);
     for (int j = 0; j < 8; ++j) group(g, j);
   }
-  if (g < G) {  // the last groups of a row not a whole chunk (K = 576: 18 groups), their scales one by one
+  if (g < G) {  // the last groups of a row not a whole chunk (K = 576: 18 groups; formats scaled per 32 only)
     const int n = G - g;
     if (ahead)  // the rest of the rows
       for (int r = 0; r < NR; ++r)
         prefetch_span(ahead + r * row_bytes + g / 8 * kChunkBytes, row_bytes - g / 8 * kChunkBytes);
-    for (int r = 0; r < NR; ++r) {
-      float b[MR] = {};
-      for (int j = 0; j < n; ++j) {
-        GroupScales gs[F::kGroups];
-        F::scales(w + r * row_bytes + size_t((g + j) / F::kGroups) * F::kBytes, gs);
-        const GroupScales& sc = gs[(g + j) % F::kGroups];
-        for (int m = 0; m < MR; ++m) {
-          const size_t row = size_t(m0 + m);
-          for (int h = 0; h < H; ++h) a[h][m][r][j] = sc.a[h] * x.d[row * x.C + g / 8];
-          b[m] += sc.b[0] * x.s0[row * G + g + j] + sc.b[1] * x.s1[row * G + g + j];
+    // as a whole chunk where its 8 groups' bytes are readable (the last row's read past its end: F::chunk reads
+    // within them), which all but a thread's last block are; else one by one
+    if (w + (NR - 1) * row_bytes + (g / 8 + 1) * kChunkBytes <= limit) {
+      chunk(g, n);
+    } else {
+      float b[MR][NR] = {};
+      for (int r = 0; r < NR; ++r) {
+        for (int j = 0; j < n; ++j) {
+          GroupScales gs[F::kGroups];
+          F::scales(w + r * row_bytes + size_t((g + j) / F::kGroups) * F::kBytes, gs);
+          const GroupScales& sc = gs[(g + j) % F::kGroups];
+          for (int m = 0; m < MR; ++m) {
+            const size_t row = size_t(m0 + m);
+            for (int h = 0; h < H; ++h) a[h][m][r][j] = sc.a[h] * x.d[row * x.C + g / 8];
+            b[m][r] += sc.b[0] * x.s0[row * G + g + j] + sc.b[1] * x.s1[row * G + g + j];
+          }
         }
       }
-      for (int m = 0; m < MR; ++m) acc[m][r] = _mm256_add_ps(acc[m][r], _mm256_setr_ps(b[m], 0, 0, 0, 0, 0, 0, 0));
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_add_ps(acc[m][r], _mm256_setr_ps(b[m][r], 0, 0, 0, 0, 0, 0, 0));
     }
     for (int j = 0; j < n; ++j) group(g, j);
   }
+  // (acc only ever indexed by unrolled loops: a pointer into it or a loop variable index made GCC store every
+  // accumulator to the stack at every group, ~4% of the GEMV's time)
+#pragma GCC unroll 4
   for (int m = 0; m < MR; ++m) {
     if constexpr (NR == 8) {
-      _mm256_storeu_ps(out + m * ldo, hsum8(acc[m]));
+      const __m256 t[8] = {acc[m][0], acc[m][1], acc[m][2], acc[m][3], acc[m][4], acc[m][5], acc[m][6], acc[m][7]};
+      _mm256_storeu_ps(out + m * ldo, hsum8(t));
     } else {
+#pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) out[m * ldo + r] = hsum(acc[m][r]);
     }
   }
@@ -410,7 +435,7 @@ int64_t gemv_blocks(const uint8_t* w, int64_t row_bytes, const XRows& x, int m0,
   for (; n + NR <= n1; n += NR) {  // the next block prefetched (2 blocks ahead measured no faster)
     const uint8_t* wr = w + n * row_bytes;
     const uint8_t* next = n + 2 * NR <= n1 ? wr + NR * row_bytes : nullptr;
-    gemv_rows<Q, NR, MR>(wr, row_bytes, x, m0, y + int64_t(m0) * ldy + n, ldy, next);
+    gemv_rows<Q, NR, MR>(wr, row_bytes, x, m0, y + int64_t(m0) * ldy + n, ldy, next, w + n1 * row_bytes);
   }
   return n;
 }
